@@ -1,0 +1,1 @@
+"""Model analysis: load, profile, cut, slice and shard ONNX graphs (onnx only, no runtime)."""

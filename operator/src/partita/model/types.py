@@ -1,0 +1,91 @@
+"""What the planner knows about a model: the frozen result of profiling it.
+
+This is the contract between `partita.model` (which fills it) and `partita.planner`
+(which reads it). Fields may be added; none may be renamed or removed without
+changing both sides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class OpClass(StrEnum):
+    """Operator families whose speed is measured separately per device."""
+
+    CONV = "conv"
+    MATMUL = "matmul"
+    ELEMENTWISE = "elementwise"
+    POOL = "pool"
+    NORM = "norm"
+    MOVEMENT = "movement"  # reshape, transpose, concat, gather, slice...
+    OTHER = "other"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A tensor with a fully resolved shape."""
+
+    name: str
+    dtype: str  # numpy dtype name, e.g. "float32"
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class NodeCost:
+    """One graph node in topological order, with its cost."""
+
+    index: int
+    name: str
+    op_type: str
+    op_class: OpClass
+    flops: int
+    param_bytes: int
+    output_bytes: int
+    # Activation bytes alive right after this node ran (graph inputs included),
+    # so the peak activation memory of a range of nodes is the max over it.
+    live_bytes: int
+    # True when the node can be split by output columns/channels across devices.
+    shardable: bool = False
+
+
+@dataclass(frozen=True)
+class CutPoint:
+    """A topological boundary: nodes[:position] run before it, nodes[position:] after.
+
+    `tensors` are all the tensors produced before the boundary (or graph inputs)
+    and consumed after it, i.e. what must cross the network if the model is cut here.
+    """
+
+    position: int
+    tensors: tuple[TensorInfo, ...]
+    nbytes: int
+    flops_before: int
+    param_bytes_before: int
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """Everything the planner needs about one model with concrete input shapes."""
+
+    digest: str  # sha256 of the model bytes
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    nodes: tuple[NodeCost, ...]
+    # The useful frontier of cut points in increasing position, excluding the
+    # trivial ones (position 0 = the inputs, position len(nodes) = the outputs).
+    cut_points: tuple[CutPoint, ...]
+    total_flops: int
+    param_bytes: int
+    # Why some boundaries are not offered (control flow kept whole, ...).
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(t.nbytes for t in self.inputs)
+
+    @property
+    def output_bytes(self) -> int:
+        return sum(t.nbytes for t in self.outputs)
