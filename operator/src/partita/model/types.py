@@ -89,3 +89,39 @@ class ModelProfile:
     @property
     def output_bytes(self) -> int:
         return sum(t.nbytes for t in self.outputs)
+
+
+class GatherMode(StrEnum):
+    """How the partial outputs of a stage's shards rebuild one stage output."""
+
+    CONCAT = "concat"  # concatenate the shards' parts along `axis`, in shard order
+    SUM = "sum"  # add the shards' parts (row-parallel MatMul, split reductions)
+    TAKE = "take"  # one shard computes the whole tensor (branch parallelism)
+
+
+@dataclass(frozen=True)
+class GatherSpec:
+    """Rebuilds stage output `output` from tensor `part_name(output, i)` of each shard i."""
+
+    output: str
+    mode: GatherMode
+    axis: int = 0
+    shard: int = 0  # for TAKE: the shard that produces it
+
+    @staticmethod
+    def part_name(output: str, shard: int) -> str:
+        return f"{output}__shard{shard}"
+
+
+@dataclass(frozen=True)
+class ShardLayout:
+    """How one stage is split horizontally; each shard is a standalone ONNX model
+    that reads (a subset of) the stage inputs and produces the part tensors."""
+
+    proportions: tuple[float, ...]
+    gathers: tuple[GatherSpec, ...]
+    strategy: str  # "column", "conv-channel", "megatron", "branch", ...
+
+    @property
+    def shards(self) -> int:
+        return len(self.proportions)
