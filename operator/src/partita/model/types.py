@@ -49,6 +49,8 @@ class NodeCost:
     live_bytes: int
     # True when the node can be split by output columns/channels across devices.
     shardable: bool = False
+    # Multiply-accumulates of Conv/ConvTranspose/MatMul/Gemm (flops ~ 2 * macs there).
+    macs: int = 0
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,9 @@ class ModelProfile:
     param_bytes: int
     # Why some boundaries are not offered (control flow kept whole, ...).
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # How many node-output tensors each loading step resolved the shape of:
+    # (("tensors", n), ("inference", a), ("folding", b), ("runtime", c)).
+    shape_coverage: tuple[tuple[str, int], ...] = field(default_factory=tuple)
 
     @property
     def input_bytes(self) -> int:
@@ -121,6 +126,8 @@ class ShardLayout:
     proportions: tuple[float, ...]
     gathers: tuple[GatherSpec, ...]
     strategy: str  # "column", "conv-channel", "megatron", "branch", ...
+    # Estimated FLOPs each shard runs (replicated prefix included), in shard order.
+    shard_flops: tuple[int, ...] = ()
 
     @property
     def shards(self) -> int:

@@ -1,0 +1,214 @@
+"""Compression as a placement lever: int8 stages, and fp16/int8 tensors at a cut.
+
+Every function measures what it costs: the bytes saved and the deviation of the outputs
+against the float32 original on seeded inputs, run in onnxruntime (through
+`partita.runtime`, the one module importing it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from partita.model.errors import CompressionError
+from partita.model.load import seeded_inputs
+
+Codec = Literal["fp16", "int8"]
+
+
+@dataclass(frozen=True)
+class Deviation:
+    """Largest absolute difference per output, and relative to the output's magnitude."""
+
+    max_abs: dict[str, float]
+    max_rel: float
+
+
+@dataclass(frozen=True)
+class QuantizationReport:
+    mode: str
+    bytes_before: int
+    bytes_after: int
+    deviation: Deviation
+
+
+@dataclass(frozen=True)
+class BoundaryReport:
+    codec: str
+    tensors: tuple[str, ...]
+    bytes_before: int
+    bytes_after: int
+    deviation: Deviation
+
+
+def deviation(ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray]) -> Deviation:
+    max_abs: dict[str, float] = {}
+    rel = 0.0
+    for name, want in ref.items():
+        have = got[name]
+        if want.shape != have.shape:
+            raise CompressionError(f"output {name!r} changed shape {want.shape} -> {have.shape}")
+        w = want.astype(np.float64)
+        diff = float(np.max(np.abs(w - have.astype(np.float64)))) if w.size else 0.0
+        max_abs[name] = diff
+        scale = float(np.max(np.abs(w))) if w.size else 0.0
+        rel = max(rel, diff / scale if scale > 0 else diff)
+    return Deviation(max_abs, rel)
+
+
+def _run(model: onnx.ModelProto | bytes, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    from partita import runtime
+
+    data = model if isinstance(model, bytes) else model.SerializeToString()
+    session = runtime.Session(data, intra_op_threads=1)
+    return session.run({i.name: feeds[i.name] for i in session.inputs})
+
+
+def quantize_stage(
+    stage: onnx.ModelProto,
+    mode: Literal["dynamic", "static"] = "dynamic",
+    calibration: Sequence[Mapping[str, np.ndarray]] | None = None,
+    seed: int = 0,
+) -> tuple[onnx.ModelProto, QuantizationReport]:
+    """int8 copy of `stage`; static mode needs calibration feeds (seeded ones if None)."""
+    from partita import runtime
+
+    data = stage.SerializeToString()
+    try:
+        if mode == "dynamic":
+            out = runtime.quantize_dynamic(data)
+        else:
+            feeds = (
+                list(calibration)
+                if calibration
+                else [seeded_inputs(stage, seed + k) for k in range(4)]
+            )
+            out = runtime.quantize_static(data, feeds)
+    except Exception as exc:
+        raise CompressionError(f"{mode} int8 quantization failed: {exc}") from exc
+    probe = seeded_inputs(stage, seed + 1000)
+    dev = deviation(_run(data, probe), _run(out, probe))
+    quantized = onnx.load_from_string(out)
+    return quantized, QuantizationReport(mode, len(data), len(out), dev)
+
+
+def _float_tensors(stage: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
+    inputs = {i.name for i in stage.graph.input}
+    return [
+        o
+        for o in stage.graph.output
+        if o.type.tensor_type.elem_type == TensorProto.FLOAT and o.name not in inputs
+    ]
+
+
+def _nbytes(vi: onnx.ValueInfoProto, itemsize: int) -> int:
+    return int(np.prod([d.dim_value for d in vi.type.tensor_type.shape.dim])) * itemsize
+
+
+def compress_boundary(
+    stages: Sequence[onnx.ModelProto],
+    boundary: int,
+    codec: Codec = "fp16",
+    *,
+    seed: int = 0,
+    calibration: Sequence[Mapping[str, np.ndarray]] | None = None,
+) -> tuple[list[onnx.ModelProto], BoundaryReport]:
+    """Compress the float32 tensors stage `boundary` sends to stage `boundary + 1`.
+
+    fp16 adds Cast nodes; int8 adds QuantizeLinear/DequantizeLinear with one scale and
+    zero point per tensor, fitted on calibration feeds of the first stage (seeded ones
+    by default). The final outputs of the compressed chain are compared with the
+    original chain on other seeded inputs.
+    """
+    if not 0 <= boundary < len(stages) - 1:
+        raise CompressionError(f"boundary {boundary} is not between two of {len(stages)} stages")
+    producer, consumer = stages[boundary], stages[boundary + 1]
+    consumer_inputs = {i.name for i in consumer.graph.input}
+    targets = [o for o in _float_tensors(producer) if o.name in consumer_inputs]
+    if not targets:
+        raise CompressionError(f"no float32 tensor crosses boundary {boundary} to compress")
+    params: dict[str, tuple[float, int]] = {}
+    if codec == "int8":
+        feeds_list = (
+            list(calibration)
+            if calibration
+            else [seeded_inputs(stages[0], seed + k) for k in range(4)]
+        )
+        lo = {t.name: np.inf for t in targets}
+        hi = {t.name: -np.inf for t in targets}
+        for feeds in feeds_list:
+            values = _run_chain(stages[: boundary + 1], feeds)
+            for t in targets:
+                lo[t.name] = min(lo[t.name], float(values[t.name].min()))
+                hi[t.name] = max(hi[t.name], float(values[t.name].max()))
+        for t in targets:
+            a, b = min(lo[t.name], 0.0), max(hi[t.name], 0.0)
+            scale = (b - a) / 255.0 or 1.0
+            params[t.name] = (scale, int(np.clip(round(-a / scale), 0, 255)))
+    new_producer, new_consumer = onnx.ModelProto(), onnx.ModelProto()
+    new_producer.CopyFrom(producer)
+    new_consumer.CopyFrom(consumer)
+    wire_type = TensorProto.FLOAT16 if codec == "fp16" else TensorProto.UINT8
+    before = after = 0
+    for t in targets:
+        wire = f"{t.name}__{codec}"
+        shape = [d.dim_value for d in t.type.tensor_type.shape.dim]
+        before += _nbytes(t, 4)
+        after += _nbytes(t, 2 if codec == "fp16" else 1)
+        if codec == "fp16":
+            enc = [helper.make_node("Cast", [t.name], [wire], to=TensorProto.FLOAT16)]
+            dec = [helper.make_node("Cast", [wire], [t.name], to=TensorProto.FLOAT)]
+            enc_inits: list[onnx.TensorProto] = []
+        else:
+            scale, zp = params[t.name]
+            s_name, z_name = f"{t.name}__scale", f"{t.name}__zero"
+            enc_inits = [
+                numpy_helper.from_array(np.array(scale, dtype=np.float32), s_name),
+                numpy_helper.from_array(np.array(zp, dtype=np.uint8), z_name),
+            ]
+            enc = [helper.make_node("QuantizeLinear", [t.name, s_name, z_name], [wire])]
+            dec = [helper.make_node("DequantizeLinear", [wire, s_name, z_name], [t.name])]
+        new_producer.graph.node.extend(enc)
+        new_producer.graph.initializer.extend(enc_inits)
+        for o in new_producer.graph.output:
+            if o.name == t.name:
+                o.CopyFrom(helper.make_tensor_value_info(wire, wire_type, shape))
+        kept = [n for n in new_consumer.graph.node]
+        del new_consumer.graph.node[:]
+        new_consumer.graph.node.extend(dec + kept)
+        new_consumer.graph.initializer.extend(enc_inits)
+        for i in new_consumer.graph.input:
+            if i.name == t.name:
+                i.CopyFrom(helper.make_tensor_value_info(wire, wire_type, shape))
+    _ensure_opset(new_producer, 10 if codec == "int8" else 6)
+    _ensure_opset(new_consumer, 10 if codec == "int8" else 6)
+    result = [*stages[:boundary], new_producer, new_consumer, *stages[boundary + 2 :]]
+    probe = seeded_inputs(stages[0], seed + 1000)
+    final = [o.name for o in stages[-1].graph.output]
+    ref = _run_chain(stages, probe)
+    got = _run_chain(result, probe)
+    dev = deviation({k: ref[k] for k in final}, {k: got[k] for k in final})
+    report = BoundaryReport(codec, tuple(t.name for t in targets), before, after, dev)
+    return result, report
+
+
+def _ensure_opset(model: onnx.ModelProto, minimum: int) -> None:
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx") and op.version < minimum:
+            raise CompressionError(
+                f"boundary compression needs opset >= {minimum}; the stage has {op.version}"
+            )
+
+
+def _run_chain(
+    stages: Sequence[onnx.ModelProto], feeds: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    values = dict(feeds)
+    for stage in stages:
+        values.update(_run(stage, values))
+    return values

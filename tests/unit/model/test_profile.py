@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+from partita.model import synthetic
+from partita.model.profile import (
+    FRONTIER_TOLERANCE,
+    clear_cache,
+    peak_live_bytes,
+    profile_from_dict,
+    profile_model,
+    profile_to_dict,
+)
+from partita.model.types import OpClass
+
+from .builders import diamond, mlp
+
+
+def test_conv_and_matmul_flops_are_exact() -> None:
+    prof = profile_model(diamond(), {"x": [1, 3, 8, 8]})
+    conv_a, relu, conv_b, add = prof.nodes
+    assert conv_a.macs == 4 * 8 * 8 * 3 * 3 * 3
+    assert conv_a.flops == 2 * conv_a.macs
+    assert conv_b.macs == 4 * 8 * 8 * 4
+    assert relu.flops == add.flops == 4 * 8 * 8
+    assert conv_a.op_class is OpClass.CONV and conv_a.shardable
+    assert conv_a.param_bytes == 4 * 3 * 3 * 3 * 4
+    assert prof.total_flops == sum(n.flops for n in prof.nodes)
+    mlp_prof = profile_model(mlp())
+    assert mlp_prof.nodes[0].macs == 2 * 8 * 16
+
+
+def test_residual_cut_carries_both_branches() -> None:
+    prof = profile_model(diamond(), {"x": [1, 3, 8, 8]})
+    by_pos = {c.position: c for c in prof.cut_points}
+    # After conv_b the skip tensor `ar` and `b` both cross: the cut is a set, not an edge.
+    assert 3 in by_pos
+    assert {t.name for t in by_pos[3].tensors} == {"ar", "b"}
+    assert by_pos[3].nbytes == 2 * 4 * 8 * 8 * 4
+    assert by_pos[3].flops_before == sum(n.flops for n in prof.nodes[:3])
+
+
+def test_live_bytes_peak_over_a_range() -> None:
+    prof = profile_model(diamond(), {"x": [1, 3, 8, 8]})
+    act = 4 * 8 * 8 * 4
+    # After conv_b: ar and b alive (x died after conv_a).
+    assert prof.nodes[2].live_bytes == 2 * act
+    assert peak_live_bytes(prof, 0, 4) == max(n.live_bytes for n in prof.nodes)
+    assert peak_live_bytes(prof, 2, 2) == 0
+
+
+def test_profile_is_cached_in_memory_and_on_disk(tmp_path) -> None:
+    clear_cache()
+    first = profile_model(diamond(), {"x": [1, 3, 8, 8]}, cache_dir=tmp_path)
+    assert profile_model(diamond(), {"x": [1, 3, 8, 8]}) is first
+    assert profile_model(diamond(), {"x": [2, 3, 8, 8]}) != first
+    clear_cache()
+    again = profile_model(diamond(), {"x": [1, 3, 8, 8]}, cache_dir=tmp_path)
+    assert again == first and again is not first
+    assert len(list(tmp_path.glob("*.json"))) == 1
+
+
+def test_profile_roundtrips_through_json() -> None:
+    prof = profile_model(diamond(), {"x": [1, 3, 8, 8]})
+    assert profile_from_dict(profile_to_dict(prof)) == prof
+
+
+def test_control_flow_is_kept_whole_with_a_reason() -> None:
+    prof = profile_model(synthetic.control_flow_model())
+    assert any("(If)" in n and "kept whole" in n for n in prof.notes)
+    assert any("(Loop)" in n for n in prof.notes)
+    loop = next(n for n in prof.nodes if n.op_type == "Loop")
+    assert loop.flops == 3 * (2 * 32 * 32 + 4 * 32)  # body x trip count
+    # The Loop's outputs needed an onnxruntime pass: shape inference leaves them open.
+    assert dict(prof.shape_coverage)["runtime"] >= 1
+
+
+def test_frontier_keeps_cheapest_of_equal_compute_cuts() -> None:
+    prof = profile_model(synthetic.chain_model(400))
+    positions = [c.position for c in prof.cut_points]
+    assert positions == sorted(positions)
+    # 400 boundaries collapse to at most one per 0.2 % of the FLOPs...
+    assert 50 <= len(positions) <= 1 / FRONTIER_TOLERANCE + 1
+    # ...and block boundaries (one tensor, 64 B) beat mid-block ones (two tensors).
+    assert sum(c.nbytes == 64 for c in prof.cut_points) >= 90
