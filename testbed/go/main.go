@@ -7,16 +7,18 @@
 package main
 
 import (
+	"flag"
 	"fmt"
 	"os"
 	"path/filepath"
 	"sort"
 	"strings"
 
+	"github.com/spf13/pflag"
 	"go.etcd.io/etcd/server/v3/etcdmain"
+	_ "k8s.io/client-go/plugin/pkg/client/auth"
 	"k8s.io/component-base/cli"
 	"k8s.io/component-base/logs"
-	_ "k8s.io/client-go/plugin/pkg/client/auth"
 	_ "k8s.io/component-base/logs/json/register"
 	_ "k8s.io/component-base/metrics/prometheus/clientgo"
 	_ "k8s.io/component-base/metrics/prometheus/version"
@@ -25,7 +27,6 @@ import (
 	apiserver "k8s.io/kubernetes/cmd/kube-apiserver/app"
 	controllermanager "k8s.io/kubernetes/cmd/kube-controller-manager/app"
 	scheduler "k8s.io/kubernetes/cmd/kube-scheduler/app"
-	"github.com/spf13/pflag"
 	kwokconfig "sigs.k8s.io/kwok/pkg/config"
 	kwokcmd "sigs.k8s.io/kwok/pkg/kwok/cmd"
 	kwoklog "sigs.k8s.io/kwok/pkg/log"
@@ -62,6 +63,10 @@ var components = map[string]func(args []string) int{
 		return 0
 	},
 	"kwok": func(args []string) int {
+		// The Kubernetes packages linked into this binary register their global flags
+		// (klog, --version as a non-bool) at init; kwok's own command must not see them.
+		flag.CommandLine = flag.NewFlagSet("kwok", flag.ContinueOnError)
+		pflag.CommandLine = pflag.NewFlagSet("kwok", pflag.ContinueOnError)
 		flagset := pflag.NewFlagSet("global", pflag.ContinueOnError)
 		flagset.ParseErrorsAllowlist.UnknownFlags = true
 		flagset.Usage = func() {}

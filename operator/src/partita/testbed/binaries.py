@@ -1,0 +1,281 @@
+"""Build and locate the local cluster's binaries, cached by version under ~/.cache/partita/bin.
+
+etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl and kwok are one
+multi-call Go binary (`testbed/go` in the repository: Kubernetes, etcd and kwok pinned in its
+go.mod), so the thousands of packages they share compile once. helm is `go install`ed at a
+pinned version. Prometheus and promtool come from Debian (`make install` installs them).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from partita.testbed.errors import TestbedError
+
+KUBE_VERSION = "v1.36.3"
+HELM_VERSION = "v3.22.0"
+KUBE_COMPONENTS = (
+    "etcd",
+    "kube-apiserver",
+    "kube-controller-manager",
+    "kube-scheduler",
+    "kubectl",
+    "kwok",
+)
+# kwok's lifecycle stages, copied at install time from the kwok module the binary is built from.
+KWOK_STAGES = (
+    "kustomize/stage/node/fast/node-initialize.yaml",
+    "kustomize/stage/node/heartbeat-with-lease/node-heartbeat-with-lease.yaml",
+    "kustomize/stage/node/chaos/node-not-ready.yaml",
+    "kustomize/stage/pod/fast/pod-ready.yaml",
+    "kustomize/stage/pod/fast/pod-complete.yaml",
+    "kustomize/stage/pod/fast/pod-delete.yaml",
+)
+
+Log = Callable[[str], None]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PARTITA_CACHE", Path.home() / ".cache" / "partita"))
+
+
+def bin_dir() -> Path:
+    """Stable directory of symlinks to the current binaries (put it on PATH)."""
+    return cache_dir() / "bin"
+
+
+def go_module_dir() -> Path:
+    env = os.environ.get("PARTITA_TESTBED_GO")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[4] / "testbed" / "go"
+
+
+@dataclass(frozen=True)
+class Binaries:
+    kube: Path  # the multi-call binary
+    helm: Path
+    prometheus: Path
+    promtool: Path
+    kwok_stages: Path
+
+    def component(self, name: str) -> list[str]:
+        return [str(self.kube), name]
+
+
+def _ldflags() -> str:
+    major, minor = KUBE_VERSION.lstrip("v").split(".")[:2]
+    pkg = "k8s.io/component-base/version"
+    return " ".join(
+        [
+            "-s -w",
+            f"-X {pkg}.gitVersion={KUBE_VERSION}",
+            f"-X {pkg}.gitMajor={major}",
+            f"-X {pkg}.gitMinor={minor}",
+            f"-X {pkg}.gitTreeState=clean",
+        ]
+    )
+
+
+# Pods of stage servers are run by the test bed's agent (a real process per pod), which
+# then reports their status like a kubelet; kwok must leave them alone.
+AGENT_POD_LABEL = ("partita.dev/component", "stage-server")
+_STAGES_REVISION = "1"  # bump when the stage edits below change
+
+
+def _kube_key(src: Path) -> str:
+    digest = hashlib.sha256((_ldflags() + _STAGES_REVISION).encode())
+    for name in ("go.mod", "go.sum", "main.go"):
+        digest.update((src / name).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def kube_bundle_dir() -> Path:
+    src = go_module_dir()
+    if not (src / "go.mod").exists():
+        raise TestbedError(f"the testbed Go module is missing at {src} (set PARTITA_TESTBED_GO)")
+    return cache_dir() / "build" / f"kube-{KUBE_VERSION}-{_kube_key(src)}"
+
+
+def locate() -> Binaries:
+    """The installed binaries, or a TestbedError saying how to install them."""
+    bundle = kube_bundle_dir()
+    kube = bundle / "partita-kube"
+    helm = cache_dir() / "build" / f"helm-{HELM_VERSION}" / "helm"
+    missing = [str(p) for p in (kube, helm) if not p.exists()]
+    prometheus, promtool = shutil.which("prometheus"), shutil.which("promtool")
+    if not prometheus:
+        missing.append("prometheus (Debian package 'prometheus')")
+    if not promtool:
+        missing.append("promtool (Debian package 'prometheus')")
+    if missing:
+        raise TestbedError(
+            "missing binaries: " + ", ".join(missing) + ". Run `make install` "
+            "(or `partita testbed install`) first."
+        )
+    assert prometheus and promtool
+    return Binaries(kube, helm, Path(prometheus), Path(promtool), bundle / "kwok-stages")
+
+
+def _go() -> str:
+    go = shutil.which("go")
+    if not go:
+        raise TestbedError("`go` is not on PATH: the local cluster's binaries are built with Go")
+    return go
+
+
+def _run_with_progress(cmd: list[str], cwd: Path, total: int, label: str, log: Log) -> None:
+    """Run `go build -v`/`go install -v` and report how many packages compiled so far."""
+    env = {**os.environ, "CGO_ENABLED": "0"}
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    done, last, errors = 0, 0.0, []
+    for raw in proc.stderr:
+        line = raw.rstrip()
+        if re.match(r"^[\w.\-]+(/[\w.\-~]+)*$", line):
+            done += 1
+            now = time.monotonic()
+            if now - last > 10:
+                log(f"  [{label}] compiled {done}/{total or '?'} packages ({line})")
+                last = now
+        else:
+            errors.append(line)
+    if proc.wait() != 0:
+        tail = "\n".join(errors[-30:])
+        raise TestbedError(f"building {label} failed:\n{tail}")
+
+
+def _count_packages(cwd: Path, target: str) -> int:
+    out = subprocess.run(
+        [_go(), "list", "-deps", "-f", "{{if not .Standard}}{{.ImportPath}}{{end}}", target],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "CGO_ENABLED": "0"},
+    )
+    return len([x for x in out.stdout.splitlines() if x]) if out.returncode == 0 else 0
+
+
+def install(log: Log = print, force: bool = False) -> Binaries:
+    """Build what is missing; fast (a few stat calls) when everything is cached."""
+    src = go_module_dir()
+    bundle = kube_bundle_dir()
+    kube = bundle / "partita-kube"
+    if force or not kube.exists():
+        started = time.monotonic()
+        log(
+            f"==> building Kubernetes {KUBE_VERSION} components (etcd, kube-apiserver, "
+            "kube-controller-manager, kube-scheduler, kubectl, kwok) as one binary; "
+            "cold: 15-30 min on 2 cores, cached afterwards in " + str(bundle)
+        )
+        log("  resolving Go modules (downloads on a cold cache)...")
+        total = _count_packages(src, ".")
+        tmp = bundle.with_name(bundle.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        _run_with_progress(
+            [
+                _go(),
+                "build",
+                "-v",
+                "-trimpath",
+                "-ldflags",
+                _ldflags(),
+                "-o",
+                str(tmp / "partita-kube"),
+                ".",
+            ],
+            src,
+            total,
+            "kubernetes",
+            log,
+        )
+        _copy_kwok_stages(src, tmp / "kwok-stages")
+        shutil.rmtree(bundle, ignore_errors=True)
+        tmp.rename(bundle)
+        log(f"  built in {time.monotonic() - started:.0f} s")
+    helm_dir = cache_dir() / "build" / f"helm-{HELM_VERSION}"
+    if force or not (helm_dir / "helm").exists():
+        started = time.monotonic()
+        log(f"==> building helm {HELM_VERSION} (cold: 3-6 min)")
+        tmp = helm_dir.with_name(helm_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        env_cmd = [
+            _go(),
+            "install",
+            "-v",
+            "-trimpath",
+            "-ldflags",
+            "-s -w",
+            f"helm.sh/helm/v3/cmd/helm@{HELM_VERSION}",
+        ]
+        os.environ["GOBIN"] = str(tmp)
+        try:
+            _run_with_progress(env_cmd, tmp, 0, "helm", log)
+        finally:
+            os.environ.pop("GOBIN", None)
+        shutil.rmtree(helm_dir, ignore_errors=True)
+        tmp.rename(helm_dir)
+        log(f"  built in {time.monotonic() - started:.0f} s")
+    _link(bundle, helm_dir)
+    return locate()
+
+
+def _copy_kwok_stages(src: Path, dest: Path) -> None:
+    out = subprocess.run(
+        [_go(), "list", "-m", "-f", "{{.Dir}}", "sigs.k8s.io/kwok"],
+        cwd=src,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    kwok_dir = Path(out.stdout.strip())
+    if out.returncode != 0 or not kwok_dir.is_dir():
+        raise TestbedError(f"cannot find the kwok module's stages: {out.stderr.strip()}")
+    dest.mkdir(parents=True, exist_ok=True)
+    key, value = AGENT_POD_LABEL
+    for rel in KWOK_STAGES:
+        stage = yaml.safe_load((kwok_dir / rel).read_text())
+        if stage["spec"]["resourceRef"]["kind"] == "Pod":
+            stage["spec"].setdefault("selector", {}).setdefault("matchExpressions", []).append(
+                {"key": f'.metadata.labels["{key}"]', "operator": "NotIn", "values": [value]}
+            )
+        (dest / Path(rel).name).write_text(yaml.safe_dump(stage, sort_keys=False))
+
+
+def _link(bundle: Path, helm_dir: Path) -> None:
+    """Symlinks in bin_dir(): one per component of the multi-call binary, plus helm."""
+    target = bin_dir()
+    target.mkdir(parents=True, exist_ok=True)
+    for name in KUBE_COMPONENTS:
+        _symlink(target / name, bundle / "partita-kube")
+    _symlink(target / "helm", helm_dir / "helm")
+
+
+def _symlink(link: Path, dest: Path) -> None:
+    if link.is_symlink() or link.exists():
+        if link.is_symlink() and os.readlink(link) == str(dest):
+            return
+        link.unlink()
+    link.symlink_to(dest)
+
+
+def main() -> None:  # pragma: no cover - thin CLI entry
+    try:
+        install()
+    except TestbedError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None

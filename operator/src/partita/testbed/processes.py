@@ -1,0 +1,138 @@
+"""Start and stop the local cluster's processes: each in its own process group, with a pid
+file and a log file, so `down` can stop everything even from another shell."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from partita.testbed.errors import TestbedError
+
+
+@dataclass(frozen=True)
+class Process:
+    name: str
+    pid: int
+    log: Path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def check_port_free(port: int, what: str, host: str = "127.0.0.1") -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as exc:
+            raise TestbedError(
+                f"port {port} for {what} is already taken ({exc.strerror}); "
+                "choose another or let the test bed pick a free one"
+            ) from None
+
+
+def start(name: str, argv: list[str], run_dir: Path, env: dict[str, str] | None = None) -> Process:
+    logs = run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    log = logs / f"{name}.log"
+    with log.open("ab") as out:
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+                cwd=run_dir,
+                env={**os.environ, **(env or {})},
+            )
+        except OSError as exc:
+            raise TestbedError(f"cannot start {name} ({argv[0]}): {exc.strerror}") from None
+    (run_dir / "pids").mkdir(exist_ok=True)
+    (run_dir / "pids" / f"{name}.pid").write_text(str(proc.pid))
+    return Process(name, proc.pid, log)
+
+
+def alive(pid: int) -> bool:
+    try:
+        waited, _ = os.waitpid(pid, os.WNOHANG)
+        if waited == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie that is not our child still answers kill(0); check its state.
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def ensure_running(proc: Process) -> None:
+    if not alive(proc.pid):
+        tail = "\n".join(proc.log.read_text(errors="replace").splitlines()[-15:])
+        raise TestbedError(f"{proc.name} exited during start-up; last lines of {proc.log}:\n{tail}")
+
+
+def stop_all(run_dir: Path, grace: float = 10.0) -> list[str]:
+    """SIGTERM every recorded process group, SIGKILL what is left after `grace` seconds."""
+    pid_dir = run_dir / "pids"
+    if not pid_dir.is_dir():
+        return []
+    entries = [(f.stem, int(f.read_text().strip() or 0)) for f in sorted(pid_dir.glob("*.pid"))]
+    stopped = []
+    for name, pid in reversed(entries):
+        if pid > 0 and alive(pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGTERM)
+            stopped.append(name)
+    deadline = time.monotonic() + grace
+    for _name, pid in entries:
+        while pid > 0 and alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if pid > 0 and alive(pid):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+    for _name, pid in entries:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)  # stray children of the group
+    for f in pid_dir.glob("*.pid"):
+        f.unlink()
+    return stopped
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process and its descendants (from /proc)."""
+    total = 0
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        todo.extend(children.get(p, []))
+    return total
