@@ -190,8 +190,9 @@ def set_(
     try:
         info = cluster.load_info(_run_dir(run_dir))
         pairs = dict(_split_kv(v) for v in values)
-        state = simstate.apply_assignment(simstate.load(info.state_file), target, pairs)
-        simstate.save(info.state_file, state)
+        simstate.update(
+            info.state_file, lambda state: simstate.apply_assignment(state, target, pairs)
+        )
     except TestbedError as exc:
         raise _fail(exc) from None
     _log(f"{target}: {' '.join(values)}")

@@ -421,6 +421,10 @@ def set_node_ready(run_dir: Path, name: str, ready: bool) -> None:
     if name not in {n.name for n in info.nodes}:
         known = ", ".join(n.name for n in info.nodes)
         raise TestbedError(f"unknown node {name!r}; the local cluster has: {known}")
+    from partita.testbed import simstate
+
+    # A dead node's exporters go silent too, as on a real cluster.
+    simstate.update(info.state_file, lambda s: simstate.set_node_up(s, name, ready))
     core = _core_v1(info.kubeconfig)
     patch = {"metadata": {"labels": {NOT_READY_LABEL: None if ready else "true"}}}
     try:

@@ -110,6 +110,10 @@ def stop_all(run_dir: Path, grace: float = 10.0) -> list[str]:
     for _name, pid in entries:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)  # stray children of the group
+    deadline = time.monotonic() + 5.0
+    for _name, pid in entries:
+        while pid > 0 and alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
     for f in pid_dir.glob("*.pid"):
         f.unlink()
     return stopped
