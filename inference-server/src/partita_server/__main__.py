@@ -1,0 +1,64 @@
+"""`partita-server`: run one stage server under uvicorn (uvloop + httptools)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+__all__ = ["main"]
+
+cli = typer.Typer(add_completion=False, help=__doc__)
+
+
+@cli.command()
+def serve(
+    spec: Annotated[
+        Path | None, typer.Option(help="stage spec YAML/JSON; default: $PARTITA_STAGE_SPEC")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="served model name (overrides the spec)")
+    ] = None,
+    source: Annotated[str | None, typer.Option(help="model URI (file://, http(s)://)")] = None,
+    sha256: Annotated[str | None, typer.Option(help="digest of the model bytes")] = None,
+    host: Annotated[str, typer.Option(help="address to bind")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="port to bind")] = 8080,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "warning",
+) -> None:
+    """Serve the stage the spec describes on HOST:PORT."""
+    import uvicorn
+
+    from partita_server.app import create_app
+    from partita_server.errors import StageSpecError
+    from partita_server.spec import load_spec
+
+    overrides: dict[str, object] = {"model": model}
+    if source is not None:
+        overrides["source"] = {"uri": source, "sha256": sha256}
+    try:
+        app = create_app(load_spec(spec, overrides=overrides))
+    except StageSpecError as exc:
+        typer.echo(f"partita-server: {exc.message}", err=True)
+        raise typer.Exit(2) from exc
+    logging.basicConfig(level=log_level.upper())
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        log_level=log_level,
+        access_log=False,
+        timeout_keep_alive=75,
+    )
+
+
+def main() -> None:
+    cli(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    main()

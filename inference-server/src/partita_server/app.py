@@ -1,0 +1,249 @@
+"""The HTTP adapter: FastAPI routes of the v2 REST protocol over a `DataPlane`.
+
+Routes only move bytes and headers; every decision is the data plane's. Errors leave as
+`{"error": "..."}` with the status of their `ServerError` class.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from partita_server.chaining import SERVER_SECONDS_HEADER
+from partita_server.dataplane import DataPlane
+from partita_server.errors import InvalidInput, PayloadTooLarge, ServerError, StageSpecError
+from partita_server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
+from partita_server.protocol import HEADER_LENGTH, decode_request, encode_response
+from partita_server.spec import StageSpec, cpu_limit, internal_token
+from partita_server.stage import load_stage
+
+__all__ = ["create_app", "create_dataplane"]
+
+log = logging.getLogger("partita_server")
+
+_TENSOR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["name", "shape", "datatype"],
+    "properties": {
+        "name": {"type": "string"},
+        "shape": {"type": "array", "items": {"type": "integer"}},
+        "datatype": {"type": "string"},
+        "parameters": {"type": "object"},
+        "data": {"type": "array"},
+    },
+}
+_INFER_BODY: dict[str, Any] = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["inputs"],
+                "properties": {
+                    "id": {"type": "string"},
+                    "parameters": {"type": "object"},
+                    "inputs": {"type": "array", "items": _TENSOR_SCHEMA},
+                    "outputs": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": ["name"],
+                            "properties": {
+                                "name": {"type": "string"},
+                                "parameters": {"type": "object"},
+                            },
+                        },
+                    },
+                },
+            }
+        }
+    },
+}
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"description": text}
+    for code, text in {
+        400: "invalid input (names the tensor)",
+        401: "internal stage called without the token",
+        404: "unknown model",
+        413: "body over the limit",
+        502: "next stage sent an unusable answer",
+        503: "next stage down on every endpoint",
+        504: "next stage timed out (names it)",
+    }.items()
+}
+
+
+def _json(content: object, status: int = 200) -> Response:
+    return Response(orjson.dumps(content), status, media_type="application/json")
+
+
+def _error(status: int, message: str) -> Response:
+    return _json({"error": message}, status)
+
+
+def create_dataplane(
+    spec: StageSpec,
+    *,
+    token: str | None = None,
+    intra_op_threads: int | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> DataPlane:
+    """Load the stage (fetch, digest, cut, ORT session) and wrap it in a data plane."""
+    if not spec.entry and not token:
+        raise StageSpecError(
+            f"stage {spec.stage} is internal (entry: false) but has no token; set "
+            "PARTITA_INTERNAL_TOKEN or PARTITA_INTERNAL_TOKEN_FILE"
+        )
+    threads = intra_op_threads if intra_op_threads is not None else cpu_limit()
+    stage = load_stage(spec, intra_op_threads=threads)
+    outputs = {t.name for t in stage.session.outputs}
+    if spec.cascade is not None and spec.cascade.output not in outputs:
+        raise StageSpecError(
+            f"cascade.output {spec.cascade.output!r} is not an output of stage {spec.stage}; "
+            f"outputs are {sorted(outputs)}"
+        )
+    metrics = ServerMetrics(spec.model, spec.stage)
+    return DataPlane(spec, stage, token=token, metrics=metrics, clock=clock)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the {limit}-byte limit")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit")
+        chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def create_app(
+    spec: StageSpec | None = None,
+    *,
+    dataplane: DataPlane | None = None,
+    token: str | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+) -> FastAPI:
+    """The ASGI app of one stage server; pass a spec, or a data plane built beforehand."""
+    if dataplane is None:
+        if spec is None:
+            raise TypeError("create_app needs a spec or a dataplane")
+        dataplane = create_dataplane(spec, token=token or internal_token(), clock=clock)
+    plane = dataplane
+    metrics: ServerMetrics = plane.metrics
+    limit = plane.spec.max_body_bytes
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await plane.start()
+        try:
+            yield
+        finally:
+            await plane.stop()
+
+    app = FastAPI(
+        title="Partita inference server",
+        version="0.1.0",
+        description="Open Inference Protocol (v2) for one stage or shard of a model.",
+        lifespan=lifespan,
+    )
+    app.state.dataplane = plane
+
+    @app.exception_handler(ServerError)
+    async def _server_error(_: Request, exc: ServerError) -> Response:
+        return _error(exc.status, exc.message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
+        return _error(400, f"invalid request: {exc.errors()}")
+
+    @app.get("/v2/health/live")
+    async def live() -> Response:
+        return _json({"live": plane.live()})
+
+    @app.get("/v2/health/ready", responses={503: {"description": "not ready"}})
+    async def ready() -> Response:
+        return _json({"ready": plane.ready()}, 200 if plane.ready() else 503)
+
+    @app.get("/v2")
+    async def server_metadata() -> Response:
+        return _json(plane.server_metadata())
+
+    @app.get("/v2/models/{name}", responses=_ERRORS)
+    async def model_metadata(name: str, request: Request) -> Response:
+        plane.authorize(request.headers.get("authorization"))
+        return _json(await plane.model_metadata(name))
+
+    @app.get("/v2/models/{name}/versions/{version}", responses=_ERRORS)
+    async def model_version_metadata(name: str, version: str, request: Request) -> Response:
+        plane.authorize(request.headers.get("authorization"))
+        return _json(await plane.model_metadata(name, version))
+
+    @app.get("/v2/models/{name}/ready", responses=_ERRORS)
+    async def model_ready(name: str) -> Response:
+        plane.check_model(name)
+        return _json({"name": name, "ready": plane.ready()}, 200 if plane.ready() else 503)
+
+    async def infer(name: str, version: str | None, request: Request) -> Response:
+        started = clock()
+        code = 200
+        try:
+            plane.authorize(request.headers.get("authorization"))
+            plane.check_model(name, version)
+            body = await _read_body(request, limit)
+            length = request.headers.get(HEADER_LENGTH)
+            if length is not None and not length.isdigit():
+                raise InvalidInput(f"{HEADER_LENGTH} must be an integer, got {length!r}")
+            decoded = decode_request(body, int(length) if length is not None else None)
+            answer = await plane.infer(name, decoded, version)
+            if decoded.outputs is not None:
+                binary = {o.name: o.binary for o in decoded.outputs}
+            else:
+                binary = dict.fromkeys(answer.outputs, decoded.binary_default)
+            payload, header_length = encode_response(answer, binary)
+        except ServerError as exc:
+            code = exc.status
+            return _error(exc.status, exc.message)
+        except Exception:
+            code = 500
+            log.exception("unexpected error serving %s", name)
+            return _error(500, "internal server error; see the server log")
+        finally:
+            metrics.observe_request(code, clock() - started)
+        headers = {SERVER_SECONDS_HEADER: f"{clock() - started:.6f}"}
+        if header_length is None:
+            return Response(payload, 200, headers=headers, media_type="application/json")
+        headers[HEADER_LENGTH] = str(header_length)
+        return Response(payload, 200, headers=headers, media_type="application/octet-stream")
+
+    @app.post("/v2/models/{name}/infer", openapi_extra={"requestBody": _INFER_BODY},
+              responses=_ERRORS)  # fmt: skip
+    async def model_infer(name: str, request: Request) -> Response:
+        return await infer(name, None, request)
+
+    @app.post("/v2/models/{name}/versions/{version}/infer",
+              openapi_extra={"requestBody": _INFER_BODY}, responses=_ERRORS)  # fmt: skip
+    async def model_version_infer(name: str, version: str, request: Request) -> Response:
+        return await infer(name, version, request)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

@@ -1,0 +1,250 @@
+"""The transport-neutral data plane: what a stage server does, whatever carries the request.
+
+Validates inputs against the stage, runs onnxruntime (batched or not) off the event loop,
+applies the cascade rule, forwards through the next hops and picks the outputs the caller
+asked for. The HTTP app only adapts requests and errors to this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from partita.runtime import RunError, TensorSpec, run_checked
+from partita_server.batching import Batcher
+from partita_server.chaining import LAYOUT_PARAMETER, HopClient
+from partita_server.errors import InvalidInput, ModelNotFound, Unauthorized
+from partita_server.metrics import ServerMetrics
+from partita_server.protocol import InferRequest, InferResponse, datatype_of, decompress
+from partita_server.spec import StageSpec
+from partita_server.stage import LoadedStage, layout_to_json
+
+__all__ = ["SERVER_NAME", "DataPlane"]
+
+SERVER_NAME = "partita"
+SERVER_VERSION = "0.1.0"
+
+
+def _dims(spec: TensorSpec) -> list[int]:
+    return [d if isinstance(d, int) else -1 for d in spec.shape]
+
+
+def _tensor_metadata(spec: TensorSpec) -> dict[str, Any]:
+    return {"name": spec.name, "datatype": datatype_of(spec.dtype), "shape": _dims(spec)}
+
+
+class DataPlane:
+    """One stage (or shard) of one model, behind the v2 protocol's operations."""
+
+    def __init__(
+        self,
+        spec: StageSpec,
+        stage: LoadedStage,
+        *,
+        token: str | None,
+        metrics: ServerMetrics,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self.spec, self.stage, self.metrics, self._clock = spec, stage, metrics, clock
+        self._token = token
+        self._inputs = {t.name: t for t in stage.session.inputs}
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort")
+        self._hops = (
+            HopClient(spec.next, model=spec.model, token=token, metrics=metrics, clock=clock)
+            if spec.next
+            else None
+        )
+        self._batcher = (
+            Batcher(
+                self._run,
+                max_batch_size=spec.batching.max_batch_size,
+                max_delay_s=spec.batching.max_delay_ms / 1000.0,
+                executor=self._executor,
+                metrics=metrics,
+            )
+            if spec.batching is not None
+            else None
+        )
+        self._layout = layout_to_json(stage.layout) if stage.layout is not None else None
+        self._final_metadata: dict[str, Any] | None = None
+        self._ready = False
+
+    async def start(self) -> None:
+        if self._hops is not None:
+            await self._hops.start()
+        if self._batcher is not None:
+            self._batcher.start()
+        self._ready = True
+
+    async def stop(self) -> None:
+        self._ready = False
+        if self._batcher is not None:
+            await self._batcher.stop()
+        if self._hops is not None:
+            await self._hops.stop()
+        self._executor.shutdown(wait=True)
+
+    # -- health and metadata ---------------------------------------------------------------
+
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        return self._ready
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {
+            "name": SERVER_NAME,
+            "version": SERVER_VERSION,
+            "extensions": ["binary_tensor_data"],
+        }
+
+    def check_model(self, name: str, version: str | None = None) -> None:
+        if name != self.spec.model or (version is not None and version != self.spec.version):
+            shown = name if version is None else f"{name} version {version}"
+            raise ModelNotFound(
+                f"model {shown!r} is not served here; this server serves "
+                f"{self.spec.model!r} version {self.spec.version!r}"
+            )
+
+    def authorize(self, authorization: str | None) -> None:
+        """Internal stages (entry=False) accept only calls carrying the stage token."""
+        if self.spec.entry:
+            return
+        presented = (authorization or "").removeprefix("Bearer ").strip()
+        if not self._token or not hmac.compare_digest(presented.encode(), self._token.encode()):
+            raise Unauthorized(
+                f"stage {self.spec.stage!r} is internal: send 'Authorization: Bearer <token>' "
+                "with the token of PARTITA_INTERNAL_TOKEN"
+            )
+
+    async def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
+        self.check_model(name, version)
+        outputs = [_tensor_metadata(t) for t in self.stage.session.outputs]
+        if self._hops is not None and self.spec.cascade is None:
+            if self._final_metadata is None:
+                self._final_metadata = await self._hops.metadata()
+            if self._final_metadata is not None:
+                outputs = self._final_metadata.get("outputs", outputs)
+        return {
+            "name": self.spec.model,
+            "versions": [self.spec.version],
+            "platform": "onnxruntime_onnx",
+            "inputs": [_tensor_metadata(t) for t in self.stage.session.inputs],
+            "outputs": outputs,
+            "parameters": {"stage": self.spec.stage, "entry": self.spec.entry},
+        }
+
+    # -- inference -------------------------------------------------------------------------
+
+    def _validate(self, request: InferRequest) -> dict[str, np.ndarray]:
+        feeds: dict[str, np.ndarray] = {}
+        for name, raw in request.inputs.items():
+            spec = self._inputs.get(name)
+            if spec is None:
+                raise InvalidInput(
+                    f"tensor {name!r} is not an input of {self.spec.model}; "
+                    f"inputs are {sorted(self._inputs)}"
+                )
+            array = decompress(raw, request.input_parameters.get(name, {}), name=name)
+            if array.dtype.name != spec.dtype:
+                raise InvalidInput(
+                    f"tensor {name!r}: datatype {datatype_of(array.dtype)}, the model takes "
+                    f"{datatype_of(spec.dtype)}"
+                )
+            want = _dims(spec)
+            if len(array.shape) != len(want) or any(
+                w >= 0 and w != g for w, g in zip(want, array.shape, strict=True)
+            ):
+                raise InvalidInput(
+                    f"tensor {name!r}: shape {list(array.shape)}, the model takes {want} "
+                    "(-1: any size)"
+                )
+            feeds[name] = array
+        missing = sorted(set(self._inputs) - set(feeds))
+        if missing:
+            raise InvalidInput(f"tensor {missing[0]!r} is missing; the model needs {missing}")
+        if self._batcher is not None:
+            rows = {a.shape[0] for a in feeds.values()}
+            if len(rows) != 1 or 0 in rows:
+                raise InvalidInput(
+                    f"inputs {sorted(feeds)} must share one non-zero batch size, got {sorted(rows)}"
+                )
+        return feeds
+
+    def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Runs on the ORT thread; the only place time is spent in onnxruntime."""
+        started = self._clock()
+        try:
+            outputs = run_checked(self.stage.session, feeds)
+        finally:
+            self.metrics.compute.observe(self._clock() - started)
+        self.metrics.batch.observe(next(iter(feeds.values())).shape[0] if feeds else 0)
+        return outputs
+
+    async def _compute(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            if self._batcher is not None:
+                return await self._batcher.submit(feeds)
+            self.metrics.queue.inc()
+            try:
+                loop = asyncio.get_running_loop()
+                return await loop.run_in_executor(self._executor, self._run, feeds)
+            finally:
+                self.metrics.queue.dec()
+        except RunError as exc:
+            raise InvalidInput(f"the model cannot run on these inputs: {exc}") from exc
+
+    def _confident(self, outputs: Mapping[str, np.ndarray]) -> bool:
+        assert self.spec.cascade is not None
+        name = self.spec.cascade.output
+        probabilities = outputs[name]
+        if probabilities.size == 0:
+            return True
+        rows = (
+            probabilities.reshape(probabilities.shape[0], -1)
+            if probabilities.ndim
+            else (probabilities.reshape(1, 1))
+        )
+        return bool(np.all(rows.max(axis=1) >= self.spec.cascade.threshold))
+
+    async def infer(
+        self, name: str, request: InferRequest, version: str | None = None
+    ) -> InferResponse:
+        """Answer one request: compute here, then forward or answer as the spec says."""
+        self.check_model(name, version)
+        feeds = self._validate(request)
+        outputs = await self._compute(feeds)
+        parameters: dict[str, Any] = {}
+        if self._hops is not None:
+            if self.spec.cascade is None:
+                outputs = (await self._hops.forward(outputs)).outputs
+            else:
+                forwarded = not self._confident(outputs)
+                self.metrics.observe_cascade(forwarded)
+                if forwarded:
+                    outputs = (await self._hops.forward(feeds)).outputs
+                parameters["partita_cascade"] = "forwarded" if forwarded else "local"
+        if self._layout is not None:
+            parameters[LAYOUT_PARAMETER] = self._layout
+        if request.outputs is not None:
+            unknown = [o.name for o in request.outputs if o.name not in outputs]
+            if unknown:
+                raise InvalidInput(
+                    f"requested output {unknown[0]!r} is not an output of {self.spec.model}; "
+                    f"outputs are {sorted(outputs)}"
+                )
+            outputs = {o.name: outputs[o.name] for o in request.outputs}
+        return InferResponse(
+            outputs,
+            parameters=parameters,
+            model_name=self.spec.model,
+            model_version=self.spec.version,
+            id=request.id,
+        )

@@ -1,0 +1,339 @@
+"""The Open Inference Protocol (v2) codec: JSON tensors and the binary tensor extension.
+
+Transport-neutral: bytes in, numpy arrays out and back. Binary tensors are decoded as numpy
+views over the request body (no copy). Also the boundary codec that compresses float32
+tensors between stages (fp16, or int8 with a per-tensor scale and zero point), signalled in
+the tensor's parameters so the receiving stage decodes it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+
+from partita_server.errors import BadGateway, InvalidInput
+from partita_server.spec import Compression
+
+__all__ = [
+    "DATATYPES",
+    "HEADER_LENGTH",
+    "InferRequest",
+    "InferResponse",
+    "RequestedOutput",
+    "compress",
+    "datatype_of",
+    "decode_request",
+    "decode_response",
+    "decompress",
+    "encode_request",
+    "encode_response",
+]
+
+HEADER_LENGTH = "inference-header-content-length"
+CODEC = "partita_codec"
+SCALE = "partita_scale"
+ZERO_POINT = "partita_zero_point"
+
+DATATYPES: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+}
+_BY_NUMPY = {dt.name: name for name, dt in DATATYPES.items()}
+
+
+def datatype_of(dtype: np.dtype[Any] | str) -> str:
+    """The v2 datatype name for a numpy dtype (name), e.g. float32 → FP32."""
+    name = np.dtype(dtype).name
+    if name not in _BY_NUMPY:
+        raise InvalidInput(f"numpy dtype {name} has no v2 datatype")
+    return _BY_NUMPY[name]
+
+
+@dataclass(frozen=True)
+class RequestedOutput:
+    name: str
+    binary: bool
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    """A decoded v2 request: inputs as arrays (views over the body when binary)."""
+
+    inputs: dict[str, np.ndarray]
+    input_parameters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    outputs: tuple[RequestedOutput, ...] | None = None
+    parameters: dict[str, Any] = field(default_factory=dict)
+    id: str | None = None
+
+    @property
+    def binary_default(self) -> bool:
+        """`binary_data_output` asks for every output in binary unless named otherwise."""
+        return self.parameters.get("binary_data_output") is True
+
+
+@dataclass(frozen=True)
+class InferResponse:
+    outputs: dict[str, np.ndarray]
+    output_parameters: dict[str, dict[str, Any]] = field(default_factory=dict)
+    parameters: dict[str, Any] = field(default_factory=dict)
+    model_name: str = ""
+    model_version: str | None = None
+    id: str | None = None
+
+
+def _header(body: bytes, header_length: int | None) -> tuple[Any, int]:
+    if header_length is None:
+        header_length = len(body)
+    elif not 0 < header_length <= len(body):
+        raise InvalidInput(
+            f"Inference-Header-Content-Length {header_length} does not fit the {len(body)}-byte"
+            " body; send the length of the JSON header in bytes"
+        )
+    try:
+        return orjson.loads(memoryview(body)[:header_length]), header_length
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"request header is not valid JSON: {exc}") from exc
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{where} must be a JSON object")
+    return value
+
+
+def _shape(value: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**62 for d in value
+    ):
+        raise InvalidInput(f"{where}: shape must be a list of non-negative integers")
+    return tuple(value)
+
+
+def _dtype(value: Any, where: str) -> np.dtype[Any]:
+    if value == "BYTES":
+        raise InvalidInput(f"{where}: BYTES tensors are not supported; send numeric tensors")
+    if not isinstance(value, str) or value not in DATATYPES:
+        raise InvalidInput(f"{where}: datatype {value!r} unknown; use one of {sorted(DATATYPES)}")
+    return DATATYPES[value]
+
+
+def _tensor(
+    entry: Any, where: str, body: bytes, offset: int
+) -> tuple[str, np.ndarray, dict[str, Any], int]:
+    """Decode one tensor entry; returns (name, array, parameters, next binary offset)."""
+    if not isinstance(entry, dict):
+        raise InvalidInput(f"{where} must be a JSON object")
+    name = entry.get("name")
+    if not isinstance(name, str) or not name:
+        raise InvalidInput(f"{where}: 'name' must be a non-empty string")
+    where = f"tensor {name!r}"
+    dtype = _dtype(entry.get("datatype"), where)
+    shape = _shape(entry.get("shape"), where)
+    params = _mapping(entry.get("parameters"), f"{where}: parameters")
+    count = math.prod(shape)
+    size = params.get("binary_data_size")
+    if size is not None:
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise InvalidInput(f"{where}: binary_data_size must be a non-negative integer")
+        if size != count * dtype.itemsize:
+            raise InvalidInput(
+                f"{where}: binary_data_size {size} != {count} elements x {dtype.itemsize} bytes"
+                f" for shape {list(shape)}"
+            )
+        if offset + size > len(body):
+            raise InvalidInput(f"{where}: binary data runs past the end of the body")
+        if count == 0:
+            return name, np.empty(shape, dtype=dtype), params, offset
+        array = np.frombuffer(body, dtype=dtype, count=count, offset=offset).reshape(shape)
+        return name, array, params, offset + size
+    if "data" not in entry:
+        raise InvalidInput(f"{where}: give 'data' or parameters.binary_data_size")
+    try:
+        array = np.asarray(entry["data"], dtype=dtype)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InvalidInput(f"{where}: data does not hold {dtype.name} values ({exc})") from exc
+    if array.size != count:
+        raise InvalidInput(
+            f"{where}: data has {array.size} elements, shape {list(shape)} needs {count}"
+        )
+    return name, array.reshape(shape), params, offset
+
+
+def decode_request(body: bytes, header_length: int | None = None) -> InferRequest:
+    """Decode a v2 infer request body (JSON, or JSON header + binary tensors)."""
+    header, offset = _header(body, header_length)
+    if not isinstance(header, dict):
+        raise InvalidInput("request must be a JSON object with 'inputs'")
+    entries = header.get("inputs")
+    if not isinstance(entries, list) or not entries:
+        raise InvalidInput("request 'inputs' must be a non-empty list of tensors")
+    inputs: dict[str, np.ndarray] = {}
+    input_parameters: dict[str, dict[str, Any]] = {}
+    for i, entry in enumerate(entries):
+        name, array, params, offset = _tensor(entry, f"inputs[{i}]", body, offset)
+        if name in inputs:
+            raise InvalidInput(f"tensor {name!r} is given twice")
+        inputs[name] = array
+        if params:
+            input_parameters[name] = params
+    if offset != len(body):
+        raise InvalidInput(
+            f"binary section has {len(body) - offset} bytes no input claims; check "
+            "binary_data_size of each input"
+        )
+    outputs = _requested_outputs(header.get("outputs"))
+    request_id = header.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise InvalidInput("request 'id' must be a string")
+    parameters = _mapping(header.get("parameters"), "request parameters")
+    return InferRequest(inputs, input_parameters, outputs, parameters, request_id)
+
+
+def _requested_outputs(value: Any) -> tuple[RequestedOutput, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise InvalidInput("request 'outputs' must be a list")
+    requested = []
+    for i, entry in enumerate(value):
+        if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
+            raise InvalidInput(f"outputs[{i}] must be an object with a string 'name'")
+        params = _mapping(entry.get("parameters"), f"outputs[{i}].parameters")
+        requested.append(RequestedOutput(entry["name"], params.get("binary_data") is True))
+    return tuple(requested)
+
+
+def _tensor_json(name: str, array: np.ndarray, params: Mapping[str, Any] | None) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "name": name,
+        "datatype": datatype_of(array.dtype),
+        "shape": list(array.shape),
+    }
+    if params:
+        entry["parameters"] = dict(params)
+    return entry
+
+
+def _assemble(
+    header: dict[str, Any],
+    key: str,
+    tensors: Mapping[str, np.ndarray],
+    binary: Mapping[str, bool],
+    params: Mapping[str, Mapping[str, Any]],
+) -> tuple[bytes, int | None]:
+    entries = []
+    blobs: list[memoryview] = []
+    for name, array in tensors.items():
+        entry = _tensor_json(name, array, params.get(name))
+        if binary.get(name, False):
+            blob = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
+            entry.setdefault("parameters", {})["binary_data_size"] = blob.nbytes
+            blobs.append(blob)
+        else:
+            entry["data"] = np.ascontiguousarray(array).ravel()
+        entries.append(entry)
+    header[key] = entries
+    head = orjson.dumps(header, option=orjson.OPT_SERIALIZE_NUMPY)
+    if not blobs:
+        return head, None
+    return b"".join([head, *blobs]), len(head)
+
+
+def encode_response(
+    response: InferResponse, binary: Mapping[str, bool]
+) -> tuple[bytes, int | None]:
+    """Encode a response; `binary[name]` picks the binary extension per output."""
+    header: dict[str, Any] = {"model_name": response.model_name}
+    if response.model_version is not None:
+        header["model_version"] = response.model_version
+    if response.id is not None:
+        header["id"] = response.id
+    if response.parameters:
+        header["parameters"] = response.parameters
+    return _assemble(header, "outputs", response.outputs, binary, response.output_parameters)
+
+
+def encode_request(
+    inputs: Mapping[str, np.ndarray],
+    *,
+    input_parameters: Mapping[str, Mapping[str, Any]] | None = None,
+    parameters: Mapping[str, Any] | None = None,
+    outputs: Sequence[str] | None = None,
+) -> tuple[bytes, int | None]:
+    """Encode a binary request for the next stage, asking for binary outputs."""
+    header: dict[str, Any] = {"parameters": {**(parameters or {}), "binary_data_output": True}}
+    if outputs is not None:
+        header["outputs"] = [{"name": n, "parameters": {"binary_data": True}} for n in outputs]
+    return _assemble(header, "inputs", inputs, dict.fromkeys(inputs, True), input_parameters or {})
+
+
+def decode_response(body: bytes, header_length: int | None, *, stage: str) -> InferResponse:
+    """Decode the next stage's response; anything malformed is that stage's fault (502)."""
+    try:
+        header, offset = _header(body, header_length)
+        if not isinstance(header, dict) or not isinstance(header.get("outputs"), list):
+            raise InvalidInput("response has no 'outputs' list")
+        outputs: dict[str, np.ndarray] = {}
+        output_parameters: dict[str, dict[str, Any]] = {}
+        for i, entry in enumerate(header["outputs"]):
+            name, array, params, offset = _tensor(entry, f"outputs[{i}]", body, offset)
+            outputs[name] = array
+            if params:
+                output_parameters[name] = params
+        parameters = _mapping(header.get("parameters"), "response parameters")
+    except InvalidInput as exc:
+        raise BadGateway(f"stage {stage!r} sent an unusable response: {exc.message}") from exc
+    return InferResponse(
+        outputs,
+        output_parameters,
+        parameters,
+        str(header.get("model_name", "")),
+        header.get("model_version"),
+        header.get("id"),
+    )
+
+
+def compress(array: np.ndarray, mode: Compression) -> tuple[np.ndarray, dict[str, Any]]:
+    """Shrink a float32 boundary tensor for the wire; other dtypes go as they are."""
+    if mode is Compression.NONE or array.dtype != np.float32 or array.size == 0:
+        return array, {}
+    if mode is Compression.FP16:
+        return array.astype(np.float16), {CODEC: "fp16"}
+    low, high = float(array.min()), float(array.max())
+    low, high = min(low, 0.0), max(high, 0.0)  # keep 0 exact (ReLU activations)
+    scale = (high - low) / 255.0 or 1.0
+    zero_point = int(np.clip(round(-128 - low / scale), -128, 127))
+    quantized = np.clip(np.rint(array / scale) + zero_point, -128, 127).astype(np.int8)
+    return quantized, {CODEC: "int8", SCALE: scale, ZERO_POINT: zero_point}
+
+
+def decompress(array: np.ndarray, params: Mapping[str, Any], *, name: str) -> np.ndarray:
+    """Undo `compress` from the tensor's parameters; untouched when no codec is named."""
+    codec = params.get(CODEC)
+    if codec is None:
+        return array
+    if codec == "fp16" and array.dtype == np.float16:
+        return array.astype(np.float32)
+    if codec == "int8" and array.dtype == np.int8:
+        scale, zero_point = params.get(SCALE), params.get(ZERO_POINT)
+        if isinstance(scale, int | float) and isinstance(zero_point, int) and scale > 0:
+            return (array.astype(np.float32) - np.float32(zero_point)) * np.float32(scale)
+        raise InvalidInput(f"tensor {name!r}: int8 codec needs a positive scale and int zero point")
+    raise InvalidInput(f"tensor {name!r}: codec {codec!r} does not fit datatype {array.dtype.name}")

@@ -1,0 +1,170 @@
+"""Stages chained over real sockets: vertical cuts, shards, cascade, and the hop failures."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from stage_servers import CLS, CLS_OUT, NSFW, TOKEN, Serve, free_port, host_of
+
+from partita.runtime import Session
+
+pytestmark = pytest.mark.skipif(not NSFW.exists(), reason="model wheels not installed")
+
+CUT_A, CUT_B = "/Relu_42_output_0", "/Relu_45_output_0"
+
+
+def _hop(stage: str, *urls: str, **kw: object) -> dict[str, object]:
+    return {"stage": stage, "endpoints": list(urls), **kw}
+
+
+def _infer(url: str, model: str, name: str, x: np.ndarray) -> triton.InferResult:
+    client = triton.InferenceServerClient(host_of(url), network_timeout=60)
+    tensor = triton.InferInput(name, list(x.shape), "FP32")
+    tensor.set_data_from_numpy(x, binary_data=True)
+    return client.infer(model, [tensor])
+
+
+SHAPES = {"input_0": [1, 224, 224, 3]}
+INTERNAL = {"token": TOKEN, "entry": False, "input_shapes": SHAPES}
+
+
+def _whole(x: np.ndarray) -> np.ndarray:
+    return Session(NSFW, intra_op_threads=1).run({"input_0": x})["4195"]
+
+
+def test_three_stage_chain_equals_the_whole_model(serve: Serve) -> None:
+    s2 = serve(NSFW, "nsfw", stage="s2", inputs=[CUT_B], outputs=["4195"], **INTERNAL)
+    s1 = serve(
+        NSFW, "nsfw", stage="s1", inputs=[CUT_A], outputs=[CUT_B], next=[_hop("s2", s2)],
+        **INTERNAL,
+    )  # fmt: skip
+    entry = {"token": TOKEN, "inputs": ["input_0"], "outputs": [CUT_A], "input_shapes": SHAPES}
+    s0 = serve(NSFW, "nsfw", stage="s0", next=[_hop("s1", s1)], **entry)
+    s0_int8 = serve(NSFW, "nsfw", stage="s0", next=[_hop("s1", s1, compression="int8")], **entry)
+
+    x = np.random.default_rng(7).random((1, 224, 224, 3), dtype=np.float32)
+    whole = _whole(x)
+    chained = _infer(s0, "nsfw", "input_0", x).as_numpy("4195")
+    np.testing.assert_allclose(chained, whole, rtol=1e-4, atol=1e-5)
+    compressed = _infer(s0_int8, "nsfw", "input_0", x).as_numpy("4195")
+    np.testing.assert_allclose(compressed, whole, atol=0.05)
+
+    # The entry stage tells clients the chain's final outputs, and measures its hop.
+    meta = triton.InferenceServerClient(host_of(s0)).get_model_metadata("nsfw")
+    assert [o["name"] for o in meta["outputs"]] == ["4195"]
+    plain = _hop_bytes(s0)
+    assert plain > 3.5 * _hop_bytes(s0_int8) > 0  # float32 vs int8 on the wire
+    # The internal stages refuse a client that skips the entry stage.
+    assert httpx.post(f"{s1}/v2/models/nsfw/infer", json={"inputs": []}).status_code == 401
+
+
+def _hop_bytes(url: str) -> float:
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("partita_hop_bytes_total{"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_sharded_stage_equals_the_whole_model(serve: Serve) -> None:
+    s2 = serve(NSFW, "nsfw", stage="s2", inputs=[CUT_B], outputs=["4195"], **INTERNAL)
+    shards = [
+        serve(
+            NSFW,
+            "nsfw",
+            stage="s1",
+            inputs=[CUT_A],
+            outputs=[CUT_B],
+            shard={"index": i, "proportions": [0.6, 0.4]},
+            **INTERNAL,
+        )
+        for i in range(2)
+    ]
+    s0 = serve(
+        NSFW, "nsfw", stage="s0", token=TOKEN, inputs=["input_0"], outputs=[CUT_A],
+        input_shapes=SHAPES, next=[_hop("s1", *shards, fan_out=True), _hop("s2", s2)],
+    )  # fmt: skip
+    x = np.random.default_rng(8).random((1, 224, 224, 3), dtype=np.float32)
+    np.testing.assert_allclose(
+        _infer(s0, "nsfw", "input_0", x).as_numpy("4195"), _whole(x), rtol=1e-4, atol=1e-5
+    )
+
+
+def _cls_call(url: str) -> triton.InferResult:
+    x = np.zeros((1, 3, 48, 192), dtype=np.float32)  # the classifier is unsure: ~0.5/0.5
+    return _infer(url, "cls", "x", x)
+
+
+def test_cascade_answers_locally_above_threshold_and_forwards_below(serve: Serve) -> None:
+    cloud = serve(CLS, "cls", stage="cloud", token=TOKEN, entry=False)
+    cascade = {"output": CLS_OUT}
+    sure = serve(CLS, "cls", stage="edge", token=TOKEN, next=[_hop("cloud", cloud)],
+                 cascade={**cascade, "threshold": 0.3})  # fmt: skip
+    unsure = serve(CLS, "cls", stage="edge", token=TOKEN, next=[_hop("cloud", cloud)],
+                   cascade={**cascade, "threshold": 0.99})  # fmt: skip
+
+    local = _cls_call(sure)
+    assert local.get_response()["parameters"]["partita_cascade"] == "local"
+    forwarded = _cls_call(unsure)
+    assert forwarded.get_response()["parameters"]["partita_cascade"] == "forwarded"
+    np.testing.assert_allclose(local.as_numpy(CLS_OUT), forwarded.as_numpy(CLS_OUT), rtol=1e-5)
+    cloud_metrics = httpx.get(f"{cloud}/metrics").text
+    assert 'partita_requests_total{code="200",model="cls",stage="cloud"} 1.0' in cloud_metrics
+    assert 'partita_cascade_offload_ratio{model="cls",stage="edge"} 1.0' in (
+        httpx.get(f"{unsure}/metrics").text
+    )
+    assert 'partita_cascade_offload_ratio{model="cls",stage="edge"} 0.0' in (
+        httpx.get(f"{sure}/metrics").text
+    )
+
+
+@pytest.fixture
+def silent_endpoint() -> Iterator[str]:
+    """A real listening socket that accepts connections and never answers."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+
+
+def test_next_stage_down_retries_another_endpoint_then_503(serve: Serve) -> None:
+    dead = [f"http://127.0.0.1:{free_port()}" for _ in range(2)]
+    cloud = serve(CLS, "cls", stage="cloud", token=TOKEN, entry=False)
+    unsure = {"output": CLS_OUT, "threshold": 0.99}  # forwards its inputs to the cloud
+    retried = serve(
+        CLS, "cls", stage="edge", token=TOKEN, next=[_hop("cloud", dead[0], cloud)], cascade=unsure
+    )
+    assert _cls_call(retried).as_numpy(CLS_OUT).shape == (1, 2)
+    down = serve(CLS, "cls", stage="edge", token=TOKEN, next=[_hop("cloud", *dead)], cascade=unsure)
+    body = {"inputs": [{"name": "x", "shape": [1, 3, 4, 4], "datatype": "FP32",
+                        "data": [0.0] * 48}]}  # fmt: skip
+    reply = httpx.post(f"{down}/v2/models/cls/infer", json=body)
+    assert reply.status_code == 503
+    assert "'cloud'" in reply.json()["error"] and dead[1] in reply.json()["error"]
+
+
+def test_next_stage_timeout_is_504_naming_the_stage(serve: Serve, silent_endpoint: str) -> None:
+    edge = serve(CLS, "cls", stage="edge", next=[_hop("cloud", silent_endpoint, timeout_s=0.3)])
+    body = {"inputs": [{"name": "x", "shape": [1, 3, 4, 4], "datatype": "FP32",
+                        "data": [0.0] * 48}]}  # fmt: skip
+    reply = httpx.post(f"{edge}/v2/models/cls/infer", json=body)
+    assert reply.status_code == 504
+    assert "'cloud'" in reply.json()["error"]
+    # Errors further down the chain come back with their own status and stage name.
+    cascade = {"output": CLS_OUT, "threshold": 0.99}  # forwards its own inputs to edge
+    front = serve(CLS, "cls", stage="front", next=[_hop("edge", edge)], cascade=cascade)
+    reply = httpx.post(f"{front}/v2/models/cls/infer", json=body)
+    assert reply.status_code == 504 and "'cloud'" in reply.json()["error"]
+
+
+def test_token_mismatch_between_stages_is_reported_not_hidden(serve: Serve) -> None:
+    cloud = serve(CLS, "cls", stage="cloud", token=TOKEN, entry=False)
+    edge = serve(CLS, "cls", stage="edge", token="another", next=[_hop("cloud", cloud)])
+    body = {"inputs": [{"name": "x", "shape": [1, 3, 4, 4], "datatype": "FP32",
+                        "data": [0.0] * 48}]}  # fmt: skip
+    reply = httpx.post(f"{edge}/v2/models/cls/infer", json=body)
+    assert reply.status_code == 502 and "401" in reply.json()["error"]

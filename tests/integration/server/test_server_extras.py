@@ -1,0 +1,170 @@
+"""Batching, remote model sources, the console script, and fuzzing the OpenAPI for 5xx."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import http.server
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+from hypothesis.errors import Unsatisfiable
+from schemathesis import GenerationMode
+from stage_servers import CLS, CLS_OUT, NSFW, Serve, free_port, spec_for
+
+from partita.runtime import Session
+from partita_server.errors import StageSpecError
+from partita_server.stage import load_stage
+
+pytestmark = pytest.mark.skipif(not NSFW.exists(), reason="model wheels not installed")
+
+
+def _body(x: np.ndarray) -> dict[str, object]:
+    return {"inputs": [{"name": "x", "shape": list(x.shape), "datatype": "FP32",
+                        "data": x.ravel().tolist()}]}  # fmt: skip
+
+
+def test_concurrent_requests_share_batches_and_get_their_own_rows(serve: Serve) -> None:
+    url = serve(CLS, "cls", stage="edge", batching={"max_batch_size": 8, "max_delay_ms": 150})
+    rng = np.random.default_rng(3)
+    xs = [rng.random((1 + i % 2, 3, 48, 64), dtype=np.float32) for i in range(6)]
+    session = Session(CLS, intra_op_threads=1)
+
+    async def send_all() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            calls = [client.post("/v2/models/cls/infer", json=_body(x)) for x in xs]
+            return await asyncio.gather(*calls)
+
+    replies = asyncio.run(send_all())
+    for x, reply in zip(xs, replies, strict=True):
+        assert reply.status_code == 200, reply.text
+        got = np.asarray(reply.json()["outputs"][0]["data"], np.float32).reshape(-1, 2)
+        np.testing.assert_allclose(got, session.run({"x": x})[CLS_OUT], rtol=1e-4, atol=1e-5)
+    metrics = httpx.get(f"{url}/metrics").text
+    runs = next(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("partita_batch_size_count")
+    )
+    assert runs < len(xs)  # some requests shared a run
+
+
+def test_batching_needs_a_batch_dimension(tmp_path: Path) -> None:
+    spec = spec_for(
+        NSFW, "nsfw", tmp_path, inputs=["input_0"], outputs=["/Relu_42_output_0"],
+        input_shapes={"input_0": [1, 224, 224, 3]},
+        batching={"max_batch_size": 4, "max_delay_ms": 1},
+    )  # fmt: skip
+    with pytest.raises(StageSpecError, match="batching"):
+        load_stage(spec, intra_op_threads=1)
+
+
+@pytest.fixture
+def model_host(tmp_path: Path) -> Iterator[str]:
+    """A plain HTTP file server on 127.0.0.1 holding the classifier model."""
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "cls.onnx").write_bytes(CLS.read_bytes())
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args: object, **kw: object) -> None:
+            super().__init__(*args, directory=str(tmp_path / "www"), **kw)  # type: ignore[arg-type]
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    thread.join()
+
+
+def test_remote_source_is_fetched_checked_and_cached(tmp_path: Path, model_host: str) -> None:
+    digest = hashlib.sha256(CLS.read_bytes()).hexdigest()
+    spec = spec_for(CLS, "cls", tmp_path / "cache")
+    source = {"uri": f"{model_host}/cls.onnx", "sha256": digest}
+    remote = type(spec).model_validate({**spec.model_dump(), "source": source})
+    stage = load_stage(remote, intra_op_threads=1)
+    assert stage.path == tmp_path / "cache" / "sources" / f"{digest}.onnx"
+    assert stage.path.read_bytes() == CLS.read_bytes()
+
+    wrong = remote.model_dump()
+    wrong["source"]["sha256"] = "0" * 64
+    wrong["cache_dir"] = tmp_path / "other"
+    with pytest.raises(StageSpecError, match="sha256 is"):
+        load_stage(type(spec).model_validate(wrong), intra_op_threads=1)
+    assert not (tmp_path / "other" / "sources" / f"{'0' * 64}.onnx").exists()
+
+
+def test_console_script_serves_the_spec_from_the_environment(tmp_path: Path) -> None:
+    spec = tmp_path / "stage.yaml"
+    spec.write_text(f"model: cls\nsource:\n  uri: {CLS.as_uri()}\ncache_dir: {tmp_path}\n")
+    port = free_port()
+    script = Path(sys.executable).with_name("partita-server")
+    env = {**os.environ, "PARTITA_STAGE_SPEC": str(spec), "PARTITA_CPU_LIMIT": "1"}
+    proc = subprocess.Popen([script, "--host", "127.0.0.1", "--port", str(port)], env=env)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.1)
+        x = np.zeros((1, 3, 8, 8), np.float32)
+        reply = httpx.post(f"http://127.0.0.1:{port}/v2/models/cls/infer", json=_body(x))
+        assert reply.status_code == 200
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+    spec.write_text("model: cls\nsource:\n  uri: file:///nonexistent.onnx\n")
+    failed = subprocess.run(
+        [script], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert failed.returncode == 2 and "no such file" in failed.stderr
+
+
+def test_fuzzing_the_openapi_finds_no_server_error(serve: Serve) -> None:
+    url = serve(CLS, "cls", max_body_bytes=1 << 20)
+    schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
+    failures: list[str] = []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        served = {"name": "cls"} if "{name}" in operation.path else None
+        examples = 20 if operation.method.upper() == "POST" else 4
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            strategy = operation.as_strategy(generation_mode=mode, path_parameters=served)
+            if served is not None:  # unknown model names too, but mostly the served one
+                strategy = strategy | operation.as_strategy(generation_mode=mode)
+
+            @settings(
+                max_examples=examples,
+                deadline=None,
+                database=None,
+                suppress_health_check=list(HealthCheck),
+            )
+            @given(case=strategy)
+            def call(case: schemathesis.Case) -> None:
+                reply = case.call(base_url=url, timeout=30)
+                if reply.status_code >= 500:
+                    failures.append(f"{case.method} {case.formatted_path}: {reply.text[:200]}")
+
+            try:
+                call()
+            except Unsatisfiable:  # nothing to break in an operation without inputs
+                assert mode is GenerationMode.NEGATIVE
+    assert not failures, failures

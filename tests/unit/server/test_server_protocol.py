@@ -1,0 +1,141 @@
+"""The v2 codec and the boundary codec, without a server: pure bytes in, arrays out."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from partita_server.errors import BadGateway, InvalidInput
+from partita_server.protocol import (
+    DATATYPES,
+    InferResponse,
+    compress,
+    decode_request,
+    decode_response,
+    decompress,
+    encode_request,
+    encode_response,
+)
+from partita_server.spec import Compression
+
+
+def test_binary_inputs_are_views_over_the_body() -> None:
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    mask = np.array([1, 0, 1], dtype=np.int64)
+    body, length = encode_request({"x": x, "mask": mask})
+    decoded = decode_request(body, length)
+    np.testing.assert_array_equal(decoded.inputs["x"], x)
+    np.testing.assert_array_equal(decoded.inputs["mask"], mask)
+    assert decoded.inputs["x"].base is not None and not decoded.inputs["x"].flags.owndata
+    assert np.shares_memory(decoded.inputs["x"], np.frombuffer(body, np.uint8))
+    assert decoded.binary_default
+
+
+def test_json_and_mixed_requests_decode_with_their_datatypes() -> None:
+    header = {
+        "id": "r1",
+        "inputs": [
+            {"name": "a", "shape": [2, 2], "datatype": "INT32", "data": [[1, 2], [3, 4]]},
+            {"name": "b", "shape": [2], "datatype": "FP16", "parameters": {"binary_data_size": 4}},
+        ],
+        "outputs": [{"name": "y", "parameters": {"binary_data": True}}, {"name": "z"}],
+    }
+    head = orjson.dumps(header)
+    decoded = decode_request(head + np.array([1.5, -2], np.float16).tobytes(), len(head))
+    assert decoded.inputs["a"].dtype == np.int32 and decoded.inputs["a"].shape == (2, 2)
+    np.testing.assert_array_equal(decoded.inputs["b"], [1.5, -2])
+    assert [(o.name, o.binary) for o in decoded.outputs or ()] == [("y", True), ("z", False)]
+    assert decoded.id == "r1"
+
+
+@pytest.mark.parametrize(
+    ("body", "length", "fragment"),
+    [
+        (b"[1, 2]", None, "'inputs'"),
+        (b"{", None, "not valid JSON"),
+        (b'{"inputs": [{"name": "t", "shape": [2], "datatype": "FP32", "data": [1]}]}', None,
+         "'t'"),
+        (b'{"inputs": [{"name": "t", "shape": [-1], "datatype": "FP32", "data": []}]}', None,
+         "non-negative"),
+        (b'{"inputs": [{"name": "t", "shape": [1], "datatype": "BYTES", "data": ["a"]}]}', None,
+         "BYTES"),
+        (b'{"inputs": [{"name": "t", "shape": [1], "datatype": "INT8", "data": [999]}]}', None,
+         "'t'"),
+        (b'{"inputs": [{"name": "t", "shape": [2], "datatype": "FP32", '
+         b'"parameters": {"binary_data_size": 8}}]}' + b"\0" * 4, 100, "past the end"),
+        (b'{"inputs": [{"name": "t", "shape": [1], "datatype": "FP32", "data": [1]}]}xx', 74,
+         "2 bytes"),
+        (b"{}", 99, "does not fit"),
+    ],
+)  # fmt: skip
+def test_malformed_requests_are_invalid_input(
+    body: bytes, length: int | None, fragment: str
+) -> None:
+    with pytest.raises(InvalidInput, match=fragment):
+        decode_request(body, length)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    header=st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+        max_leaves=12,
+    ),
+    tail=st.binary(max_size=16),
+)
+def test_any_json_header_is_decoded_or_refused_as_invalid_input(
+    header: object, tail: bytes
+) -> None:
+    head = orjson.dumps(header)
+    for body, length in ((head, None), (head + tail, len(head))):
+        with contextlib.suppress(InvalidInput):
+            decode_request(body, length)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    datatype=st.sampled_from(sorted(DATATYPES)),
+    shape=st.lists(st.integers(0, 4), max_size=3),
+    binary=st.booleans(),
+)
+def test_responses_round_trip_in_json_and_binary(
+    datatype: str, shape: list[int], binary: bool
+) -> None:
+    array = (np.arange(int(np.prod(shape)), dtype=np.int64) % 3).astype(DATATYPES[datatype])
+    array = array.reshape(shape)
+    response = InferResponse({"y": array}, model_name="m", parameters={"k": 1})
+    body, length = encode_response(response, {"y": binary})
+    assert (length is not None) == binary
+    back = decode_response(body, length, stage="next")
+    assert back.outputs["y"].dtype == array.dtype and back.outputs["y"].shape == array.shape
+    np.testing.assert_array_equal(back.outputs["y"], array)
+    assert back.parameters == {"k": 1}
+
+
+def test_garbage_from_the_next_stage_is_a_bad_gateway_naming_it() -> None:
+    with pytest.raises(BadGateway, match="'s2'"):
+        decode_response(b'{"outputs": 3}', None, stage="s2")
+
+
+def test_boundary_codecs_shrink_float32_and_decode_close() -> None:
+    x = np.random.default_rng(0).normal(size=(4, 64)).astype(np.float32)
+    x[0, :8] = 0.0
+    half, p16 = compress(x, Compression.FP16)
+    assert half.dtype == np.float16
+    np.testing.assert_allclose(decompress(half, p16, name="x"), x, atol=2e-3)
+    q, p8 = compress(x, Compression.INT8)
+    assert q.dtype == np.int8 and q.nbytes == x.nbytes // 4
+    back = decompress(q, p8, name="x")
+    assert back.dtype == np.float32
+    assert np.max(np.abs(back - x)) <= p8["partita_scale"] / 2 + 1e-6
+    assert np.all(back[0, :8] == 0.0)  # zero stays exact (ReLU activations)
+    ints = np.arange(4)
+    assert compress(ints, Compression.INT8) == (ints, {})
+    with pytest.raises(InvalidInput, match="'x'"):
+        decompress(q, {"partita_codec": "int8", "partita_scale": -1.0}, name="x")
