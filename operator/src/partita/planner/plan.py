@@ -1,0 +1,210 @@
+"""What the planner returns: a plan with its predictions and its reasons, or a refusal."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from .request import Compression, ModelRequest
+
+
+@dataclass(frozen=True)
+class ShardPlacement:
+    """One container of a stage: the node it is pinned to and its share of the stage's work."""
+
+    node: str
+    proportion: float  # of the stage's shardable work (1.0 when the stage is not split)
+    compute_s: float  # predicted busy time of this shard per request
+    memory_bytes: int  # params + peak activations + runtime overhead on this node
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Graph nodes [start, end) of the profile, run in one pool on one node or as shards."""
+
+    index: int
+    pool: str
+    start: int
+    end: int
+    shards: tuple[ShardPlacement, ...]
+    inputs: tuple[str, ...]  # tensors arriving at this stage
+    outputs: tuple[str, ...]  # tensors this stage sends on (or the model outputs)
+    input_compression: Compression  # encoding of `inputs` on the link into this stage
+    int8: bool = False  # the stage runs an int8-quantized slice
+    # Predictions per request (already weighted by the cascade offload rate).
+    compute_s: float = 0.0
+    transfer_in_s: float = 0.0  # from the previous stage (or the data source)
+    scatter_gather_s: float = 0.0  # shard fan-out and gather over the pool's LAN
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        return tuple(s.node for s in self.shards)
+
+    @property
+    def proportions(self) -> tuple[float, ...]:
+        return tuple(s.proportion for s in self.shards)
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """A runner-up plan and its predicted cost, so users see what was turned down."""
+
+    label: str
+    summary: str
+    latency_s: float
+    throughput_rps: float
+    energy_j: float
+    cost: float
+
+
+class ExclusionKind(StrEnum):
+    POOL = "pool"
+    NODE = "node"
+
+
+@dataclass(frozen=True)
+class Exclusion:
+    kind: ExclusionKind
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    request: ModelRequest
+    stages: tuple[Stage, ...]
+    revision: int
+    output_transfer_s: float  # last stage back to the data source
+    latency_s: float
+    throughput_rps: float
+    energy_j: float
+    cost: float  # the objective: latency s, energy J, or bottleneck s (1/throughput)
+    meets_slo: bool = True
+    alternatives: tuple[Alternative, ...] = ()
+    exclusions: tuple[Exclusion, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    @property
+    def placement(self) -> tuple[tuple[str, int, int, tuple[str, ...], str, bool], ...]:
+        """What would be deployed; two plans with the same placement are the same plan."""
+        return tuple(
+            (s.pool, s.start, s.end, s.nodes, s.input_compression.value, s.int8)
+            for s in self.stages
+        )
+
+    @property
+    def memory_per_node(self) -> Mapping[str, int]:
+        out: dict[str, int] = {}
+        for stage in self.stages:
+            for shard in stage.shards:
+                out[shard.node] = out.get(shard.node, 0) + shard.memory_bytes
+        return out
+
+    @property
+    def compute_s(self) -> float:
+        return sum(s.compute_s + s.scatter_gather_s for s in self.stages)
+
+    @property
+    def transfer_s(self) -> float:
+        return sum(s.transfer_in_s for s in self.stages) + self.output_transfer_s
+
+    def describe(self) -> str:
+        parts = []
+        for s in self.stages:
+            where = s.nodes[0] if len(s.shards) == 1 else f"{len(s.shards)} shards"
+            extra = " int8" if s.int8 else ""
+            comp = "" if s.input_compression is Compression.NONE else f" [{s.input_compression}]"
+            parts.append(f"{s.pool}:{where} nodes {s.start}..{s.end}{extra}{comp}")
+        return " -> ".join(parts)
+
+
+@dataclass(frozen=True)
+class Unschedulable:
+    """No plan satisfies the constraints; `reasons` say which and what would help."""
+
+    request: ModelRequest
+    reasons: tuple[str, ...]
+    exclusions: tuple[Exclusion, ...] = ()
+
+
+PlanResult = Plan | Unschedulable
+
+
+@dataclass(frozen=True)
+class StagePrediction:
+    compute_s: float
+    transfer_in_s: float
+    scatter_gather_s: float
+    busy_s: float  # what limits pipelined throughput at this stage
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """A plan's predicted behaviour under some snapshot, and what (if anything) breaks it."""
+
+    latency_s: float
+    throughput_rps: float
+    energy_j: float
+    cost: float
+    stages: tuple[StagePrediction, ...]
+    output_transfer_s: float
+    memory_per_node: Mapping[str, int]
+    violations: tuple[str, ...] = ()
+    lost_nodes: tuple[str, ...] = ()  # nodes of the plan missing or not Ready
+
+    @property
+    def feasible(self) -> bool:
+        return not self.violations
+
+    @property
+    def compute_s(self) -> float:
+        return sum(s.compute_s + s.scatter_gather_s for s in self.stages)
+
+    @property
+    def transfer_s(self) -> float:
+        return sum(s.transfer_in_s for s in self.stages) + self.output_transfer_s
+
+
+class Action(StrEnum):
+    KEEP = "keep"
+    MOVE = "move"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The rescheduler's verdict: keep the current plan or move to `plan`, and why."""
+
+    action: Action
+    reason: str
+    plan: PlanResult | None  # the plan to deploy when moving; the best candidate otherwise
+    current_cost: float
+    best_cost: float
+    improvement: float  # (current - best) / |current|; 0 when not comparable
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _plain(value: object) -> object:
+    if isinstance(value, StrEnum):
+        return value.value
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(_plain(k)): _plain(v) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if hasattr(value, "__dataclass_fields__"):
+        return {k: _plain(getattr(value, k)) for k in value.__dataclass_fields__}
+    return value
+
+
+def result_to_dict(result: PlanResult) -> dict[str, object]:
+    """JSON-ready form of a plan or refusal (for `--json` and the EdgeModel status)."""
+    out = _plain(result)
+    assert isinstance(out, dict)
+    out["kind"] = type(result).__name__
+    if isinstance(result, Plan):
+        out["memory_per_node"] = dict(result.memory_per_node)
+        out["summary"] = result.describe()
+    return out

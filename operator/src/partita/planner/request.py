@@ -1,0 +1,123 @@
+"""What a user asked for: the planner's view of an EdgeModel spec.
+
+Field names follow the EdgeModel API (DESIGN.md): `dataSource`, `pools`,
+`partitioning`, `objective`, `slo`, `privacy`, `cascade`, `quantization`,
+`priority`, `rescheduling`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from .snapshot import Taint, Tier
+
+
+class Objective(StrEnum):
+    LATENCY = "latency"
+    THROUGHPUT = "throughput"
+    ENERGY = "energy"
+
+
+class PartitioningMode(StrEnum):
+    AUTO = "auto"  # cuts across pools and shards within a pool
+    NONE = "none"  # the whole model on one node
+    VERTICAL = "vertical"  # cuts only
+    HORIZONTAL = "horizontal"  # one stage, possibly sharded
+
+
+class Compression(StrEnum):
+    """Encoding of the tensors crossing a cut, in increasing compression."""
+
+    NONE = "none"
+    FP16 = "fp16"
+    INT8 = "int8"
+
+
+COMPRESSION_ORDER = (Compression.NONE, Compression.FP16, Compression.INT8)
+
+
+@dataclass(frozen=True)
+class Partitioning:
+    mode: PartitioningMode = PartitioningMode.AUTO
+    max_stages: int = 4
+    max_shards: int = 4
+    # The most aggressive encoding allowed at a cut (each one costs some accuracy).
+    cut_compression: Compression = Compression.NONE
+
+
+@dataclass(frozen=True)
+class Slo:
+    p95_latency_s: float | None = None
+    min_throughput_rps: float | None = None
+
+
+@dataclass(frozen=True)
+class Cascade:
+    """Confidence cascade: the first stage answers most requests; `offload_rate` go on."""
+
+    threshold: float
+    offload_rate: float  # observed share of requests continuing past the first stage
+
+
+@dataclass(frozen=True)
+class Quantization:
+    allowed: bool = False
+    max_accuracy_drop: float = 0.0
+    # Measured drop of the int8 model (partita.model); None = not measured, never used.
+    measured_accuracy_drop: float | None = None
+    speedup: float = 1.5  # int8 speed over fp32 for conv and matmul on CPU
+
+    @property
+    def usable(self) -> bool:
+        return (
+            self.allowed
+            and self.measured_accuracy_drop is not None
+            and self.measured_accuracy_drop <= self.max_accuracy_drop
+        )
+
+
+@dataclass(frozen=True)
+class Rescheduling:
+    # Relative cost gain needed to move. 0.4 is the smallest round value that makes
+    # flapping impossible when every metric is within ±20% of its true value (see
+    # partita.planner.reschedule).
+    min_improvement: float = 0.4
+    cooldown_s: float = 120.0
+
+
+@dataclass(frozen=True)
+class Toleration:
+    key: str
+    value: str | None = None  # None: tolerate any value of `key`
+    effect: str | None = None  # None: every effect
+
+    def tolerates(self, taint: Taint) -> bool:
+        return (
+            self.key == taint.key
+            and (self.value is None or self.value == taint.value)
+            and (self.effect is None or self.effect == taint.effect)
+        )
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    name: str
+    data_source: str  # pool where requests enter and answers return
+    namespace: str = "default"
+    priority: int = 0
+    pools: tuple[str, ...] = ()  # allowed pools; empty = all
+    partitioning: Partitioning = field(default_factory=Partitioning)
+    objective: Objective = Objective.LATENCY
+    slo: Slo = field(default_factory=Slo)
+    privacy: Tier | None = None  # raw input never leaves this tier
+    cascade: Cascade | None = None
+    quantization: Quantization = field(default_factory=Quantization)
+    rescheduling: Rescheduling = field(default_factory=Rescheduling)
+    tolerations: tuple[Toleration, ...] = ()
+    cpu: float = 1.0  # cores requested by each stage or shard container
+    runtime_overhead_bytes: int = 32 * 2**20  # per container, on top of params and activations
+
+    @property
+    def key(self) -> str:
+        return f"{self.namespace}/{self.name}"

@@ -1,0 +1,335 @@
+"""Random small planning instances (hypothesis) and the exhaustive search they are checked by."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import random
+from dataclasses import replace
+
+from hypothesis import strategies as st
+
+from partita.model.types import CutPoint, ModelProfile, NodeCost, OpClass, TensorInfo
+from partita.planner import (
+    Cascade,
+    ClusterSnapshot,
+    Compression,
+    DevicePoolState,
+    LinkEstimate,
+    ModelRequest,
+    NodeState,
+    Objective,
+    Partitioning,
+    PartitioningMode,
+    Plan,
+    ShardPlacement,
+    Slo,
+    Stage,
+    Taint,
+    Tier,
+    Toleration,
+    predict,
+)
+from partita.planner.cost import boundary_tensors, range_times
+from partita.planner.request import COMPRESSION_ORDER
+
+MiB = 2**20
+
+
+def tensor(name: str, nbytes: int) -> TensorInfo:
+    return TensorInfo(name, "float32", (nbytes // 4,), (nbytes // 4) * 4)
+
+
+def _log(rng: random.Random, lo: float, hi: float) -> float:
+    return math.exp(rng.uniform(math.log(lo), math.log(hi)))
+
+
+def random_profile(rng: random.Random, max_ops: int = 24, max_cuts: int = 20) -> ModelProfile:
+    n = rng.randint(2, max_ops)
+    inp = tensor("input", int(_log(rng, 4096, 4e6)))
+    out = tensor("output", rng.randint(1, 64) * 64)
+    nodes = [
+        NodeCost(
+            index=i,
+            name=f"n{i}",
+            op_type="Op",
+            op_class=rng.choice(list(OpClass)),
+            flops=0 if rng.random() < 0.1 else int(_log(rng, 1e6, 5e9)),
+            param_bytes=rng.randint(0, 80) * MiB // 4,
+            output_bytes=4096,
+            live_bytes=rng.randint(1, 64) * MiB // 8,
+            shardable=rng.random() < 0.6,
+        )
+        for i in range(n)
+    ]
+    k = rng.randint(0, min(max_cuts, n - 1))
+    positions = sorted(rng.sample(range(1, n), k))
+    cuts = []
+    for p in positions:
+        tensors = [tensor(f"t{p}", int(_log(rng, 1024, 2e6)))]
+        if rng.random() < 0.1:
+            tensors.append(inp)  # a skip connection from the raw input
+        cuts.append(
+            CutPoint(
+                position=p,
+                tensors=tuple(tensors),
+                nbytes=sum(t.nbytes for t in tensors),
+                flops_before=sum(x.flops for x in nodes[:p]),
+                param_bytes_before=sum(x.param_bytes for x in nodes[:p]),
+            )
+        )
+    return ModelProfile(
+        digest="0" * 64,
+        inputs=(inp,),
+        outputs=(out,),
+        nodes=tuple(nodes),
+        cut_points=tuple(cuts),
+        total_flops=sum(x.flops for x in nodes),
+        param_bytes=sum(x.param_bytes for x in nodes),
+    )
+
+
+def random_snapshot(rng: random.Random, max_nodes: int = 6) -> ClusterSnapshot:
+    n_pools = rng.randint(1, 3)
+    pools = []
+    for i in range(n_pools):
+        tier = Tier.EDGE if i == 0 else rng.choice([Tier.EDGE, Tier.CLOUD, Tier.CLOUD])
+        pools.append(
+            DevicePoolState(
+                name=f"p{i}",
+                tier=tier,
+                power_active_watts=rng.uniform(1, 300),
+                radio_watts=rng.uniform(0, 5),
+                lan_bandwidth_bps=rng.choice([1e8, 1e9, 1e10]),
+                lan_rtt_s=rng.choice([0.0001, 0.001]),
+            )
+        )
+    nodes = []
+    for j in range(rng.randint(1, max_nodes)):
+        pool = pools[0] if j == 0 else rng.choice(pools)
+        base = _log(rng, 1e8, 2e9) if pool.tier is Tier.EDGE else _log(rng, 5e9, 1e11)
+        nodes.append(
+            NodeState(
+                name=f"node{j}",
+                pool=pool.name,
+                tier=pool.tier,
+                cpu_allocatable=4.0,
+                cpu_used=rng.choice([0.0, 0.0, 0.0, 1.0, 3.5]),
+                memory_allocatable=int(_log(rng, 64, 4096)) * MiB,
+                memory_used=rng.randint(0, 32) * MiB,
+                speed={c: base * rng.uniform(0.3, 3.0) for c in OpClass},
+                ready=rng.random() < 0.9,
+                taints=(Taint("gpu", "yes"),) if rng.random() < 0.12 else (),
+                op_overhead_s=rng.choice([0.0, 1e-5]),
+            )
+        )
+    links = [
+        LinkEstimate(a.name, b.name, _log(rng, 1e6, 1e9), rng.choice([0.002, 0.02, 0.08]))
+        for a, b in itertools.combinations(pools, 2)
+        if rng.random() < 0.9
+    ]
+    return ClusterSnapshot(nodes=tuple(nodes), pools=tuple(pools), links=tuple(links))
+
+
+def random_request(
+    rng: random.Random,
+    snapshot: ClusterSnapshot,
+    objectives: tuple[Objective, ...] = tuple(Objective),
+    name: str = "m",
+) -> ModelRequest:
+    pool_names = [p.name for p in snapshot.pools]
+    objective = rng.choice(objectives)
+    p95 = None
+    if objective is Objective.THROUGHPUT and rng.random() < 0.5:
+        p95 = _log(rng, 0.01, 5.0)
+    allowed = ()
+    if rng.random() < 0.2:
+        allowed = tuple(sorted(rng.sample(pool_names, rng.randint(1, len(pool_names)))))
+    return ModelRequest(
+        name=name,
+        data_source="p0",
+        priority=rng.randint(0, 3),
+        pools=allowed,
+        partitioning=Partitioning(
+            mode=rng.choice([*PartitioningMode, PartitioningMode.AUTO, PartitioningMode.AUTO]),
+            max_stages=rng.randint(1, 3),
+            max_shards=rng.randint(1, 3),
+            cut_compression=rng.choice(list(Compression)),
+        ),
+        objective=objective,
+        slo=Slo(p95_latency_s=p95, min_throughput_rps=rng.choice([None, None, 1.0, 10.0])),
+        privacy=rng.choice([None, None, Tier.EDGE]),
+        cascade=Cascade(0.8, rng.uniform(0.05, 1.0)) if rng.random() < 0.2 else None,
+        tolerations=(Toleration("gpu"),) if rng.random() < 0.5 else (),
+        cpu=rng.choice([0.5, 1.0]),
+        runtime_overhead_bytes=rng.choice([0, 16 * MiB]),
+    )
+
+
+seeds = st.integers(0, 2**32 - 1)
+
+
+def canonical_pools(snapshot: ClusterSnapshot, request: ModelRequest) -> list[str]:
+    """The pool order plans follow (data source first, then edge, then cloud, by name)."""
+
+    def order(name: str) -> tuple[int, int, str]:
+        tier = snapshot.pool(name).tier
+        return (0 if name == request.data_source else 1, 0 if tier is Tier.EDGE else 1, name)
+
+    return sorted((p.name for p in snapshot.pools), key=order)
+
+
+def all_plans(profile: ModelProfile, request: ModelRequest, snapshot: ClusterSnapshot):
+    """Every plan of the search space, built directly, no dynamic programming."""
+    n = len(profile.nodes)
+    cut_positions = [c.position for c in profile.cut_points]
+    mode = request.partitioning.mode
+    max_stages = request.partitioning.max_stages
+    if mode in (PartitioningMode.NONE, PartitioningMode.HORIZONTAL):
+        max_stages = 1
+    max_shards = (
+        request.partitioning.max_shards
+        if mode in (PartitioningMode.AUTO, PartitioningMode.HORIZONTAL)
+        else 1
+    )
+    comps = COMPRESSION_ORDER[: COMPRESSION_ORDER.index(request.partitioning.cut_compression) + 1]
+    pools = canonical_pools(snapshot, request)
+    for m in range(1, max_stages + 1):
+        for cuts in itertools.combinations(cut_positions, m - 1):
+            bounds = [0, *cuts, n]
+            for pool_seq in itertools.combinations(pools, m):
+                per_stage = []
+                for i, pool in enumerate(pool_seq):
+                    members = [x for x in snapshot.nodes if x.pool == pool]
+                    groups = [
+                        g
+                        for k in range(1, min(max_shards, len(members)) + 1)
+                        for g in itertools.combinations(members, k)
+                    ]
+                    per_stage.append([(g, bounds[i], bounds[i + 1]) for g in groups])
+                for choice in itertools.product(*per_stage):
+                    for comp_seq in itertools.product(comps, repeat=m - 1):
+                        plan = _plan(profile, request, pool_seq, choice, comp_seq)
+                        if plan is not None:
+                            yield plan
+
+
+def _plan(profile, request, pool_seq, choice, comp_seq):
+    stages = []
+    for i, (group, start, end) in enumerate(choice):
+        if len(group) == 1:
+            props = [1.0]
+        else:
+            s = [range_times(profile, node, start, end)[0] for node in group]
+            if not all(x > 0 for x in s):
+                return None
+            inv = [1 / x for x in s]
+            props = [x / sum(inv) for x in inv]
+        stages.append(
+            Stage(
+                index=i,
+                pool=pool_seq[i],
+                start=start,
+                end=end,
+                shards=tuple(
+                    ShardPlacement(x.name, p, 0.0, 0) for x, p in zip(group, props, strict=True)
+                ),
+                inputs=tuple(t[0] for t in boundary_tensors(profile, start)),
+                outputs=tuple(t[0] for t in boundary_tensors(profile, end)),
+                input_compression=Compression.NONE if i == 0 else comp_seq[i - 1],
+            )
+        )
+    return Plan(request, tuple(stages), 1, 0.0, 0.0, 0.0, 0.0, 0.0)
+
+
+def exhaustive_best(profile, request, snapshot):
+    """(objective cost, prediction) of the best plan by brute force, or None."""
+    feasible = []
+    for plan in all_plans(profile, request, snapshot):
+        pred = predict(plan, profile, snapshot)
+        if pred.feasible:
+            feasible.append(pred)
+    if not feasible:
+        return None
+    slo = request.slo
+    if request.objective is Objective.THROUGHPUT:
+        if slo.p95_latency_s is not None:
+            meet = [p for p in feasible if p.latency_s <= slo.p95_latency_s * (1 + 1e-9)]
+            feasible = meet or feasible
+        return min(feasible, key=lambda p: p.cost)
+    if slo.min_throughput_rps is not None:
+        meet = [p for p in feasible if p.throughput_rps >= slo.min_throughput_rps * (1 - 1e-9)]
+        feasible = meet or feasible
+    return min(feasible, key=lambda p: p.cost)
+
+
+def close(a: float, b: float, rel: float = 1e-7) -> bool:
+    if math.isinf(a) or math.isinf(b):
+        return a == b
+    return abs(a - b) <= rel * max(abs(a), abs(b), 1e-12)
+
+
+def without(snapshot: ClusterSnapshot, **changes) -> ClusterSnapshot:
+    return replace(snapshot, **changes)
+
+
+def chain_profile(
+    flops: list[int],
+    params: list[int],
+    cut_bytes: dict[int, int],
+    input_bytes: int = 602_112,
+    output_bytes: int = 4_000,
+    op_class: OpClass = OpClass.CONV,
+    shardable: bool = True,
+    raw_input_at: tuple[int, ...] = (),
+) -> ModelProfile:
+    """A chain model with the given per-op FLOPs/params and cut sizes (position -> bytes)."""
+    inp = tensor("input", input_bytes)
+    nodes = tuple(
+        NodeCost(i, f"n{i}", "Conv", op_class, f, p, 4096, MiB, shardable)
+        for i, (f, p) in enumerate(zip(flops, params, strict=True))
+    )
+    cuts = tuple(
+        CutPoint(
+            position=pos,
+            tensors=(tensor(f"t{pos}", nbytes), *((inp,) if pos in raw_input_at else ())),
+            nbytes=nbytes + (inp.nbytes if pos in raw_input_at else 0),
+            flops_before=sum(flops[:pos]),
+            param_bytes_before=sum(params[:pos]),
+        )
+        for pos, nbytes in sorted(cut_bytes.items())
+    )
+    return ModelProfile(
+        digest="1" * 64,
+        inputs=(inp,),
+        outputs=(tensor("output", output_bytes),),
+        nodes=nodes,
+        cut_points=cuts,
+        total_flops=sum(flops),
+        param_bytes=sum(params),
+    )
+
+
+def edge_cloud(
+    edge_nodes: int = 1,
+    edge_speed: float = 1e9,
+    cloud_speed: float = 8e10,
+    bandwidth_bps: float = 1e7,
+    rtt_s: float = 0.02,
+    edge_memory: int = 4096 * MiB,
+) -> ClusterSnapshot:
+    pools = (
+        DevicePoolState("edge", Tier.EDGE, power_active_watts=5, radio_watts=1),
+        DevicePoolState("cloud", Tier.CLOUD, power_active_watts=200),
+    )
+    edge = {c: edge_speed for c in OpClass}
+    nodes = [
+        NodeState(f"edge-{i}", "edge", Tier.EDGE, 4.0, edge_memory, edge) for i in range(edge_nodes)
+    ]
+    cloud = {c: cloud_speed for c in OpClass}
+    nodes.append(NodeState("cloud-0", "cloud", Tier.CLOUD, 32.0, 64 * 1024 * MiB, cloud))
+    return ClusterSnapshot(
+        nodes=tuple(nodes),
+        pools=pools,
+        links=(LinkEstimate("edge", "cloud", bandwidth_bps, rtt_s),),
+    )
