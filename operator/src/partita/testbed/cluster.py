@@ -114,6 +114,7 @@ def up(
     apiserver_port: int | None = None,
     prometheus_port: int | None = None,
     scrape_interval: float = 2.0,
+    with_agent: bool = True,
     log: Log = print,
     now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
 ) -> ClusterInfo:
@@ -188,8 +189,29 @@ def up(
         run_dir, kubeconfig, api_url, prom_url, metrics_url, state_file, layout.nodes
     )
     (run_dir / "status.json").write_text(json.dumps(info.to_json(), indent=2))
+    if with_agent:
+        try:
+            agent = processes.start(
+                "agent",
+                [sys.executable, "-m", "partita.testbed.agent", "--run-dir", str(run_dir)],
+                run_dir,
+            )
+            _wait_file(run_dir / "services.json", agent, 30)
+            log("  agent running stage pods as local processes")
+        except BaseException:
+            processes.stop_all(run_dir)
+            raise
     log(f"==> local cluster up in {time.monotonic() - started:.1f} s")
     return info
+
+
+def _wait_file(path: Path, proc: processes.Process, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        processes.ensure_running(proc)
+        if time.monotonic() > deadline:
+            raise TestbedError(f"{proc.name} did not start within {timeout:.0f} s; see {proc.log}")
+        time.sleep(0.1)
 
 
 def _rmtree(path: Path) -> None:
