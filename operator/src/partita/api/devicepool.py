@@ -1,0 +1,153 @@
+"""DevicePool (cluster-scoped): a set of nodes of one tier that Partita may place stages on."""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from partita.api.meta import CONDITIONS, OBJECT, Condition, ObjectMeta, Tier
+from partita.api.rules import ApiModel, CelRule, StatusModel, parse_manifest
+
+# A positive Kubernetes quantity of bytes: 512Mi, 4Gi, 8G, 1073741824.
+QUANTITY = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$"
+_UNITS = {
+    "": 1,
+    "k": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "P": 10**15,
+    "Ki": 2**10,
+    "Mi": 2**20,
+    "Gi": 2**30,
+    "Ti": 2**40,
+    "Pi": 2**50,
+}
+
+LabelValue = Annotated[str, Field(max_length=63)]
+
+
+def quantity_bytes(quantity: str) -> int:
+    """Bytes of a quantity such as `4Gi` (the subset `QUANTITY` admits)."""
+    match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([A-Za-z]*)", quantity)
+    if match is None or match.group(2) not in _UNITS:
+        raise ValueError(f"{quantity!r} is not a quantity like 512Mi or 4Gi")
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
+
+
+class DeviceKind(StrEnum):
+    CPU = "cpu"
+    GPU = "gpu"
+    NPU = "npu"
+
+
+class DeviceHints(ApiModel):
+    """What the nodes of the pool are, when the node object does not say it well enough."""
+
+    kind: DeviceKind = DeviceKind.CPU
+    """The accelerator stages run on. Partita's inference server uses the CPU today."""
+    memory: str | None = Field(None, max_length=32, pattern=QUANTITY)
+    """Memory a stage may use on one node (a quantity, e.g. 2Gi); default: the node's
+    allocatable memory."""
+    throughput_gflops: float | None = Field(None, gt=0, le=1e7)
+    """Declared speed of one stage container in GFLOP/s; when absent Partita profiles it."""
+    speed_factor: float = Field(1.0, gt=0, le=1000)
+    """Speed relative to the profiling reference (0.25 = four times slower)."""
+
+
+class NetworkDefaults(ApiModel):
+    """Link figures used while Prometheus has no measurement for this pool."""
+
+    uplink_bandwidth_mbps: float = Field(100.0, gt=0, le=1e6)
+    """Bandwidth from this pool towards other pools, in Mbit/s."""
+    uplink_rtt_ms: float = Field(20.0, ge=0, le=60000)
+    """Round-trip time towards other pools, in milliseconds."""
+    lan_bandwidth_mbps: float = Field(1000.0, gt=0, le=1e6)
+    """Bandwidth between nodes of this pool (shard scatter/gather), in Mbit/s."""
+    lan_rtt_ms: float = Field(0.5, ge=0, le=60000)
+    """Round-trip time between nodes of this pool, in milliseconds."""
+
+
+class Power(ApiModel):
+    """Power draw of one node, for the energy objective."""
+
+    idle_watts: float = Field(0.0, ge=0, le=1e5)
+    """Draw of an idle node, in watts."""
+    active_watts: float = Field(0.0, ge=0, le=1e5)
+    """Draw of a node busy computing, in watts."""
+    radio_watts: float = Field(0.0, ge=0, le=1e5)
+    """Extra draw while sending over an inter-pool link, in watts."""
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(
+            rule="self.activeWatts >= self.idleWatts",
+            message="power.activeWatts must be at least power.idleWatts",
+            holds=lambda p: p.active_watts >= p.idle_watts,
+            field_path=".activeWatts",
+        ),
+    )
+
+
+class DevicePoolSpec(ApiModel):
+    """Which nodes form the pool and what Partita should assume about them."""
+
+    tier: Tier
+    """edge or cloud: stages that keep raw input private stay in their tier."""
+    node_selector: dict[str, LabelValue] = Field(min_length=1, max_length=16)
+    """Labels a node must carry, all of them, to belong to the pool
+    (e.g. partita.dev/pool: edge-a)."""
+    device: DeviceHints = Field(
+        default_factory=lambda: DeviceHints.model_validate({}), json_schema_extra=OBJECT
+    )
+    """Device hints; the defaults describe a plain CPU node."""
+    network: NetworkDefaults = Field(
+        default_factory=lambda: NetworkDefaults.model_validate({}), json_schema_extra=OBJECT
+    )
+    """Network defaults, used until metrics arrive."""
+    power: Power = Field(default_factory=lambda: Power.model_validate({}), json_schema_extra=OBJECT)
+    """Power figures for the energy objective."""
+
+
+class DevicePoolStatus(StatusModel):
+    """What the operator observed about the pool."""
+
+    observed_generation: int = Field(0, ge=0)
+    """The `metadata.generation` this status describes."""
+    ready_nodes: int = Field(0, ge=0)
+    """Nodes matching the selector that are Ready and schedulable."""
+    total_nodes: int = Field(0, ge=0)
+    """Nodes matching the selector."""
+    ready: str = Field("", max_length=32)
+    """ready/total, for `kubectl get`."""
+    nodes: list[str] = Field(default_factory=list, max_length=1000)
+    """Names of the matching nodes."""
+    throughput_gflops: float | None = Field(None, ge=0)
+    """Speed of one stage container in GFLOP/s: declared, or profiled."""
+    observed_bandwidth_mbps: float | None = Field(None, ge=0)
+    """Uplink bandwidth last measured through Prometheus, in Mbit/s."""
+    observed_rtt_ms: float | None = Field(None, ge=0)
+    """Uplink round-trip time last measured through Prometheus, in milliseconds."""
+    conditions: list[Condition] = Field(
+        default_factory=list, max_length=16, json_schema_extra=CONDITIONS
+    )
+    """Ready: the pool has at least one Ready node."""
+
+
+class DevicePool(BaseModel):
+    """A whole DevicePool object as the apiserver returns it."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True)
+
+    api_version: Literal["partita.dev/v1alpha1"] = Field("partita.dev/v1alpha1", alias="apiVersion")
+    kind: Literal["DevicePool"] = "DevicePool"
+    metadata: ObjectMeta
+    spec: DevicePoolSpec
+    status: DevicePoolStatus | None = None
+
+    @classmethod
+    def parse(cls, body: Any) -> DevicePool:
+        """Parse a manifest or a kopf body; raises `ManifestError` naming the field."""
+        return parse_manifest(cls, body)

@@ -1,0 +1,405 @@
+"""EdgeModel (namespaced): an ONNX model to serve, where its requests enter, where it may run
+and what it must achieve. Field names follow the planner's `ModelRequest`."""
+
+from __future__ import annotations
+
+import re
+from enum import StrEnum
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from partita.api.meta import CONDITIONS, OBJECT, Condition, DnsName, ObjectMeta, Tier
+from partita.api.rules import ApiModel, CelRule, StatusModel, parse_manifest, unique
+
+SOURCE_URI = (
+    r"^(file:///[^ ]+"
+    r"|https?://[^/ ]+(/[^ ]*)?"
+    r"|configmap://[a-z0-9]([-a-z0-9]*[a-z0-9])?/[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[-._a-zA-Z0-9]+)$"
+)
+SHA256 = r"^[a-f0-9]{64}$"
+# Stage objects are named `<model>-r<revision>-s<stage>-<shard>`: keep that under 63.
+MAX_NAME_LENGTH = 40
+
+SET: dict[str, Any] = {"x-kubernetes-list-type": "set"}
+Dim = Annotated[int, Field(ge=1, le=1 << 20)]
+
+
+class ModelSourceSpec(ApiModel):
+    """Where the ONNX file comes from and the digest it must have."""
+
+    uri: str = Field(max_length=2048)
+    """file:///PATH (on the operator's filesystem), http(s)://HOST/PATH, or
+    configmap://NAMESPACE/NAME/KEY (binaryData or data key of a ConfigMap in the
+    EdgeModel's namespace)."""
+    sha256: str = Field(max_length=64)
+    """sha256 of the file, 64 lowercase hex characters; a mismatch stops the rollout."""
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(
+            rule=f"self.uri.matches('{SOURCE_URI}')",
+            message="source.uri must be file:///PATH, http(s)://HOST/PATH or "
+            "configmap://NAMESPACE/NAME/KEY",
+            holds=lambda s: re.search(SOURCE_URI, s.uri) is not None,
+            field_path=".uri",
+        ),
+        CelRule(
+            rule=f"self.sha256.matches('{SHA256}')",
+            message="source.sha256 must be 64 lowercase hex characters (the sha256sum of the file)",
+            holds=lambda s: re.search(SHA256, s.sha256) is not None,
+            field_path=".sha256",
+        ),
+    )
+
+
+class PartitioningMode(StrEnum):
+    AUTO = "auto"
+    NONE = "none"
+    VERTICAL = "vertical"
+    HORIZONTAL = "horizontal"
+
+
+class Compression(StrEnum):
+    NONE = "none"
+    FP16 = "fp16"
+    INT8 = "int8"
+
+
+class Objective(StrEnum):
+    LATENCY = "latency"
+    THROUGHPUT = "throughput"
+    ENERGY = "energy"
+
+
+class Partitioning(ApiModel):
+    """How the model may be cut: across tiers (stages) and across devices of a tier (shards)."""
+
+    mode: PartitioningMode = PartitioningMode.AUTO
+    """auto: cuts and shards as they pay; none: the whole model on one node; vertical:
+    cuts only; horizontal: one stage split across devices of one pool."""
+    max_stages: int = Field(4, ge=1, le=16)
+    """Most consecutive stages the model may be cut into."""
+    max_shards: int = Field(4, ge=1, le=16)
+    """Most devices one stage may be split across."""
+    cut_compression: Compression = Compression.NONE
+    """The most aggressive encoding allowed for tensors crossing a cut (fp16, int8 lose
+    some accuracy)."""
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(
+            rule="self.mode != 'vertical' || self.maxStages >= 2",
+            message="partitioning.maxStages must be at least 2 when partitioning.mode is vertical",
+            holds=lambda p: p.mode != PartitioningMode.VERTICAL or p.max_stages >= 2,
+            field_path=".maxStages",
+        ),
+        CelRule(
+            rule="self.mode != 'horizontal' || self.maxShards >= 2",
+            message="partitioning.maxShards must be at least 2 when partitioning.mode is "
+            "horizontal",
+            holds=lambda p: p.mode != PartitioningMode.HORIZONTAL or p.max_shards >= 2,
+            field_path=".maxShards",
+        ),
+    )
+
+
+class Slo(ApiModel):
+    """Service level the plan must meet; a model that cannot meet it is reported, not hidden."""
+
+    p95_latency_seconds: float | None = Field(None, gt=0, le=3600)
+    """95th percentile end-to-end latency, in seconds."""
+    min_throughput_rps: float | None = Field(None, gt=0, le=1e6)
+    """Requests per second the model must sustain."""
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(
+            rule="has(self.p95LatencySeconds) || has(self.minThroughputRps)",
+            message="slo needs slo.p95LatencySeconds or slo.minThroughputRps (or drop slo)",
+            holds=lambda s: s.p95_latency_seconds is not None or s.min_throughput_rps is not None,
+        ),
+    )
+
+
+class Privacy(ApiModel):
+    """Raw input never leaves one tier: the first stage runs there."""
+
+    raw_input_tier: Tier
+    """The tier raw input must stay in."""
+
+
+class Cascade(ApiModel):
+    """Confidence cascade: the first stage answers when confident, the rest go on."""
+
+    output: str = Field(min_length=1, max_length=256)
+    """Output tensor of the first stage holding the confidence (a probability)."""
+    threshold: float = Field(gt=0, le=1)
+    """Confidence at or above which the first stage's answer is final, in (0, 1]."""
+    expected_offload_rate: float = Field(0.5, ge=0, le=1)
+    """Share of requests expected to go past the first stage until it is observed."""
+
+
+class Quantization(ApiModel):
+    """int8 quantization of stages, only within the accuracy drop allowed."""
+
+    allowed: bool = False
+    """Whether Partita may quantize the model to int8."""
+    max_accuracy_drop: float = Field(0.01, ge=0, le=1)
+    """Largest measured accuracy drop accepted, in [0, 1] (0.01 = one point)."""
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(
+            rule="!self.allowed || self.maxAccuracyDrop > 0.0",
+            message="quantization.maxAccuracyDrop must be above 0 when quantization.allowed is "
+            "true (int8 always costs some accuracy)",
+            holds=lambda q: not q.allowed or q.max_accuracy_drop > 0,
+            field_path=".maxAccuracyDrop",
+        ),
+    )
+
+
+class Rescheduling(ApiModel):
+    """When a better plan is worth a move."""
+
+    min_improvement: float = Field(0.25, ge=0, lt=1)
+    """Relative predicted gain needed to move, in [0, 1) (0.25 = 25% better)."""
+    cooldown_seconds: float = Field(120.0, ge=0, le=86400)
+    """Seconds to wait after a move before the next one (node loss moves at once)."""
+
+
+class TolerationOperator(StrEnum):
+    EXISTS = "Exists"
+    EQUAL = "Equal"
+
+
+class TaintEffect(StrEnum):
+    NO_SCHEDULE = "NoSchedule"
+    PREFER_NO_SCHEDULE = "PreferNoSchedule"
+    NO_EXECUTE = "NoExecute"
+
+
+class Toleration(ApiModel):
+    """A node taint the model's stages tolerate (as in a Pod spec)."""
+
+    key: str = Field(min_length=1, max_length=316)
+    """Taint key."""
+    operator: TolerationOperator = TolerationOperator.EQUAL
+    """Equal: the value must match; Exists: any value."""
+    value: str | None = Field(None, max_length=63)
+    """Taint value, for operator Equal."""
+    effect: TaintEffect | None = None
+    """Taint effect to tolerate; empty: all effects."""
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(
+            rule="self.operator != 'Exists' || !has(self.value)",
+            message="tolerations[].value must be empty when tolerations[].operator is Exists",
+            holds=lambda t: t.operator != TolerationOperator.EXISTS or t.value is None,
+            field_path=".value",
+        ),
+    )
+
+
+class StageResources(ApiModel):
+    """What each stage or shard container requests."""
+
+    cpu: float = Field(1.0, gt=0, le=256)
+    """CPU cores per stage container."""
+
+
+class EdgeModelSpec(ApiModel):
+    """What to serve and under which constraints."""
+
+    source: ModelSourceSpec
+    """The ONNX file."""
+    input_shapes: dict[str, list[Dim]] = Field(default_factory=dict, max_length=16)
+    """Concrete shapes for inputs with symbolic dimensions, by input name
+    (e.g. input_0: [1, 224, 224, 3])."""
+    data_source: DnsName
+    """DevicePool where requests enter and answers return."""
+    pools: Annotated[list[DnsName], AfterValidator(unique)] = Field(
+        default_factory=list, max_length=32, json_schema_extra=SET
+    )
+    """DevicePools stages may run on; empty: every pool."""
+    tiers: Annotated[list[Tier], AfterValidator(unique)] = Field(
+        default_factory=list, max_length=2, json_schema_extra=SET
+    )
+    """Tiers stages may run in; empty: both."""
+    partitioning: Partitioning = Field(
+        default_factory=lambda: Partitioning.model_validate({}), json_schema_extra=OBJECT
+    )
+    """How the model may be split."""
+    objective: Objective = Objective.LATENCY
+    """What the planner minimises: latency, 1/throughput, or energy per request."""
+    slo: Slo | None = None
+    """Latency and throughput targets."""
+    privacy: Privacy | None = None
+    """Keep raw input inside one tier."""
+    cascade: Cascade | None = None
+    """Answer confident inputs at the first stage."""
+    quantization: Quantization = Field(
+        default_factory=lambda: Quantization.model_validate({}), json_schema_extra=OBJECT
+    )
+    """Whether int8 may be used."""
+    priority: int = Field(0, ge=0, le=1_000_000)
+    """Higher wins when capacity is short; the lowest is refused first (Unschedulable)."""
+    rescheduling: Rescheduling = Field(
+        default_factory=lambda: Rescheduling.model_validate({}), json_schema_extra=OBJECT
+    )
+    """Hysteresis against moving too often."""
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=16)
+    """Taints the stages tolerate."""
+    resources: StageResources = Field(
+        default_factory=lambda: StageResources.model_validate({}), json_schema_extra=OBJECT
+    )
+    """Requests of each stage container."""
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(
+            rule="!has(self.privacy) || !has(self.tiers) || size(self.tiers) == 0 || "
+            "self.privacy.rawInputTier in self.tiers",
+            message="privacy.rawInputTier must be one of tiers: no allowed tier could keep "
+            "the raw input",
+            holds=lambda s: s.privacy is None or not s.tiers or s.privacy.raw_input_tier in s.tiers,
+            field_path=".privacy.rawInputTier",
+        ),
+        CelRule(
+            rule="!has(self.cascade) || (self.partitioning.mode in ['auto', 'vertical'] && "
+            "self.partitioning.maxStages >= 2)",
+            message="cascade needs two stages: partitioning.mode auto or vertical and "
+            "partitioning.maxStages >= 2",
+            holds=lambda s: (
+                s.cascade is None
+                or (
+                    s.partitioning.mode in (PartitioningMode.AUTO, PartitioningMode.VERTICAL)
+                    and s.partitioning.max_stages >= 2
+                )
+            ),
+            field_path=".cascade",
+        ),
+        CelRule(
+            rule="self.partitioning.cutCompression != 'int8' || self.quantization.allowed",
+            message="partitioning.cutCompression int8 needs quantization.allowed: true "
+            "(it costs accuracy, bounded by quantization.maxAccuracyDrop)",
+            holds=lambda s: (
+                s.partitioning.cut_compression != Compression.INT8 or s.quantization.allowed
+            ),
+            field_path=".partitioning.cutCompression",
+        ),
+    )
+
+
+class Phase(StrEnum):
+    PENDING = "Pending"
+    PLANNING = "Planning"
+    DEPLOYING = "Deploying"
+    READY = "Ready"
+    DEGRADED = "Degraded"
+    UNSCHEDULABLE = "Unschedulable"
+    FAILED = "Failed"
+
+
+class TensorStatus(StatusModel):
+    """A model input or output with its resolved shape."""
+
+    name: str
+    dtype: str = ""
+    shape: list[int] = Field(default_factory=list)
+
+
+class ModelStatus(StatusModel):
+    """The fetched and profiled model."""
+
+    digest: str = ""
+    """sha256 of the file that was verified and profiled."""
+    size_bytes: int = Field(0, ge=0)
+    """Size of the file."""
+    inputs: list[TensorStatus] = Field(default_factory=list)
+    """Inputs with the shapes used for profiling."""
+    outputs: list[TensorStatus] = Field(default_factory=list)
+    """Outputs with their resolved shapes."""
+    total_flops: int = Field(0, ge=0)
+    """FLOPs of one inference."""
+    param_bytes: int = Field(0, ge=0)
+    """Bytes of weights."""
+    cut_points: int = Field(0, ge=0)
+    """Useful places the model can be cut."""
+
+
+class StageStatus(StatusModel):
+    """One stage of the current plan."""
+
+    index: int = Field(ge=0)
+    pool: str
+    """DevicePool the stage runs on."""
+    nodes: list[str] = Field(default_factory=list)
+    """Nodes of its shards (one for an unsharded stage)."""
+    inputs: list[str] = Field(default_factory=list)
+    """Tensors the stage receives."""
+    outputs: list[str] = Field(default_factory=list)
+    """Tensors the stage sends on."""
+    shards: int = Field(1, ge=1)
+    """Devices the stage is split across."""
+    compression: Compression = Compression.NONE
+    """Encoding of the stage's outputs on the wire."""
+
+
+class PlanStatus(StatusModel):
+    """The plan being served: where each stage runs and what is predicted and observed."""
+
+    revision: int = Field(0, ge=0)
+    """Increases with every new plan."""
+    stage_count: int = Field(0, ge=0)
+    """Number of stages."""
+    pools: str = Field("", max_length=1024)
+    """Pools of the stages in order, comma-separated."""
+    stages: list[StageStatus] = Field(default_factory=list)
+    """The stages."""
+    predicted_p95_ms: float | None = Field(None, ge=0)
+    """p95 end-to-end latency the planner predicts, in ms."""
+    observed_p95_ms: float | None = Field(None, ge=0)
+    """p95 end-to-end latency measured by the inference servers, in ms."""
+    reasons: list[str] = Field(default_factory=list)
+    """Why this plan (and not another), in the planner's words."""
+
+
+class EdgeModelStatus(StatusModel):
+    """What the operator has done with the model so far."""
+
+    observed_generation: int = Field(0, ge=0)
+    """The `metadata.generation` this status describes."""
+    phase: Phase = Phase.PENDING
+    """Pending, Planning, Deploying, Ready, Degraded, Unschedulable or Failed."""
+    message: str = Field("", max_length=4096)
+    """The latest reason, for a person."""
+    conditions: list[Condition] = Field(
+        default_factory=list, max_length=16, json_schema_extra=CONDITIONS
+    )
+    """ModelFetched, Profiled, Planned, Ready."""
+    model: ModelStatus | None = None
+    """The verified and profiled model."""
+    plan: PlanStatus | None = None
+    """The current plan."""
+
+
+class EdgeModel(BaseModel):
+    """A whole EdgeModel object as the apiserver returns it."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True)
+
+    api_version: Literal["partita.dev/v1alpha1"] = Field("partita.dev/v1alpha1", alias="apiVersion")
+    kind: Literal["EdgeModel"] = "EdgeModel"
+    metadata: ObjectMeta
+    spec: EdgeModelSpec
+    status: EdgeModelStatus | None = None
+
+    @classmethod
+    def parse(cls, body: Any) -> EdgeModel:
+        """Parse a manifest or a kopf body; raises `ManifestError` naming the field."""
+        model = parse_manifest(cls, body)
+        if len(model.metadata.name) > MAX_NAME_LENGTH:
+            from partita.api.errors import ManifestError
+
+            raise ManifestError(
+                f"metadata.name: {model.metadata.name!r} is longer than {MAX_NAME_LENGTH} "
+                "characters (stage objects derive their names from it)"
+            )
+        return model
