@@ -148,7 +148,9 @@ def _loaded(spec: StageSpec, source: Path, cache_dir: Path, digest: str) -> onnx
 
 def _save(model: onnx.ModelProto, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".part")
+    # Unique per process: several servers may share one cache directory and cut the
+    # same piece at the same time; the rename makes whichever finishes last win whole.
+    tmp = path.with_suffix(f".{os.getpid()}.part")
     onnx.save(model, str(tmp))
     os.replace(tmp, path)
 

@@ -82,6 +82,8 @@ def operator_command(
         Console(stderr=True).print(f"[red]error:[/red] --log-level {log_level!r} is not a level")
         raise typer.Exit(2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # One line per Prometheus query every poll drowns what the operator decides.
+    logging.getLogger("httpx").setLevel(max(level, logging.WARNING))
     config = OperatorConfig(
         cache_dir=cache_dir or _default_cache(),
         kubeconfig=kubeconfig.expanduser() if kubeconfig else None,

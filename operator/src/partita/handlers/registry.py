@@ -43,6 +43,9 @@ class OperatorConfig:
     backoff: Backoff = field(default_factory=Backoff)
     liveness_endpoint: str | None = None
     profile: bool = True  # False: skip model analysis (Profiled=Unknown)
+    place: bool = True  # False: stop after profiling (no plans, no stage servers)
+    server_image: str = "partita-server:0.1.0"
+    placement_interval_s: float = 2.0
 
 
 def _now() -> str:
@@ -195,7 +198,45 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     kopf.on.create(*models, registry=registry, id="model")(on_model)
     kopf.on.update(*models, registry=registry, id="model", field="spec")(on_model)
     kopf.on.resume(*models, registry=registry, id="model")(on_model)
+    if config.place and profiler is not None:
+        _register_placement(registry, config, api_client, fetcher, profiler)
     return registry
+
+
+def _register_placement(
+    registry: kopf.OperatorRegistry,
+    config: OperatorConfig,
+    api_client: Any,
+    fetcher: ModelFetcher,
+    profiler: Profiler,
+) -> None:
+    """The closed loop: the metrics poll and the placement loop over profiled models."""
+    from partita.handlers import placement
+
+    loaded: dict[tuple[str, str | None, str], tuple[Path, Any]] = {}
+
+    def load(model: EdgeModel) -> tuple[Path, Any] | None:
+        spec = model.spec
+        key = (spec.source.uri, spec.source.sha256, repr(sorted(spec.input_shapes.items())))
+        if key not in loaded:
+            fetched = fetcher.fetch(
+                spec.source.uri, spec.source.sha256, namespace=model.metadata.namespace
+            )
+            shapes = {k: list(v) for k, v in spec.input_shapes.items()} or None
+            loaded[key] = (fetched.path, profiler(fetched.path, shapes))
+        return loaded[key]
+
+    metrics = placement.MetricsState()
+    loop = placement.PlacementLoop(
+        api_client,
+        load,
+        metrics,
+        image=config.server_image,
+        interval_s=config.placement_interval_s,
+    )
+    placement.register(registry, loop)
+    if config.prometheus_url:
+        placement.register_metrics(registry, config, metrics)
 
 
 def run(

@@ -14,6 +14,9 @@ GIB = 1024**3
 
 # Default capacity per tier (issue: edge 4 CPU / 4 GiB, cloud 32 CPU / 128 GiB).
 TIER_DEFAULTS: dict[str, tuple[int, int]] = {"edge": (4, 4 * GIB), "cloud": (32, 128 * GIB)}
+# How fast one core of a node computes relative to one core of this machine: an edge board
+# is four times slower (the agent enforces it with a CPU quota on the stage processes).
+TIER_SPEED: dict[str, float] = {"edge": 0.25, "cloud": 1.0}
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,9 @@ def parse_nodes(text: str) -> Layout:
             raise TestbedError(f"--nodes: pool {pool!r} must start with 'edge' or 'cloud'")
         cpu, mem = TIER_DEFAULTS[tier]
         for i in range(1, count + 1):
-            nodes.append(NodeSpec(f"{pool}-{i}", pool, tier, f"zone-{pool}", cpu, mem))
+            nodes.append(
+                NodeSpec(f"{pool}-{i}", pool, tier, f"zone-{pool}", cpu, mem, TIER_SPEED[tier])
+            )
     if not nodes:
         raise TestbedError("--nodes: no nodes given (example: edge=4,cloud=2)")
     return Layout(tuple(nodes), default_links(nodes))
@@ -113,7 +118,7 @@ def load_layout(path: Path) -> Layout:
             count = int(p.get("nodes", 1))
             cpu = int(p.get("cpu", cpu))
             mem = parse_bytes(p["memory"]) if "memory" in p else mem
-            speed = float(p.get("speed", 1.0))
+            speed = float(p.get("speed", TIER_SPEED[tier]))
         except (TypeError, ValueError) as exc:
             raise TestbedError(f"{where}: {exc}") from exc
         for k in range(1, count + 1):

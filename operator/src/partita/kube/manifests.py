@@ -1,0 +1,380 @@
+"""What a plan revision looks like in Kubernetes: pure rendering, no client.
+
+Per stage (or per shard of a sharded stage) one ConfigMap holding the inference
+server's stage spec, one Deployment pinned to the planned node, one Service; per model
+one entry Service with a stable name whose selector moves to a new revision only once
+that revision is ready (make-before-break, see `partita.kube.actuator`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from partita.planner import Compression, Plan, Stage
+
+API_GROUP = "partita.dev"
+SERVER_PORT = 8000
+COMPONENT = "stage-server"
+FIELD_MANAGER = "partita-operator"
+
+L_MODEL = "partita.dev/model"
+L_REVISION = "partita.dev/revision"
+L_STAGE = "partita.dev/stage"
+L_SHARD = "partita.dev/shard"
+L_COMPONENT = "partita.dev/component"
+L_ENTRY = "partita.dev/entry"
+A_DATA_SOURCE = "partita.dev/data-source-pool"
+
+
+class RenderError(Exception):
+    """The plan cannot be expressed as stage servers (says which stage and why)."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """The EdgeModel that owns the objects (for names, labels and owner references)."""
+
+    name: str
+    namespace: str
+    uid: str
+    source_uri: str
+    sha256: str | None
+    input_shapes: dict[str, tuple[int, ...]]
+    data_source_pool: str
+    image: str = "partita-server:0.1.0"
+    token_secret: str = ""
+    cascade_output: str | None = None
+    cascade_threshold: float | None = None
+
+    @property
+    def secret_name(self) -> str:
+        return self.token_secret or f"{self.name}-stage-token"
+
+
+def owner_reference(ref: ModelRef) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{API_GROUP}/v1alpha1",
+        "kind": "EdgeModel",
+        "name": ref.name,
+        "uid": ref.uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def object_name(model: str, revision: int, stage: int, shard: int | None = None) -> str:
+    base = f"{model}-r{revision}-s{stage}"
+    return base if shard is None else f"{base}-k{shard}"
+
+
+def service_url(name: str, namespace: str) -> str:
+    return f"http://{name}.{namespace}.svc:{SERVER_PORT}"
+
+
+def _labels(
+    ref: ModelRef, revision: int, stage: int | None = None, shard: int | None = None
+) -> dict[str, str]:
+    labels = {
+        "app.kubernetes.io/name": "partita-server",
+        "app.kubernetes.io/managed-by": "partita",
+        L_MODEL: ref.name,
+        L_REVISION: str(revision),
+    }
+    if stage is not None:
+        labels[L_STAGE] = str(stage)
+        labels[L_COMPONENT] = COMPONENT
+    if shard is not None:
+        labels[L_SHARD] = str(shard)
+    return labels
+
+
+def _shard_names(ref: ModelRef, plan: Plan, stage: Stage) -> list[str]:
+    if len(stage.shards) == 1:
+        return [object_name(ref.name, plan.revision, stage.index)]
+    return [object_name(ref.name, plan.revision, stage.index, j) for j in range(len(stage.shards))]
+
+
+def gateway_name(model: str, revision: int) -> str:
+    return f"{model}-r{revision}-gw"
+
+
+def needs_gateway(plan: Plan) -> bool:
+    """A sharded first stage needs one server in front that clients call and that fans out
+    to the shards: the data source's scatter, run on the first shard's node."""
+    return len(plan.stages[0].shards) > 1
+
+
+def _hops_after(ref: ModelRef, plan: Plan, index: int) -> list[dict[str, Any]]:
+    """What the single server at stage `index` (-1: the gateway) sends its outputs to: a
+    fan-out hop for every directly following sharded stage (it gathers their parts), then a
+    chain hop to the next single-server stage, whose answer becomes its own."""
+    stages = plan.stages
+    hops: list[dict[str, Any]] = []
+    j = index + 1
+    while j < len(stages) and len(stages[j].shards) > 1:
+        nxt = stages[j]
+        endpoints = [service_url(n, ref.namespace) for n in _shard_names(ref, plan, nxt)]
+        hops.append(
+            {
+                "stage": f"stage-{nxt.index}",
+                "endpoints": endpoints,
+                "fan_out": True,
+                "compression": _compression(nxt.input_compression),
+            }
+        )
+        j += 1
+    if j < len(stages):
+        nxt = stages[j]
+        endpoints = [service_url(_shard_names(ref, plan, nxt)[0], ref.namespace)]
+        hops.append(
+            {
+                "stage": f"stage-{nxt.index}",
+                "endpoints": endpoints,
+                "compression": _compression(nxt.input_compression),
+            }
+        )
+    return hops
+
+
+def stage_specs(ref: ModelRef, plan: Plan) -> dict[str, dict[str, Any]]:
+    """The inference server's stage spec for every server of the revision, by object name.
+
+    A sharded stage's shards are fanned out to by the single server before them (a stage,
+    or the gateway when the first stage is sharded), which gathers the parts and carries on.
+    """
+    stages = plan.stages
+    if not stages:
+        raise RenderError("the plan has no stages")
+    base: dict[str, Any] = {
+        "model": ref.name,
+        "source": {"uri": ref.source_uri, **({"sha256": ref.sha256} if ref.sha256 else {})},
+        "input_shapes": {k: list(v) for k, v in ref.input_shapes.items()},
+        "cache_dir": "/var/cache/partita",
+    }
+    specs: dict[str, dict[str, Any]] = {}
+    gateway = needs_gateway(plan)
+    if gateway:
+        first = list(stages[0].inputs)
+        specs[gateway_name(ref.name, plan.revision)] = dict(
+            base,
+            stage="gateway",
+            entry=True,
+            inputs=first,
+            outputs=first,
+            next=_hops_after(ref, plan, -1),
+        )
+    whole = len(stages) == 1 and not gateway
+    for stage in stages:
+        names = _shard_names(ref, plan, stage)
+        for k, name in enumerate(names):
+            spec = dict(base, stage=f"stage-{stage.index}", entry=stage.index == 0 and not gateway)
+            if not whole:
+                spec["inputs"] = list(stage.inputs)
+                spec["outputs"] = list(stage.outputs)
+            if len(names) > 1:
+                spec["shard"] = {"index": k, "proportions": [s.proportion for s in stage.shards]}
+            else:
+                hops = _hops_after(ref, plan, stage.index)
+                spec["next"] = hops
+                if stage.index == 0 and ref.cascade_output and hops:
+                    spec["cascade"] = {
+                        "output": ref.cascade_output,
+                        "threshold": ref.cascade_threshold,
+                    }
+            specs[name] = spec
+    return specs
+
+
+def _compression(c: Compression) -> str:
+    return str(c.value) if c is not Compression.NONE else "none"
+
+
+def render_revision(
+    ref: ModelRef, plan: Plan, *, memory_overhead: int = 64 * 2**20
+) -> list[dict[str, Any]]:
+    """ConfigMaps, Deployments and Services of one plan revision (not the entry Service)."""
+    specs = stage_specs(ref, plan)
+    objects: list[dict[str, Any]] = []
+    cpu = plan.request.cpu
+    if needs_gateway(plan):
+        name = gateway_name(ref.name, plan.revision)
+        labels = {**_labels(ref, plan.revision), L_COMPONENT: COMPONENT, L_STAGE: "gw"}
+        labels[L_ENTRY] = "true"
+        node = plan.stages[0].shards[0].node
+        objects += _server_objects(ref, name, labels, node, min(cpu, 0.5), 256 * 2**20, specs[name])
+    for stage in plan.stages:
+        names = _shard_names(ref, plan, stage)
+        for k, (name, placement) in enumerate(zip(names, stage.shards, strict=True)):
+            labels = _labels(ref, plan.revision, stage.index, k if len(names) > 1 else None)
+            if specs[name]["entry"]:
+                labels[L_ENTRY] = "true"
+            memory = placement.memory_bytes + memory_overhead
+            objects += _server_objects(ref, name, labels, placement.node, cpu, memory, specs[name])
+    return objects
+
+
+def _server_objects(
+    ref: ModelRef,
+    name: str,
+    labels: dict[str, str],
+    node: str,
+    cpu: float,
+    memory: int,
+    spec: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """The ConfigMap (stage spec), Deployment and Service of one stage server."""
+    meta = {
+        "name": name,
+        "namespace": ref.namespace,
+        "labels": labels,
+        "ownerReferences": [owner_reference(ref)],
+    }
+    ports = [{"name": "http", "port": SERVER_PORT, "targetPort": "http"}]
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": meta,
+            "data": {"stage.json": json.dumps(spec, indent=1, sort_keys=True)},
+        },
+        _deployment(ref, name, labels, node, cpu, memory, meta),
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": meta,
+            "spec": {"selector": labels, "ports": ports},
+        },
+    ]
+
+
+def _deployment(
+    ref: ModelRef,
+    name: str,
+    labels: dict[str, str],
+    node: str,
+    cpu: float,
+    memory: int,
+    meta: dict[str, Any],
+) -> dict[str, Any]:
+    cpu_text = f"{max(round(cpu * 1000), 10)}m"
+    mem_text = str(memory)
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta,
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": labels},
+            "strategy": {"type": "Recreate"},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "affinity": {
+                        "nodeAffinity": {
+                            "requiredDuringSchedulingIgnoredDuringExecution": {
+                                "nodeSelectorTerms": [
+                                    {
+                                        "matchExpressions": [
+                                            {
+                                                "key": "kubernetes.io/hostname",
+                                                "operator": "In",
+                                                "values": [node],
+                                            }
+                                        ]
+                                    }
+                                ]
+                            }
+                        }
+                    },
+                    "automountServiceAccountToken": False,
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": 10001,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "containers": [
+                        {
+                            "name": "server",
+                            "image": ref.image,
+                            "command": ["partita-server"],
+                            "args": ["--host", "0.0.0.0", "--port", str(SERVER_PORT)],
+                            "env": [
+                                {"name": "PARTITA_STAGE_SPEC", "value": "/etc/partita/stage.json"},
+                                {"name": "PARTITA_CPU_LIMIT", "value": str(cpu)},
+                                {
+                                    "name": "PARTITA_INTERNAL_TOKEN",
+                                    "valueFrom": {
+                                        "secretKeyRef": {"name": ref.secret_name, "key": "token"}
+                                    },
+                                },
+                            ],
+                            "ports": [{"name": "http", "containerPort": SERVER_PORT}],
+                            "readinessProbe": {
+                                "httpGet": {"path": "/v2/health/ready", "port": "http"},
+                                "periodSeconds": 2,
+                            },
+                            "resources": {
+                                "requests": {"cpu": cpu_text, "memory": mem_text},
+                                "limits": {"cpu": cpu_text, "memory": mem_text},
+                            },
+                            "securityContext": {
+                                "allowPrivilegeEscalation": False,
+                                "readOnlyRootFilesystem": True,
+                                "capabilities": {"drop": ["ALL"]},
+                            },
+                            "volumeMounts": [
+                                {"name": "spec", "mountPath": "/etc/partita", "readOnly": True},
+                                {"name": "cache", "mountPath": "/var/cache/partita"},
+                            ],
+                        }
+                    ],
+                    "volumes": [
+                        {"name": "spec", "configMap": {"name": name}},
+                        {"name": "cache", "emptyDir": {}},
+                    ],
+                },
+            },
+        },
+    }
+
+
+def entry_service(ref: ModelRef, revision: int) -> dict[str, Any]:
+    """The stable Service clients call; it selects the serving revision's entry server."""
+    selector = {
+        L_MODEL: ref.name,
+        L_REVISION: str(revision),
+        L_ENTRY: "true",
+        L_COMPONENT: COMPONENT,
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": ref.name,
+            "namespace": ref.namespace,
+            "labels": {L_MODEL: ref.name, "app.kubernetes.io/managed-by": "partita"},
+            "annotations": {A_DATA_SOURCE: ref.data_source_pool},
+            "ownerReferences": [owner_reference(ref)],
+        },
+        "spec": {
+            "selector": selector,
+            "ports": [{"name": "http", "port": SERVER_PORT, "targetPort": "http"}],
+        },
+    }
+
+
+def token_secret(ref: ModelRef, token: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": ref.secret_name,
+            "namespace": ref.namespace,
+            "labels": {L_MODEL: ref.name, "app.kubernetes.io/managed-by": "partita"},
+            "ownerReferences": [owner_reference(ref)],
+        },
+        "type": "Opaque",
+        "stringData": {"token": token},
+    }

@@ -1,0 +1,313 @@
+"""The closed loop for one model: plan, deploy make-before-break, re-evaluate, move.
+
+`PlacementService.step` is called by a kopf timer per EdgeModel. Decisions are the
+planner's (pure); this module turns the live objects and the latest metrics into its
+inputs and carries its answers out through the `Actuator`. State between steps (the
+serving plan, the plan being deployed, when the model last moved) lives here, in memory:
+after an operator restart the model is planned afresh and a new revision replaces the
+old one make-before-break.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from partita.api.edgemodel import EdgeModel
+from partita.kube.manifests import ModelRef, RenderError
+from partita.metrics.observation import Observation
+from partita.metrics.overlays import with_observation
+from partita.model.types import ModelProfile
+from partita.planner import (
+    Action,
+    Cascade,
+    ClusterSnapshot,
+    Compression,
+    ModelRequest,
+    Objective,
+    Partitioning,
+    PartitioningMode,
+    Plan,
+    Quantization,
+    Rescheduling,
+    Slo,
+    Tier,
+    Toleration,
+    Unschedulable,
+    plan_many,
+    predict,
+    reschedule,
+)
+from partita.planner.manifests import snapshot_from_manifests
+
+
+class Cluster(Protocol):
+    """What the service needs from the cluster (the Actuator, or a fake in unit tests)."""
+
+    def apply_revision(self, ref: ModelRef, plan: Plan) -> int: ...
+    def revision_readiness(self, ref: ModelRef, plan: Plan) -> Any: ...
+    def switch_entry(self, ref: ModelRef, revision: int) -> None: ...
+    def delete_revisions(self, ref: ModelRef, keep: set[int]) -> list[str]: ...
+
+
+def model_request(model: EdgeModel, offload_rate: float | None = None) -> ModelRequest:
+    """The planner's view of an EdgeModel spec."""
+    s = model.spec
+    cascade = None
+    if s.cascade is not None:
+        rate = offload_rate if offload_rate is not None else s.cascade.expected_offload_rate
+        cascade = Cascade(threshold=s.cascade.threshold, offload_rate=rate)
+    return ModelRequest(
+        name=model.metadata.name,
+        namespace=model.metadata.namespace or "default",
+        data_source=s.data_source,
+        priority=s.priority,
+        pools=tuple(s.pools),
+        partitioning=Partitioning(
+            mode=PartitioningMode(s.partitioning.mode.value),
+            max_stages=s.partitioning.max_stages,
+            max_shards=s.partitioning.max_shards,
+            cut_compression=Compression(s.partitioning.cut_compression.value),
+        ),
+        objective=Objective(s.objective.value),
+        slo=Slo(
+            p95_latency_s=s.slo.p95_latency_seconds if s.slo else None,
+            min_throughput_rps=s.slo.min_throughput_rps if s.slo else None,
+        ),
+        privacy=Tier(s.privacy.raw_input_tier.value) if s.privacy else None,
+        cascade=cascade,
+        quantization=Quantization(
+            allowed=s.quantization.allowed, max_accuracy_drop=s.quantization.max_accuracy_drop
+        ),
+        rescheduling=Rescheduling(
+            min_improvement=s.rescheduling.min_improvement,
+            cooldown_s=s.rescheduling.cooldown_seconds,
+        ),
+        tolerations=tuple(
+            Toleration(t.key, t.value, t.effect.value if t.effect else None) for t in s.tolerations
+        ),
+        cpu=s.resources.cpu,
+    )
+
+
+def build_snapshot(
+    pools: Iterable[Mapping[str, Any]],
+    nodes: Iterable[Mapping[str, Any]],
+    observation: Observation | None,
+    reference_gflops: float,
+) -> ClusterSnapshot:
+    """DevicePools and Nodes as the apiserver has them, with what metrics measured laid
+    over them (node load as annotations, links as LinkEstimates), in the planner's terms."""
+    docs: list[Mapping[str, Any]] = [dict(p, kind="DevicePool") for p in pools]
+    docs += [dict(n, kind="Node") for n in nodes]
+    taken_at = observation.taken_at if observation is not None else 0.0
+    return snapshot_from_manifests(
+        with_observation(docs, observation), reference_gflops=reference_gflops, taken_at=taken_at
+    )
+
+
+@dataclass
+class ModelState:
+    ref: ModelRef
+    request: ModelRequest
+    profile: ModelProfile
+    serving: Plan | None = None
+    pending: Plan | None = None
+    last_change: float = -math.inf
+    revision: int = 0
+    drain_until: float | None = None
+    unschedulable: Unschedulable | None = None
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """What a step did, for the status and Events (the handler applies it)."""
+
+    phase: str
+    message: str
+    plan: Plan | None  # the serving plan (or the one being deployed)
+    events: tuple[tuple[str, str, str], ...] = ()  # (type, reason, message)
+    conditions: tuple[tuple[str, str, str, str], ...] = ()  # (type, status, reason, message)
+    unschedulable: Unschedulable | None = None
+
+
+@dataclass
+class PlacementService:
+    cluster: Cluster
+    clock: Callable[[], float]
+    drain_s: float = 5.0
+    # Can the stage servers really cut this plan? The planner's cost model assumes what a
+    # stage's shardable work is; `partita.model.shard` has the last word on whether a given
+    # stage splits. A refusal makes this model plan without shards from then on.
+    check: Callable[[ModelRef, Plan], str | None] = lambda ref, plan: None
+    models: dict[str, ModelState] = field(default_factory=dict)
+    no_shards: dict[str, str] = field(default_factory=dict)
+
+    def forget(self, key: str) -> None:
+        self.models.pop(key, None)
+
+    def step(
+        self,
+        key: str,
+        ref: ModelRef,
+        request: ModelRequest,
+        profile: ModelProfile,
+        snapshot: ClusterSnapshot,
+        *,
+        metrics_fresh: bool,
+        others: Sequence[tuple[ModelRequest, ModelProfile, Plan | None]] = (),
+    ) -> StepResult:
+        now = self.clock()
+        if key in self.no_shards:
+            request = replace(request, partitioning=replace(request.partitioning, max_shards=1))
+        st = self.models.get(key)
+        if st is None or st.profile.digest != profile.digest:
+            st = ModelState(ref, request, profile)
+            self.models[key] = st
+        st.ref, st.profile = ref, profile
+        events: list[tuple[str, str, str]] = []
+        conditions: list[tuple[str, str, str, str]] = []
+        fresh = ("MetricsFresh", "True", "Fresh", "resource and network metrics are current")
+        stale = (
+            "MetricsFresh",
+            "False",
+            "Stale",
+            "Prometheus data is stale or missing: keeping the current plan",
+        )
+        conditions.append(fresh if metrics_fresh else stale)
+
+        # 1. A revision being deployed: switch traffic once every server is ready.
+        if st.pending is not None:
+            readiness = self.cluster.revision_readiness(ref, st.pending)
+            if not readiness.ready:
+                return StepResult(
+                    "Deploying",
+                    f"revision {st.pending.revision}: {readiness.detail}",
+                    st.pending,
+                    tuple(events),
+                    tuple(conditions),
+                )
+            self.cluster.switch_entry(ref, st.pending.revision)
+            moved = st.serving is not None
+            st.serving, st.pending = st.pending, None
+            st.last_change = now
+            st.drain_until = now + self.drain_s
+            reason = "Rescheduled" if moved else "Deployed"
+            events.append(
+                (
+                    "Normal",
+                    reason,
+                    f"revision {st.serving.revision} serves: {st.serving.describe()}",
+                )
+            )
+        # 2. Old revisions go only after the new one serves and in-flight requests drained.
+        if st.drain_until is not None and now >= st.drain_until and st.serving is not None:
+            self.cluster.delete_revisions(ref, keep={st.serving.revision})
+            st.drain_until = None
+
+        request_changed = st.request != request
+        st.request = request
+        if st.serving is None:
+            # First placement: plan jointly with the models already placed (priority order,
+            # task dropping), then take this model's answer.
+            result = self._plan_with_others(request, profile, snapshot, others)
+            if isinstance(result, Unschedulable):
+                msg = "; ".join(result.reasons)
+                if st.unschedulable is None or st.unschedulable.reasons != result.reasons:
+                    events.append(("Warning", "Unschedulable", msg))  # once per new reason
+                st.unschedulable = result
+                conditions.append(("Planned", "False", "Unschedulable", msg))
+                return StepResult(
+                    "Unschedulable", msg, None, tuple(events), tuple(conditions), result
+                )
+            st.unschedulable = None
+            return self._deploy(st, result, events, conditions, "Planned", key=key)
+        if not metrics_fresh and not request_changed:
+            return self._serving(st, events, conditions, "metrics stale: plan kept")
+        current = replace(st.serving, request=st.serving.request)
+        decision = reschedule(
+            current, profile, request, snapshot, now=now, last_change=st.last_change
+        )
+        if decision.action is Action.MOVE and isinstance(decision.plan, Plan):
+            return self._deploy(
+                st, decision.plan, events, conditions, "Rescheduling", why=decision.reason, key=key
+            )
+        pred = predict(st.serving, profile, snapshot)
+        return self._serving(st, events, conditions, decision.reason, pred.latency_s)
+
+    def _plan_with_others(
+        self,
+        request: ModelRequest,
+        profile: ModelProfile,
+        snapshot: ClusterSnapshot,
+        others: Sequence[tuple[ModelRequest, ModelProfile, Plan | None]],
+    ) -> Plan | Unschedulable:
+        items = [(request, profile)] + [(r, p) for r, p, _ in others]
+        results = plan_many(items, snapshot)
+        return results[request.key]
+
+    def _deploy(
+        self,
+        st: ModelState,
+        plan: Plan,
+        events: list[tuple[str, str, str]],
+        conditions: list[tuple[str, str, str, str]],
+        reason: str,
+        why: str = "",
+        *,
+        key: str,
+    ) -> StepResult:
+        refusal = self.check(st.ref, plan) if any(len(s.shards) > 1 for s in plan.stages) else None
+        if refusal is not None:
+            self.no_shards[key] = refusal
+            msg = f"the planned shards cannot be cut ({refusal}); planning without shards"
+            events.append(("Warning", "ShardingRefused", msg))
+            conditions.append(("Planned", "False", "ShardingRefused", msg))
+            phase = "Ready" if st.serving is not None else "Planning"
+            return StepResult(phase, msg, st.serving, tuple(events), tuple(conditions))
+        st.revision += 1
+        plan = replace(plan, revision=st.revision)
+        try:
+            count = self.cluster.apply_revision(st.ref, plan)
+        except RenderError as exc:
+            conditions.append(("Planned", "False", "NotDeployable", str(exc)))
+            st.revision -= 1
+            return StepResult(
+                "Degraded" if st.serving else "Unschedulable",
+                str(exc),
+                st.serving,
+                tuple(events),
+                tuple(conditions),
+            )
+        st.pending = plan
+        msg = (
+            f"revision {plan.revision}: {plan.describe()}; predicted "
+            f"{plan.latency_s * 1000:.1f} ms ({count} objects applied)"
+        )
+        if why:
+            msg += f"; because {why}"
+        events.append(("Normal", reason, msg))
+        conditions.append(("Planned", "True", reason, msg))
+        return StepResult("Deploying", msg, plan, tuple(events), tuple(conditions))
+
+    def _serving(
+        self,
+        st: ModelState,
+        events: list[tuple[str, str, str]],
+        conditions: list[tuple[str, str, str, str]],
+        why: str,
+        predicted_s: float | None = None,
+    ) -> StepResult:
+        assert st.serving is not None
+        conditions.append(
+            ("Ready", "True", "Serving", f"revision {st.serving.revision} serves traffic")
+        )
+        return StepResult(
+            "Ready",
+            f"revision {st.serving.revision} serving; {why}",
+            st.serving,
+            tuple(events),
+            tuple(conditions),
+        )
