@@ -10,8 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-from conftest import NAMESPACE, edge_model, entry_url, eventually, get_json, open_nsfw
+from e2e_loop import NAMESPACE, edge_model, entry_url, eventually, get_json, open_nsfw
 
 pytestmark = pytest.mark.cluster
 

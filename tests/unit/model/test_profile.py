@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from model_builders import diamond, mlp
+
 from partita.model import synthetic
 from partita.model.profile import (
     FRONTIER_TOLERANCE,
@@ -10,8 +12,6 @@ from partita.model.profile import (
     profile_to_dict,
 )
 from partita.model.types import OpClass
-
-from .builders import diamond, mlp
 
 
 def test_conv_and_matmul_flops_are_exact() -> None:

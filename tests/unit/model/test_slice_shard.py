@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from model_builders import diamond, mlp
 
 from partita.model import synthetic
 from partita.model.errors import CutError, ShardingError
@@ -10,8 +11,6 @@ from partita.model.profile import profile_model
 from partita.model.shard import allocate, gather, shard_stage
 from partita.model.slice import extract_stage, split_at
 from partita.model.types import GatherMode, GatherSpec, ShardLayout
-
-from .builders import diamond, mlp
 
 
 def test_stage_keeps_only_its_nodes_and_weights() -> None:
@@ -101,9 +100,8 @@ def test_gather_modes() -> None:
 def test_old_softmax_over_flattened_channels_is_not_split() -> None:
     # Before opset 13 Softmax's default axis is 1 and it normalises every axis from there:
     # splitting channels would give each shard its own normalisation (a wrong answer).
+    from model_builders import f32, make, weight
     from onnx import helper
-
-    from .builders import f32, make, weight
 
     model = make(
         [

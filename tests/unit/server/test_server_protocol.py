@@ -83,7 +83,11 @@ def test_malformed_requests_are_invalid_input(
 @settings(max_examples=40, deadline=None)
 @given(
     header=st.recursive(
-        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+        st.none()
+        | st.booleans()
+        | st.integers(min_value=-(2**63), max_value=2**63 - 1)  # what JSON encoders carry
+        | st.floats()
+        | st.text(max_size=5),
         lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
         max_leaves=12,
     ),

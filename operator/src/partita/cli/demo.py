@@ -193,9 +193,7 @@ def run_demo(run_dir: Path, out_dir: Path, keep: bool) -> int:
     log_path = out_dir / "operator.log"
     operator = subprocess.Popen(
         [
-            sys.executable,
-            "-m",
-            "partita.cli.main",
+            str(Path(sys.executable).parent / "partita"),
             "operator",
             "--kubeconfig",
             str(info.kubeconfig),

@@ -176,6 +176,24 @@ def node(
     _log(f"node {name}: {'Ready' if up_ else 'NotReady'} requested")
 
 
+@testbed.command()
+def prometheus(
+    stop: Annotated[bool, typer.Option("--stop", help="Stop Prometheus.")] = False,
+    start: Annotated[bool, typer.Option("--start", help="Start it again.")] = False,
+    run_dir: DirOption = None,
+) -> None:
+    """Stop or restart the cluster's Prometheus (to see how the operator copes)."""
+    from partita.testbed import cluster
+
+    if stop == start:
+        raise _fail(TestbedError("give exactly one of --stop or --start"))
+    try:
+        cluster.set_prometheus(_run_dir(run_dir), running=start)
+    except TestbedError as exc:
+        raise _fail(exc) from None
+    _log(f"Prometheus {'started' if start else 'stopped'}")
+
+
 @testbed.command("set")
 def set_(
     target: Annotated[str, typer.Argument(help="node=NAME or link=SOURCE_POOL:TARGET_POOL")],

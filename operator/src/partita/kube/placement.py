@@ -212,7 +212,12 @@ class PlacementService:
         if st.serving is None:
             # First placement: plan jointly with the models already placed (priority order,
             # task dropping), then take this model's answer.
-            result = self._plan_with_others(request, profile, snapshot, others)
+            placed = [
+                (m.request, m.profile, m.serving or m.pending)
+                for k, m in self.models.items()
+                if k != key and (m.serving or m.pending)
+            ]
+            result = self._plan_with_others(request, profile, snapshot, [*others, *placed])
             if isinstance(result, Unschedulable):
                 msg = "; ".join(result.reasons)
                 if st.unschedulable is None or st.unschedulable.reasons != result.reasons:

@@ -170,13 +170,11 @@ def up(
         config = prometheus.write_config(
             run_dir / "prometheus", [f"127.0.0.1:{ports['metrics']}"], scrape_interval
         )
-        prom = processes.start(
-            "prometheus",
-            prometheus.command(
-                bins.prometheus, config, run_dir / "prometheus" / "data", ports["prometheus"]
-            ),
-            run_dir,
+        argv = prometheus.command(
+            bins.prometheus, config, run_dir / "prometheus" / "data", ports["prometheus"]
         )
+        (run_dir / "prometheus" / "argv.json").write_text(json.dumps(argv))
+        prom = processes.start("prometheus", argv, run_dir)
         prom_url = f"http://127.0.0.1:{ports['prometheus']}"
         _wait_http(f"{prom_url}/-/ready", "Prometheus", prom, 60)
         log(f"  Prometheus on {prom_url}")
@@ -472,6 +470,22 @@ def node_status(run_dir: Path) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def set_prometheus(run_dir: Path, running: bool) -> None:
+    """Stop Prometheus (the operator's metrics go stale) or start it again, same port and data."""
+    info = load_info(run_dir)
+    pid_file = run_dir / "pids" / "prometheus.pid"
+    pid = int(pid_file.read_text() or 0) if pid_file.exists() else 0
+    if not running:
+        if pid and processes.alive(pid):
+            processes.stop_one(pid)
+        return
+    if pid and processes.alive(pid):
+        return
+    argv = json.loads((run_dir / "prometheus" / "argv.json").read_text())
+    proc = processes.start("prometheus", argv, run_dir)
+    _wait_http(f"{info.prometheus_url}/-/ready", "Prometheus", proc, 60)
 
 
 def down(run_dir: Path) -> list[str]:

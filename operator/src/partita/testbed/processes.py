@@ -88,6 +88,20 @@ def ensure_running(proc: Process) -> None:
         raise TestbedError(f"{proc.name} exited during start-up; last lines of {proc.log}:\n{tail}")
 
 
+def stop_one(pid: int, grace: float = 10.0) -> None:
+    """SIGTERM one process group, SIGKILL it after `grace` seconds; returns once it is gone."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5.0
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def stop_all(run_dir: Path, grace: float = 10.0) -> list[str]:
     """SIGTERM every recorded process group, SIGKILL what is left after `grace` seconds."""
     pid_dir = run_dir / "pids"

