@@ -145,3 +145,80 @@ def test_node_loss_moves_its_stages(served: Any) -> None:
         assert moved["revision"] > plan["revision"]
     finally:
         served.partita("testbed", "node", node, "--up")
+
+
+def test_prometheus_down_keeps_the_plan_and_says_metrics_are_stale(served: Any) -> None:
+    before = _status(served)["plan"]["revision"]
+    served.partita("testbed", "prometheus", "--stop")
+    try:
+        eventually(
+            lambda: _condition(_status(served), "MetricsFresh") == "False", 40, "MetricsFresh=False"
+        )
+        # The network recovers meanwhile, but nothing measured says so: no churn.
+        for link in ("link=edge-a:cloud", "link=cloud:edge-a"):
+            served.partita("testbed", "set", link, "bandwidth=100Mbit", "rtt=20ms")
+        time.sleep(8)
+        status = _status(served)
+        assert status["plan"]["revision"] == before
+        assert status["phase"] == "Ready"
+    finally:
+        served.partita("testbed", "prometheus", "--start")
+    eventually(
+        lambda: _condition(_status(served), "MetricsFresh") == "True", 90, "MetricsFresh=True again"
+    )
+
+
+def _small_model(name: str, priority: int) -> str:
+    import hashlib
+    import json
+
+    from partita.model.zoo import model_path
+
+    path = model_path("ocr-cls")
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return json.dumps(
+        {
+            "apiVersion": "partita.dev/v1alpha1",
+            "kind": "EdgeModel",
+            "metadata": {"name": name, "namespace": NAMESPACE},
+            "spec": {
+                "source": {"uri": f"file://{path}", "sha256": digest},
+                "inputShapes": {"x": [1, 3, 48, 192]},
+                "dataSource": "edge-b",
+                "pools": ["edge-b"],
+                "partitioning": {"mode": "none"},
+                "priority": priority,
+                "resources": {"cpu": 3},
+            },
+        }
+    )
+
+
+def test_capacity_short_refuses_the_lowest_priority(served: Any) -> None:
+    # Each model wants 3 of an edge-b node's 4 cores; edge-b has two nodes: two fit.
+    names = {"ocr-high": 30, "ocr-mid": 20, "ocr-low": 10}
+    for name, priority in names.items():
+        served.kubectl("apply", "-f", "-", input=_small_model(name, priority))
+
+    def placed() -> dict[str, str] | None:
+        p = {n: _status(served, n).get("phase", "") for n in names}
+        ok = ("Deploying", "Ready")
+        if p["ocr-low"] == "Unschedulable" and p["ocr-high"] in ok and p["ocr-mid"] in ok:
+            return p
+        return None
+
+    phases = eventually(placed, 120, "two models placed and the lowest refused", interval=1)
+    assert phases["ocr-low"] == "Unschedulable"
+    low = _status(served, "ocr-low")
+    assert "cpu" in low["message"], low["message"]
+    events = get_json(
+        served,
+        "events",
+        "-n",
+        NAMESPACE,
+        "--field-selector",
+        "involvedObject.name=ocr-low,reason=Unschedulable",
+    )
+    assert events["items"], "an Unschedulable Event names the reason"
+    for name in names:
+        served.kubectl("delete", "edgemodel", name, "-n", NAMESPACE, "--wait=false")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import time
@@ -209,9 +210,18 @@ def test_cli_errors_are_one_clear_line(cluster, tmp_path: Path) -> None:
     assert r.returncode == 1 and "steps[0]" in r.stderr and "Traceback" not in r.stderr
 
 
+def _listeners() -> dict[int, set[int]]:
+    """Listening TCP port -> pids holding it."""
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=False).stdout
+    found: dict[int, set[int]] = {}
+    for line in filter(str.strip, out.splitlines()):
+        port = int(line.split()[3].rsplit(":", 1)[1])
+        found.setdefault(port, set()).update(int(p) for p in re.findall(r"pid=(\d+)", line))
+    return found
+
+
 def _listening_ports() -> set[int]:
-    out = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True, check=False).stdout
-    return {int(line.split()[3].rsplit(":", 1)[1]) for line in out.splitlines() if line.strip()}
+    return set(_listeners())
 
 
 def test_up_refuses_taken_port_and_down_leaves_nothing(tmp_path: Path) -> None:
@@ -240,7 +250,10 @@ def test_up_refuses_taken_port_and_down_leaves_nothing(tmp_path: Path) -> None:
     assert len(pids) >= 7 and ports <= _listening_ports()
     tb.down(run_dir)
     assert not any(os.path.exists(f"/proc/{p}") and _not_zombie(p) for p in pids)
-    assert not ports & _listening_ports()
+    # Nothing we started listens any more (the free ports may be reused by others at once).
+    still = {port: holders for port, holders in _listeners().items() if holders & set(pids)}
+    assert not still, still
+    assert not any(_listeners().get(port, set()) & set(pids) for port in ports)
 
 
 def _not_zombie(pid: int) -> bool:
