@@ -222,3 +222,31 @@ def test_capacity_short_refuses_the_lowest_priority(served: Any) -> None:
     assert events["items"], "an Unschedulable Event names the reason"
     for name in names:
         served.kubectl("delete", "edgemodel", name, "-n", NAMESPACE, "--wait=false")
+
+
+def test_jittering_metrics_move_the_plan_at_most_once(served: Any) -> None:
+    # The default minImprovement (0.4) with a short cooldown instead of 120 s, for 60 s
+    # instead of 3 minutes: every poll sees every link and node load moved by up to +-20%.
+    served.kubectl(
+        "patch",
+        "edgemodel",
+        MODEL,
+        "-n",
+        NAMESPACE,
+        "--type=merge",
+        "-p",
+        '{"spec": {"rescheduling": {"minImprovement": 0.4, "cooldownSeconds": 5}}}',
+    )
+    eventually(lambda: _status(served).get("phase") == "Ready", 60, "Ready after the patch")
+    time.sleep(6)
+    start = _revision(served)
+    served.partita("testbed", "set", "sim", "jitter=0.2", "seed=11")
+    try:
+        revisions = {start}
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            revisions.add(_revision(served))
+            time.sleep(2)
+    finally:
+        served.partita("testbed", "set", "sim", "jitter=0")
+    assert max(revisions) - start <= 1, sorted(revisions)

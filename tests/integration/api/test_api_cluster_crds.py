@@ -45,7 +45,7 @@ def test_examples_are_defaulted_by_the_apiserver(crds: Any) -> None:
     )
     items = json.loads(out.stdout)["items"]
     private = next(i for i in items if i["metadata"]["name"] == "open-nsfw-private")
-    assert private["spec"]["rescheduling"] == {"minImprovement": 0.25, "cooldownSeconds": 120}
+    assert private["spec"]["rescheduling"] == {"minImprovement": 0.4, "cooldownSeconds": 120}
     assert private["spec"]["partitioning"]["maxShards"] == 4
     assert private["spec"]["partitioning"]["cutCompression"] == "none"
 

@@ -159,8 +159,9 @@ class Quantization(ApiModel):
 class Rescheduling(ApiModel):
     """When a better plan is worth a move."""
 
-    min_improvement: float = Field(0.25, ge=0, lt=1)
-    """Relative predicted gain needed to move, in [0, 1) (0.25 = 25% better)."""
+    min_improvement: float = Field(0.4, ge=0, lt=1)
+    """Relative predicted gain needed to move, in [0, 1) (0.4 = 40% better). The default is
+    the smallest gain that metrics jittering by +-20% cannot fake, so plans do not flap."""
     cooldown_seconds: float = Field(120.0, ge=0, le=86400)
     """Seconds to wait after a move before the next one (node loss moves at once)."""
 

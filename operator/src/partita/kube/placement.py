@@ -235,6 +235,15 @@ class PlacementService:
         decision = reschedule(
             current, profile, request, snapshot, now=now, last_change=st.last_change
         )
+        if (
+            decision.action is Action.MOVE
+            and isinstance(decision.plan, Plan)
+            and decision.plan.placement == st.serving.placement
+        ):
+            # A spec change (SLO, rescheduling knobs...) that leaves every stage where it
+            # is: adopt it, redeploy nothing.
+            st.serving = replace(decision.plan, revision=st.serving.revision)
+            return self._serving(st, events, conditions, "spec change; same placement")
         if decision.action is Action.MOVE and isinstance(decision.plan, Plan):
             return self._deploy(
                 st, decision.plan, events, conditions, "Rescheduling", why=decision.reason, key=key
