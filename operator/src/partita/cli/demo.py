@@ -243,7 +243,7 @@ def run_demo(run_dir: Path, out_dir: Path, keep: bool) -> int:
                 lambda: _collapse(info.state_file),
             ),
             (60.0, "a node of the plan dies", None),
-            (105.0, "a noisy neighbour eats 95% of a node's CPU", None),
+            (105.0, "a noisy neighbour eats 99% of the CPU of the plan's last node", None),
         ]
         _say("==> 5/6 scenario (times from now); plan changes and failures as they happen")
         t0 = time.monotonic()
@@ -268,7 +268,7 @@ def run_demo(run_dir: Path, out_dir: Path, keep: bool) -> int:
                 else:
                     victim = current["stages"][-1]["nodes"][0]
                     what += f": {victim}"
-                    _set(info.state_file, f"node={victim}", {"cpu": "0.95"})
+                    _set(info.state_file, f"node={victim}", {"cpu": "0.99"})
                 events.append((now, what))
                 _say(f"  t={now:5.1f}s  ** {what}")
                 step_i += 1

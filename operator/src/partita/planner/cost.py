@@ -240,7 +240,9 @@ def predict(plan: Plan, profile: ModelProfile, snapshot: ClusterSnapshot) -> Pre
         else:
             nbytes = boundary_bytes(profile, len(profile.nodes), Compression.NONE)
             wire = nbytes * 8.0 / link.bandwidth_bps
-            output_transfer = out_weight * (wire + link.rtt_s)
+            # The answer returns through the chain of hops whose round trips are already
+            # counted in each stage's transfer_in: only its bytes add time here.
+            output_transfer = out_weight * wire
             bottleneck = max(bottleneck, out_weight * wire)
             if prev_pool != request.data_source:
                 energy += out_weight * snapshot.pool(prev_pool).radio_watts * wire

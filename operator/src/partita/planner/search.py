@@ -351,7 +351,9 @@ def _run(
         send = out_bytes * 8.0 / link.bandwidth_bps
         energy = pool_state[q].radio_watts * send if pool != request.data_source else 0.0
         out_send[q] = send
-        out_cost[q] = weights.latency * (send + link.rtt_s) + weights.energy * energy
+        # The answer travels back through the hops (their round trips are counted on the
+        # way in), so only its bytes cost time here.
+        out_cost[q] = weights.latency * send + weights.energy * energy
 
     singles = [o for o in options if len(o.members) == 1]
     by_k: dict[int, list[_Option]] = {}
