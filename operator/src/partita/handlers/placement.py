@@ -222,7 +222,13 @@ class PlacementLoop:
             gflops,
         )
         result = self.service.step(
-            key, ref, model_request(model), profile, snapshot, metrics_fresh=self.metrics.fresh
+            key,
+            ref,
+            model_request(model),
+            profile,
+            snapshot,
+            metrics_fresh=self.metrics.fresh,
+            observed_compute=self._observed_compute(ns, model.metadata.name, status),
         )
         patch = status_patch(status, result, self.metrics, model.metadata.generation or 0)
         if patch:
@@ -231,6 +237,23 @@ class PlacementLoop:
             )
         for type_, reason, message in result.events:
             self._event(body, type_, reason, message)
+
+    def _observed_compute(
+        self, namespace: str, name: str, status: dict[str, Any]
+    ) -> dict[tuple[int, str], float]:
+        """(stage index, node) -> seconds of compute per request the serving revision's
+        servers report, from the last observation."""
+        obs = self.metrics.observation
+        revision = str((status.get("plan") or {}).get("revision", ""))
+        if obs is None or not revision:
+            return {}
+        out = {}
+        for key, seen in obs.stages.items():
+            if (key.namespace, key.model, key.revision) != (namespace, name, revision):
+                continue
+            if key.stage.isdigit() and key.node and seen.compute_s:
+                out[(int(key.stage), key.node)] = seen.compute_s
+        return out
 
     def _can_cut(self, ref: ModelRef, plan: Plan) -> str | None:
         """Cut every sharded stage as its servers will; the first refusal, or None."""

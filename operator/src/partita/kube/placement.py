@@ -40,6 +40,7 @@ from partita.planner import (
     predict,
     reschedule,
 )
+from partita.planner.calibration import apply_speed_factors, update_speed
 from partita.planner.manifests import snapshot_from_manifests
 
 
@@ -119,6 +120,8 @@ class ModelState:
     revision: int = 0
     drain_until: float | None = None
     unschedulable: Unschedulable | None = None
+    # Learned per node from observed stage compute times (1.0: as profiled).
+    speed_factors: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,8 @@ class StepResult:
     events: tuple[tuple[str, str, str], ...] = ()  # (type, reason, message)
     conditions: tuple[tuple[str, str, str, str], ...] = ()  # (type, status, reason, message)
     unschedulable: Unschedulable | None = None
+    # Learned per node from observed stage compute times (1.0: as profiled).
+    speed_factors: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -158,7 +163,10 @@ class PlacementService:
         *,
         metrics_fresh: bool,
         others: Sequence[tuple[ModelRequest, ModelProfile, Plan | None]] = (),
+        observed_compute: Mapping[tuple[int, str], float] | None = None,
     ) -> StepResult:
+        """One turn of the loop for one model. `observed_compute` maps (stage index, node) of
+        the serving revision to the compute time its server measured (seconds per request)."""
         now = self.clock()
         if key in self.no_shards:
             request = replace(request, partitioning=replace(request.partitioning, max_shards=1))
@@ -231,7 +239,10 @@ class PlacementService:
             return self._deploy(st, result, events, conditions, "Planned", key=key)
         if not metrics_fresh and not request_changed:
             return self._serving(st, events, conditions, "metrics stale: plan kept")
-        current = replace(st.serving, request=st.serving.request)
+        if observed_compute and metrics_fresh:
+            self._learn(st, profile, snapshot, observed_compute)
+        snapshot = apply_speed_factors(snapshot, st.speed_factors)
+        current = st.serving
         decision = reschedule(
             current, profile, request, snapshot, now=now, last_change=st.last_change
         )
@@ -250,6 +261,27 @@ class PlacementService:
             )
         pred = predict(st.serving, profile, snapshot)
         return self._serving(st, events, conditions, decision.reason, pred.latency_s)
+
+    def _learn(
+        self,
+        st: ModelState,
+        profile: ModelProfile,
+        snapshot: ClusterSnapshot,
+        observed: Mapping[tuple[int, str], float],
+    ) -> None:
+        """The seed's dynamic model: each node's speed for this model is rescaled by an EWMA
+        of predicted/observed compute time of the stage it serves (unsharded stages)."""
+        assert st.serving is not None
+        pred = predict(st.serving, profile, apply_speed_factors(snapshot, st.speed_factors))
+        for stage, sp in zip(st.serving.stages, pred.stages, strict=True):
+            if len(stage.shards) != 1:
+                continue
+            node = stage.shards[0].node
+            seen = observed.get((stage.index, node))
+            if seen and sp.compute_s > 0:
+                st.speed_factors[node] = update_speed(
+                    st.speed_factors.get(node, 1.0), seen, sp.compute_s
+                )
 
     def _plan_with_others(
         self,
