@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from partita.kube.manifests import ModelRef
 from partita.kube.placement import PlacementService
@@ -140,3 +140,23 @@ def test_observed_compute_refines_the_node_speed() -> None:
     observed = {(0, node): plan.stages[0].compute_s * 4}
     svc.step("ns/m", REF, REQUEST, PROFILE, snap, metrics_fresh=True, observed_compute=observed)
     assert svc.models["ns/m"].speed_factors[node] < 1.0
+
+
+def test_a_serving_model_gives_way_to_a_higher_priority_one() -> None:
+    cluster, clock = FakeCluster(ready=True), [0.0]
+    svc = _service(cluster, clock)
+    snap = _snapshot(1e9)
+    low = replace(REQUEST, name="low", priority=1, pools=("edge",), cpu=3.0)
+    high = replace(REQUEST, name="high", priority=9, pools=("edge",), cpu=3.0)
+    low_ref, high_ref = replace(REF, name="low"), replace(REF, name="high")
+    for _ in range(2):
+        svc.step("ns/low", low_ref, low, PROFILE, snap, metrics_fresh=True)
+    assert svc.models["ns/low"].serving is not None
+    # One edge node of 4 cores, 3 per model: the newcomer with the higher priority is placed...
+    r = svc.step("ns/high", high_ref, high, PROFILE, snap, metrics_fresh=True)
+    assert r.phase == "Deploying"
+    # ...and the serving low-priority model is refused, its objects deleted.
+    r = svc.step("ns/low", low_ref, low, PROFILE, snap, metrics_fresh=True)
+    assert r.phase == "Unschedulable" and "higher-priority" in r.message
+    assert cluster.deleted_keeping[-1] == set()
+    assert svc.models["ns/low"].serving is None

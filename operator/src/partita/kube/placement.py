@@ -220,11 +220,7 @@ class PlacementService:
         if st.serving is None:
             # First placement: plan jointly with the models already placed (priority order,
             # task dropping), then take this model's answer.
-            placed = [
-                (m.request, m.profile, m.serving or m.pending)
-                for k, m in self.models.items()
-                if k != key and (m.serving or m.pending)
-            ]
+            placed = self._placed(key)
             result = self._plan_with_others(request, profile, snapshot, [*others, *placed])
             if isinstance(result, Unschedulable):
                 msg = "; ".join(result.reasons)
@@ -237,6 +233,13 @@ class PlacementService:
                 )
             st.unschedulable = None
             return self._deploy(st, result, events, conditions, "Planned", key=key)
+        placed = self._placed(key)
+        if metrics_fresh and any(r.priority > request.priority for r, _, _ in placed):
+            # Task dropping also applies to a model already serving: when the models above
+            # it no longer leave it room, it gives its capacity up instead of squeezing them.
+            joint = self._plan_with_others(request, profile, snapshot, [*others, *placed])
+            if isinstance(joint, Unschedulable):
+                return self._evict(st, joint, events, conditions)
         if not metrics_fresh and not request_changed:
             return self._serving(st, events, conditions, "metrics stale: plan kept")
         if observed_compute and metrics_fresh:
@@ -282,6 +285,29 @@ class PlacementService:
                 st.speed_factors[node] = update_speed(
                     st.speed_factors.get(node, 1.0), seen, sp.compute_s
                 )
+
+    def _placed(self, key: str) -> list[tuple[ModelRequest, ModelProfile, Plan | None]]:
+        """The other models that serve or are being deployed."""
+        return [
+            (m.request, m.profile, m.serving or m.pending)
+            for k, m in self.models.items()
+            if k != key and (m.serving or m.pending)
+        ]
+
+    def _evict(
+        self,
+        st: ModelState,
+        result: Unschedulable,
+        events: list[tuple[str, str, str]],
+        conditions: list[tuple[str, str, str, str]],
+    ) -> StepResult:
+        deleted = self.cluster.delete_revisions(st.ref, keep=set())
+        msg = "refused to make room for higher-priority models: " + "; ".join(result.reasons)
+        events.append(("Warning", "Unschedulable", f"{msg} ({len(deleted)} objects deleted)"))
+        conditions.append(("Planned", "False", "Preempted", msg))
+        conditions.append(("Ready", "False", "Preempted", msg))
+        st.serving, st.pending, st.drain_until, st.unschedulable = None, None, None, result
+        return StepResult("Unschedulable", msg, None, tuple(events), tuple(conditions), result)
 
     def _plan_with_others(
         self,
