@@ -58,6 +58,10 @@ def operator_command(
         Path | None,
         typer.Option(envvar="PARTITA_QUERIES_FILE", help="YAML file of PromQL queries."),
     ] = None,
+    server_image: Annotated[
+        str,
+        typer.Option(envvar="PARTITA_SERVER_IMAGE", help="Image of the stage servers."),
+    ] = "partita-server:0.1.0",
     log_level: Annotated[
         str, typer.Option(envvar="PARTITA_LOG_LEVEL", help="DEBUG, INFO, WARNING or ERROR.")
     ] = "INFO",
@@ -66,7 +70,8 @@ def operator_command(
         typer.Option(help="Serve kopf's liveness probe, e.g. http://0.0.0.0:8080/healthz."),
     ] = None,
 ) -> None:
-    """Watch DevicePools and EdgeModels: count pool nodes, fetch, verify and profile models."""
+    """Watch DevicePools and EdgeModels: fetch, verify and profile models, plan their stages from
+    live metrics, deploy them make-before-break and move them when the cluster changes."""
     import logging
 
     from partita.handlers.registry import OperatorConfig, run
@@ -94,6 +99,7 @@ def operator_command(
         prometheus_url=prometheus_url,
         poll_interval_s=poll_interval,
         queries_file=queries,
+        server_image=server_image,
         liveness_endpoint=liveness,
     )
     run(config)
