@@ -160,3 +160,19 @@ def test_a_serving_model_gives_way_to_a_higher_priority_one() -> None:
     assert r.phase == "Unschedulable" and "higher-priority" in r.message
     assert cluster.deleted_keeping[-1] == set()
     assert svc.models["ns/low"].serving is None
+
+
+def test_a_revision_whose_node_is_lost_while_deploying_is_given_up() -> None:
+    cluster, clock = FakeCluster(ready=False), [0.0]
+    svc = _service(cluster, clock)
+    slow_link = _snapshot(1e6)  # the edge node is chosen
+    svc.step("ns/m", REF, REQUEST, PROFILE, slow_link, metrics_fresh=True)
+    pending = svc.models["ns/m"].pending
+    assert pending is not None and pending.stages[0].pool == "edge"
+    r = svc.step(
+        "ns/m", REF, REQUEST, PROFILE, _snapshot(1e6, edge_ready=False), metrics_fresh=True
+    )
+    assert ("Warning", "DeployFailed") in {(e[0], e[1]) for e in r.events}
+    assert cluster.deleted_keeping[-1] == set()  # nothing served yet, nothing to keep
+    assert cluster.applied[-1] == 2  # planned again without the lost node
+    assert all(s.pool != "edge" for s in svc.models["ns/m"].pending.stages)

@@ -119,6 +119,7 @@ class ModelState:
     last_change: float = -math.inf
     revision: int = 0
     drain_until: float | None = None
+    pending_since: float = 0.0
     unschedulable: Unschedulable | None = None
     # Learned per node from observed stage compute times (1.0: as profiled).
     speed_factors: dict[str, float] = field(default_factory=dict)
@@ -143,6 +144,7 @@ class PlacementService:
     cluster: Cluster
     clock: Callable[[], float]
     drain_s: float = 5.0
+    deploy_timeout_s: float = 180.0  # a revision not ready by then is given up
     # Can the stage servers really cut this plan? The planner's cost model assumes what a
     # stage's shardable work is; `partita.model.shard` has the last word on whether a given
     # stage splits. A refusal makes this model plan without shards from then on.
@@ -189,7 +191,19 @@ class PlacementService:
         # 1. A revision being deployed: switch traffic once every server is ready.
         if st.pending is not None:
             readiness = self.cluster.revision_readiness(ref, st.pending)
-            if not readiness.ready:
+            ready_nodes = {n.name for n in snapshot.nodes if n.ready}
+            lost = sorted(set(st.pending.memory_per_node) - ready_nodes)
+            if not readiness.ready and (lost or now - st.pending_since > self.deploy_timeout_s):
+                # A revision that cannot become ready is given up (the serving one is kept)
+                # and the model is planned again from what the cluster is now.
+                why = f"node(s) {', '.join(lost)} lost" if lost else readiness.detail
+                keep = {st.serving.revision} if st.serving is not None else set()
+                self.cluster.delete_revisions(ref, keep=keep)
+                events.append(
+                    ("Warning", "DeployFailed", f"revision {st.pending.revision} given up: {why}")
+                )
+                st.pending = None
+            elif not readiness.ready:
                 return StepResult(
                     "Deploying",
                     f"revision {st.pending.revision}: {readiness.detail}",
@@ -197,6 +211,7 @@ class PlacementService:
                     tuple(events),
                     tuple(conditions),
                 )
+        if st.pending is not None:
             self.cluster.switch_entry(ref, st.pending.revision)
             moved = st.serving is not None
             st.serving, st.pending = st.pending, None
@@ -354,6 +369,7 @@ class PlacementService:
                 tuple(conditions),
             )
         st.pending = plan
+        st.pending_since = self.clock()
         msg = (
             f"revision {plan.revision}: {plan.describe()}; predicted "
             f"{plan.latency_s * 1000:.1f} ms ({count} objects applied)"
