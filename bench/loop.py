@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 import statistics
-import subprocess
 import tempfile
 import threading
 import time
@@ -22,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from partita.cli.demo import edgemodel_status, kubectl
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -32,20 +33,11 @@ REQUESTS = 30
 
 
 def _kubectl(env: dict[str, str], *args: str, stdin: str | None = None) -> str:
-    return subprocess.run(
-        ["kubectl", *args],
-        env=env,
-        input=stdin,
-        text=True,
-        capture_output=True,
-        check=True,
-        timeout=120,
-    ).stdout
+    return kubectl(env, *args, input=stdin).stdout
 
 
 def _status(env: dict[str, str]) -> dict[str, Any]:
-    out = _kubectl(env, "get", "edgemodel", MODEL, "-n", NAMESPACE, "-o", "json")
-    return json.loads(out).get("status") or {}
+    return edgemodel_status(env, NAMESPACE, MODEL)
 
 
 def _settled(env: dict[str, str], quiet_s: float = 12.0, timeout: float = 150.0) -> dict[str, Any]:

@@ -70,9 +70,10 @@ class Traffic:
         self._stop.set()
 
 
-def _kubectl(
+def kubectl(
     env: dict[str, str], *args: str, input: str | None = None, check: bool = True
 ) -> subprocess.CompletedProcess[str]:
+    """kubectl from the test bed's bin dir (on `env`'s PATH) against `env`'s KUBECONFIG."""
     return subprocess.run(
         ["kubectl", *args],
         env=env,
@@ -84,9 +85,14 @@ def _kubectl(
     )
 
 
-def _status(env: dict[str, str]) -> dict[str, Any]:
-    out = _kubectl(env, "get", "edgemodel", MODEL, "-n", NAMESPACE, "-o", "json", check=False)
+def edgemodel_status(env: dict[str, str], namespace: str, name: str) -> dict[str, Any]:
+    """The EdgeModel's status, or {} while it does not exist."""
+    out = kubectl(env, "get", "edgemodel", name, "-n", namespace, "-o", "json", check=False)
     return (json.loads(out.stdout).get("status") or {}) if out.returncode == 0 else {}
+
+
+def _status(env: dict[str, str]) -> dict[str, Any]:
+    return edgemodel_status(env, NAMESPACE, MODEL)
 
 
 def _edge_model() -> str:
@@ -181,7 +187,7 @@ def run_demo(run_dir: Path, out_dir: Path, keep: bool) -> int:
         "container runtime for it,\n    so the same operator code runs here as a local "
         "process (stage servers are run by the agent)"
     )
-    _kubectl(
+    kubectl(
         env,
         "wait",
         "--for=condition=Established",
@@ -218,9 +224,9 @@ def run_demo(run_dir: Path, out_dir: Path, keep: bool) -> int:
             "==> 3/6 DevicePools edge-a, edge-b (4x slower than cloud) and cloud; EdgeModel "
             "open-nsfw (ResNet-50-class, data source edge-a)"
         )
-        _kubectl(env, "apply", "-f", str(ROOT / "examples/testbed/devicepools.yaml"))
-        _kubectl(env, "create", "namespace", NAMESPACE, check=False)
-        _kubectl(env, "apply", "-f", "-", input=_edge_model())
+        kubectl(env, "apply", "-f", str(ROOT / "examples/testbed/devicepools.yaml"))
+        kubectl(env, "create", "namespace", NAMESPACE, check=False)
+        kubectl(env, "apply", "-f", "-", input=_edge_model())
         status = _wait(
             lambda: (s := _status(env)).get("phase") == "Ready" and s,
             240,
