@@ -178,7 +178,7 @@ def install(log: Log = print, force: bool = False) -> Binaries:
         log(
             f"==> building Kubernetes {KUBE_VERSION} components (etcd, kube-apiserver, "
             "kube-controller-manager, kube-scheduler, kubectl, kwok) as one binary; "
-            "cold: 15-30 min on 2 cores, cached afterwards in " + str(bundle)
+            "cold: about 8-10 min on 2 cores, cached afterwards in " + str(bundle)
         )
         log("  resolving Go modules (downloads on a cold cache)...")
         total = _count_packages(src, ".")
@@ -209,7 +209,7 @@ def install(log: Log = print, force: bool = False) -> Binaries:
     helm_dir = cache_dir() / "build" / f"helm-{HELM_VERSION}"
     if force or not (helm_dir / "helm").exists():
         started = time.monotonic()
-        log(f"==> building helm {HELM_VERSION} (cold: 3-6 min)")
+        log(f"==> building helm {HELM_VERSION} (cold: about 2-5 min)")
         tmp = helm_dir.with_name(helm_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
