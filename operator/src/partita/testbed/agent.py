@@ -493,12 +493,6 @@ class PodRun:
     transitions: dict[str, tuple[str, str]] = field(default_factory=dict)
 
 
-def _exit_code(status: int) -> int:
-    if os.WIFSIGNALED(status):
-        return 128 + os.WTERMSIG(status)
-    return os.WEXITSTATUS(status)
-
-
 @dataclass(frozen=True)
 class AgentInfo:
     """Where the agent's listeners are, as DIR/agent.json records them."""
@@ -885,14 +879,11 @@ class Agent:
 
     def _check_exit(self, run: PodRun, now: float) -> None:
         assert run.pid is not None
-        try:
-            pid, status = os.waitpid(run.pid, os.WNOHANG)
-        except ChildProcessError:
-            pid, status = run.pid, 0
-        if pid == 0:
+        if processes.alive(run.pid):
             return
+        code = processes.exit_code(run.pid)
         run.pid = None
-        run.last_exit = _exit_code(status)
+        run.last_exit = code if code is not None else 1  # unknown: not a clean exit
         run.last_finished = _ts(self._now())
         run.restarts += 1
         run.ready = False
@@ -1037,7 +1028,7 @@ class Agent:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(run.pid, signal.SIGTERM)
         grace = min(float(pod["spec"].get("terminationGracePeriodSeconds", 30)), MAX_GRACE_S)
-        if _reap(run.pid):
+        if not processes.alive(run.pid):
             run.pid = None
             return True
         if now - run.terminating_since >= grace:
@@ -1051,12 +1042,13 @@ class Agent:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(run.pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and not _reap(run.pid):
+        while time.monotonic() < deadline and processes.alive(run.pid):
             time.sleep(0.05)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(run.pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(run.pid, 0)
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and processes.alive(run.pid):
+            time.sleep(0.05)
         run.pid = None
 
     def _forget(self, run: PodRun) -> None:
@@ -1151,15 +1143,6 @@ def _previous_ports(path: Path) -> dict[str, int]:
         return {k: int(v.rsplit(":", 1)[1]) for k, v in doc.items()}
     except (OSError, ValueError, IndexError, AttributeError):
         return {}
-
-
-def _reap(pid: int) -> bool:
-    """True when `pid` (our child) has exited; reaps it."""
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        return not processes.alive(pid)
-    return done == pid
 
 
 def _ts(when: dt.datetime) -> str:

@@ -58,10 +58,31 @@ def start(name: str, argv: list[str], run_dir: Path, env: dict[str, str] | None 
             raise TestbedError(f"cannot start {name} ({argv[0]}): {exc.strerror}") from None
     (run_dir / "pids").mkdir(exist_ok=True)
     (run_dir / "pids" / f"{name}.pid").write_text(str(proc.pid))
+    _children[proc.pid] = proc
     return Process(name, proc.pid, log)
 
 
+# The Popen objects of the processes this process started. Dropping one lets the subprocess
+# module reap that child on the next Popen() and throw its exit status away; kept here, the
+# status stays readable through `exit_code`.
+_children: dict[int, subprocess.Popen[bytes]] = {}
+
+
+def exit_code(pid: int) -> int | None:
+    """A child's exit code (128 + signal when killed), None while it runs or if unknown."""
+    proc = _children.get(pid)
+    if proc is None:
+        return None
+    code = proc.poll()
+    if code is None:
+        return None
+    return 128 - code if code < 0 else code
+
+
 def alive(pid: int) -> bool:
+    proc = _children.get(pid)
+    if proc is not None:
+        return proc.poll() is None
     try:
         waited, _ = os.waitpid(pid, os.WNOHANG)
         if waited == pid:
