@@ -176,3 +176,37 @@ def test_a_revision_whose_node_is_lost_while_deploying_is_given_up() -> None:
     assert cluster.deleted_keeping[-1] == set()  # nothing served yet, nothing to keep
     assert cluster.applied[-1] == 2  # planned again without the lost node
     assert all(s.pool != "edge" for s in svc.models["ns/m"].pending.stages)
+
+
+def test_a_relay_stage_teaches_nothing_about_node_speed() -> None:
+    from partita.kube.placement import ModelState
+    from partita.planner import Compression, ShardPlacement, Stage
+
+    def stage(i: int, start: int, end: int, node: str, pool: str) -> Stage:
+        return Stage(
+            index=i,
+            pool=pool,
+            start=start,
+            end=end,
+            shards=(ShardPlacement(node, 1.0, 0.0, MiB),),
+            inputs=("x",),
+            outputs=("y",),
+            input_compression=Compression.NONE,
+        )
+
+    # Stage 0 relays one operator of four (25% of the FLOPs would count); make it 0 of 4.
+    plan = Plan(
+        request=REQUEST,
+        stages=(stage(0, 0, 0, "edge-1", "edge"), stage(1, 0, 4, "cloud-1", "cloud")),
+        revision=1,
+        output_transfer_s=0.0,
+        latency_s=0.2,
+        throughput_rps=5.0,
+        energy_j=1.0,
+        cost=0.2,
+    )
+    svc = _service(FakeCluster(ready=True), [0.0])
+    st = ModelState(REF, REQUEST, PROFILE, serving=plan)
+    svc._learn(st, PROFILE, _snapshot(1e9), {(0, "edge-1"): 0.002, (1, "cloud-1"): 10.0})
+    assert "edge-1" not in st.speed_factors  # nothing to learn from a relay
+    assert 0.25 <= st.speed_factors["cloud-1"] < 1.0  # much slower than predicted, bounded
