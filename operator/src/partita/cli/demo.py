@@ -260,7 +260,7 @@ def run_demo(run_dir: Path, out_dir: Path, keep: bool) -> int:
         seen_failures = 0
         step_i = 0
         downed: str | None = None
-        while time.monotonic() - t0 < 150:
+        while time.monotonic() - t0 < 200:
             now = time.monotonic() - t0
             if step_i < len(steps) and now >= steps[step_i][0]:
                 _, what, act = steps[step_i]
