@@ -4,28 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cluster_helpers import eventually
+
 ROOT = Path(__file__).resolve().parents[2]
 NAMESPACE = "partita-e2e"
-
-
-def eventually(check: Callable[[], Any], timeout: float, what: str, interval: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"{what} not seen within {timeout} s (last: {last!r})")
-
-
-def get_json(cluster: Any, *args: str) -> dict[str, Any]:
-    return json.loads(cluster.kubectl("get", *args, "-o", "json").stdout)
 
 
 def open_nsfw() -> tuple[Path, str]:

@@ -10,7 +10,9 @@ from typing import Any
 
 import numpy as np
 import pytest
-from e2e_loop import NAMESPACE, edge_model, entry_url, eventually, get_json, open_nsfw
+from e2e_loop import NAMESPACE, edge_model, entry_url, open_nsfw
+
+from cluster_helpers import eventually, get_json
 
 pytestmark = pytest.mark.cluster
 

@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 import yaml
-from api_cluster import ROOT, get_json
+from api_cluster import ROOT
+
+from cluster_helpers import get_json
 
 pytestmark = pytest.mark.cluster
 

@@ -15,7 +15,9 @@ from typing import Any
 
 import pytest
 import yaml
-from api_cluster import ROOT, edge_model, eventually, get_json, tiny_model
+from api_cluster import ROOT, edge_model, tiny_model
+
+from cluster_helpers import eventually, get_json
 
 pytestmark = pytest.mark.cluster
 

@@ -15,14 +15,9 @@ from typing import Any
 
 import onnx
 import pytest
-from api_cluster import (
-    OPEN_NSFW_SHA256,
-    edge_model,
-    eventually,
-    get_json,
-    open_nsfw_path,
-    tiny_model,
-)
+from api_cluster import OPEN_NSFW_SHA256, edge_model, open_nsfw_path, tiny_model
+
+from cluster_helpers import eventually, get_json
 
 pytestmark = pytest.mark.cluster
 
