@@ -21,9 +21,10 @@ from typing import Any, cast
 
 import kopf
 
+from partita.api.conditions import set_condition
 from partita.api.edgemodel import EdgeModel
 from partita.api.errors import ManifestError
-from partita.api.meta import GROUP, VERSION
+from partita.api.meta import GROUP, VERSION, Condition, ConditionStatus
 from partita.kube.actuator import Actuator, ActuatorError
 from partita.kube.calibration import ReferenceSpeeds
 from partita.kube.manifests import ModelRef, RenderError
@@ -100,21 +101,21 @@ def plan_status(plan: Plan, observed_p95_s: float | None) -> dict[str, Any]:
 def merge_conditions(
     old: list[dict[str, Any]], updates: tuple[tuple[str, str, str, str], ...], generation: int
 ) -> list[dict[str, Any]]:
-    by_type = {c["type"]: dict(c) for c in old}
+    """The status conditions with `updates` applied by `partita.api.conditions.set_condition`
+    (the same rule as the reconcile handler: a transition time moves only with the status)."""
+    conditions = tuple(Condition.model_validate(c) for c in old)
+    now = _now_text()
     for type_, status, reason, message in updates:
-        prev = by_type.get(type_)
-        changed = prev is None or prev.get("status") != status
-        by_type[type_] = {
-            "type": type_,
-            "status": status,
-            "reason": reason,
-            "message": message[:1000],
-            "observedGeneration": generation,
-            "lastTransitionTime": _now_text()
-            if changed or prev is None
-            else prev.get("lastTransitionTime", _now_text()),
-        }
-    return list(by_type.values())
+        conditions = set_condition(
+            conditions,
+            type_,
+            ConditionStatus(status),
+            reason,
+            message,
+            now=now,
+            generation=generation,
+        )
+    return [c.model_dump(by_alias=True, mode="json") for c in conditions]
 
 
 def status_patch(
