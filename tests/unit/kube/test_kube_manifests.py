@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from partita.api import labels
 from partita.kube.manifests import (
-    L_ENTRY,
     ModelRef,
     entry_service,
     render_revision,
@@ -97,7 +97,7 @@ def test_sharded_first_stage_gets_a_gateway_that_is_the_entry() -> None:
     entries = [
         n
         for n, d in deployments.items()
-        if d["spec"]["template"]["metadata"]["labels"].get(L_ENTRY) == "true"
+        if d["spec"]["template"]["metadata"]["labels"].get(labels.ENTRY) == "true"
     ]
     assert entries == ["cam-r3-gw"]
     # The gateway runs where the first shard runs.
@@ -122,4 +122,4 @@ def test_entry_service_selects_only_the_serving_revision() -> None:
     assert svc["metadata"]["name"] == "cam"
     assert svc["metadata"]["annotations"]["partita.dev/data-source-pool"] == "edge-a"
     assert svc["spec"]["selector"]["partita.dev/revision"] == "7"
-    assert svc["spec"]["selector"][L_ENTRY] == "true"
+    assert svc["spec"]["selector"][labels.ENTRY] == "true"

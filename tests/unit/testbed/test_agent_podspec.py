@@ -191,18 +191,6 @@ def test_node_speed_and_readiness_from_the_node_object() -> None:
     assert agent.node_speed(node) == 1.0 and not agent.node_ready(node)
 
 
-@pytest.mark.parametrize(
-    ("text", "cores"), [("500m", 0.5), ("2", 2.0), ("1.5", 1.5), ("250m", 0.25)]
-)
-def test_parse_cpu(text: str, cores: float) -> None:
-    assert cgroup.parse_cpu(text) == cores
-
-
-def test_parse_cpu_refuses_nonsense() -> None:
-    with pytest.raises(ValueError, match="cpu quantity"):
-        cgroup.parse_cpu("two")
-
-
 def test_quota_follows_speed_limit_and_noisy_neighbour() -> None:
     assert cgroup.quota_cores(0.25) == 0.25
     assert cgroup.quota_cores(1.0, limit_cores=0.5) == 0.5

@@ -2,40 +2,16 @@
 
 from __future__ import annotations
 
-import re
 from enum import StrEnum
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from partita.api.meta import CONDITIONS, OBJECT, Condition, ObjectMeta, Tier
+from partita.api.quantity import BYTES_PATTERN
 from partita.api.rules import ApiModel, CelRule, StatusModel, parse_manifest
 
-# A positive Kubernetes quantity of bytes: 512Mi, 4Gi, 8G, 1073741824.
-QUANTITY = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|k|M|G|T|P)?$"
-_UNITS = {
-    "": 1,
-    "k": 10**3,
-    "M": 10**6,
-    "G": 10**9,
-    "T": 10**12,
-    "P": 10**15,
-    "Ki": 2**10,
-    "Mi": 2**20,
-    "Gi": 2**30,
-    "Ti": 2**40,
-    "Pi": 2**50,
-}
-
 LabelValue = Annotated[str, Field(max_length=63)]
-
-
-def quantity_bytes(quantity: str) -> int:
-    """Bytes of a quantity such as `4Gi` (the subset `QUANTITY` admits)."""
-    match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)([A-Za-z]*)", quantity)
-    if match is None or match.group(2) not in _UNITS:
-        raise ValueError(f"{quantity!r} is not a quantity like 512Mi or 4Gi")
-    return int(float(match.group(1)) * _UNITS[match.group(2)])
 
 
 class DeviceKind(StrEnum):
@@ -49,7 +25,7 @@ class DeviceHints(ApiModel):
 
     kind: DeviceKind = DeviceKind.CPU
     """The accelerator stages run on. Partita's inference server uses the CPU today."""
-    memory: str | None = Field(None, max_length=32, pattern=QUANTITY)
+    memory: str | None = Field(None, max_length=32, pattern=BYTES_PATTERN)
     """Memory a stage may use on one node (a quantity, e.g. 2Gi); default: the node's
     allocatable memory."""
     throughput_gflops: float | None = Field(None, gt=0, le=1e7)

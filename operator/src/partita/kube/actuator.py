@@ -17,8 +17,9 @@ from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 from kubernetes.dynamic import DynamicClient
 
+from partita.api import labels
 from partita.kube import manifests
-from partita.kube.manifests import FIELD_MANAGER, L_MODEL, L_REVISION, ModelRef
+from partita.kube.manifests import FIELD_MANAGER, ModelRef
 from partita.planner import Plan
 
 
@@ -78,7 +79,7 @@ class Actuator:
             for o in manifests.render_revision(ref, plan)
             if o["kind"] == "Deployment"
         }
-        selector = f"{L_MODEL}={ref.name},{L_REVISION}={plan.revision}"
+        selector = f"{labels.MODEL}={ref.name},{labels.REVISION}={plan.revision}"
         items: list[Any] = self._apps.list_namespaced_deployment(
             ref.namespace, label_selector=selector
         ).items
@@ -99,7 +100,7 @@ class Actuator:
 
     def delete_revisions(self, ref: ModelRef, keep: set[int]) -> list[str]:
         """Delete the Deployments, Services and ConfigMaps of every revision not in `keep`."""
-        selector = f"{L_MODEL}={ref.name},{L_REVISION}"
+        selector = f"{labels.MODEL}={ref.name},{labels.REVISION}"
         deleted = []
         listers = (
             (self._apps.list_namespaced_deployment, self._apps.delete_namespaced_deployment),
@@ -109,7 +110,7 @@ class Actuator:
         for lister, deleter in listers:
             listed: list[Any] = lister(ref.namespace, label_selector=selector).items
             for item in listed:
-                rev = (item.metadata.labels or {}).get(L_REVISION, "")
+                rev = (item.metadata.labels or {}).get(labels.REVISION, "")
                 if rev.isdigit() and int(rev) not in keep:
                     try:
                         deleter(item.metadata.name, ref.namespace, propagation_policy="Background")

@@ -12,20 +12,12 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from partita.api import labels
 from partita.planner import Compression, Plan, Stage
 
 API_GROUP = "partita.dev"
 SERVER_PORT = 8000
-COMPONENT = "stage-server"
 FIELD_MANAGER = "partita-operator"
-
-L_MODEL = "partita.dev/model"
-L_REVISION = "partita.dev/revision"
-L_STAGE = "partita.dev/stage"
-L_SHARD = "partita.dev/shard"
-L_COMPONENT = "partita.dev/component"
-L_ENTRY = "partita.dev/entry"
-A_DATA_SOURCE = "partita.dev/data-source-pool"
 
 
 class RenderError(Exception):
@@ -34,7 +26,7 @@ class RenderError(Exception):
 
 @dataclass(frozen=True)
 class ModelRef:
-    """The EdgeModel that owns the objects (for names, labels and owner references)."""
+    """The EdgeModel that owns the objects (for names, object_labels and owner references)."""
 
     name: str
     namespace: str
@@ -76,18 +68,18 @@ def service_url(name: str, namespace: str) -> str:
 def _labels(
     ref: ModelRef, revision: int, stage: int | None = None, shard: int | None = None
 ) -> dict[str, str]:
-    labels = {
-        "app.kubernetes.io/name": "partita-server",
-        "app.kubernetes.io/managed-by": "partita",
-        L_MODEL: ref.name,
-        L_REVISION: str(revision),
+    object_labels = {
+        labels.NAME: "partita-server",
+        labels.MANAGED_BY: "partita",
+        labels.MODEL: ref.name,
+        labels.REVISION: str(revision),
     }
     if stage is not None:
-        labels[L_STAGE] = str(stage)
-        labels[L_COMPONENT] = COMPONENT
+        object_labels[labels.STAGE] = str(stage)
+        object_labels[labels.COMPONENT] = labels.STAGE_SERVER
     if shard is not None:
-        labels[L_SHARD] = str(shard)
-    return labels
+        object_labels[labels.SHARD] = str(shard)
+    return object_labels
 
 
 def _shard_names(ref: ModelRef, plan: Plan, stage: Stage) -> list[str]:
@@ -200,25 +192,33 @@ def render_revision(
     cpu = plan.request.cpu
     if needs_gateway(plan):
         name = gateway_name(ref.name, plan.revision)
-        labels = {**_labels(ref, plan.revision), L_COMPONENT: COMPONENT, L_STAGE: "gw"}
-        labels[L_ENTRY] = "true"
+        object_labels = {
+            **_labels(ref, plan.revision),
+            labels.COMPONENT: labels.STAGE_SERVER,
+            labels.STAGE: "gw",
+        }
+        object_labels[labels.ENTRY] = "true"
         node = plan.stages[0].shards[0].node
-        objects += _server_objects(ref, name, labels, node, min(cpu, 0.5), 256 * 2**20, specs[name])
+        objects += _server_objects(
+            ref, name, object_labels, node, min(cpu, 0.5), 256 * 2**20, specs[name]
+        )
     for stage in plan.stages:
         names = _shard_names(ref, plan, stage)
         for k, (name, placement) in enumerate(zip(names, stage.shards, strict=True)):
-            labels = _labels(ref, plan.revision, stage.index, k if len(names) > 1 else None)
+            object_labels = _labels(ref, plan.revision, stage.index, k if len(names) > 1 else None)
             if specs[name]["entry"]:
-                labels[L_ENTRY] = "true"
+                object_labels[labels.ENTRY] = "true"
             memory = placement.memory_bytes + memory_overhead
-            objects += _server_objects(ref, name, labels, placement.node, cpu, memory, specs[name])
+            objects += _server_objects(
+                ref, name, object_labels, placement.node, cpu, memory, specs[name]
+            )
     return objects
 
 
 def _server_objects(
     ref: ModelRef,
     name: str,
-    labels: dict[str, str],
+    object_labels: dict[str, str],
     node: str,
     cpu: float,
     memory: int,
@@ -228,7 +228,7 @@ def _server_objects(
     meta = {
         "name": name,
         "namespace": ref.namespace,
-        "labels": labels,
+        "labels": object_labels,
         "ownerReferences": [owner_reference(ref)],
     }
     ports = [{"name": "http", "port": SERVER_PORT, "targetPort": "http"}]
@@ -239,12 +239,12 @@ def _server_objects(
             "metadata": meta,
             "data": {"stage.json": json.dumps(spec, indent=1, sort_keys=True)},
         },
-        _deployment(ref, name, labels, node, cpu, memory, meta),
+        _deployment(ref, name, object_labels, node, cpu, memory, meta),
         {
             "apiVersion": "v1",
             "kind": "Service",
             "metadata": meta,
-            "spec": {"selector": labels, "ports": ports},
+            "spec": {"selector": object_labels, "ports": ports},
         },
     ]
 
@@ -252,7 +252,7 @@ def _server_objects(
 def _deployment(
     ref: ModelRef,
     name: str,
-    labels: dict[str, str],
+    object_labels: dict[str, str],
     node: str,
     cpu: float,
     memory: int,
@@ -266,10 +266,10 @@ def _deployment(
         "metadata": meta,
         "spec": {
             "replicas": 1,
-            "selector": {"matchLabels": labels},
+            "selector": {"matchLabels": object_labels},
             "strategy": {"type": "Recreate"},
             "template": {
-                "metadata": {"labels": labels},
+                "metadata": {"labels": object_labels},
                 "spec": {
                     "affinity": {
                         "nodeAffinity": {
@@ -343,10 +343,10 @@ def _deployment(
 def entry_service(ref: ModelRef, revision: int) -> dict[str, Any]:
     """The stable Service clients call; it selects the serving revision's entry server."""
     selector = {
-        L_MODEL: ref.name,
-        L_REVISION: str(revision),
-        L_ENTRY: "true",
-        L_COMPONENT: COMPONENT,
+        labels.MODEL: ref.name,
+        labels.REVISION: str(revision),
+        labels.ENTRY: "true",
+        labels.COMPONENT: labels.STAGE_SERVER,
     }
     return {
         "apiVersion": "v1",
@@ -354,8 +354,8 @@ def entry_service(ref: ModelRef, revision: int) -> dict[str, Any]:
         "metadata": {
             "name": ref.name,
             "namespace": ref.namespace,
-            "labels": {L_MODEL: ref.name, "app.kubernetes.io/managed-by": "partita"},
-            "annotations": {A_DATA_SOURCE: ref.data_source_pool},
+            "labels": {labels.MODEL: ref.name, labels.MANAGED_BY: "partita"},
+            "annotations": {labels.DATA_SOURCE_POOL: ref.data_source_pool},
             "ownerReferences": [owner_reference(ref)],
         },
         "spec": {
@@ -372,7 +372,7 @@ def token_secret(ref: ModelRef, token: str) -> dict[str, Any]:
         "metadata": {
             "name": ref.secret_name,
             "namespace": ref.namespace,
-            "labels": {L_MODEL: ref.name, "app.kubernetes.io/managed-by": "partita"},
+            "labels": {labels.MODEL: ref.name, labels.MANAGED_BY: "partita"},
             "ownerReferences": [owner_reference(ref)],
         },
         "type": "Opaque",

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from partita.api.quantity import cpu_cores
 from partita.testbed import cgroup, processes
 from partita.testbed.errors import TestbedError
 from partita.testbed.netshape import (
@@ -198,8 +199,8 @@ def _resource_ref(container: Mapping[str, Any], ref: Mapping[str, Any]) -> str:
     if value is None:
         return "0"
     if res == "cpu":
-        divisor = cgroup.parse_cpu(ref.get("divisor", "1"))
-        return str(max(1, int(-(-cgroup.parse_cpu(value) // divisor))))
+        divisor = cpu_cores(ref.get("divisor", "1"))
+        return str(max(1, int(-(-cpu_cores(value) // divisor))))
     return str(value)
 
 
@@ -344,7 +345,7 @@ def backoff(restarts: int) -> float:
 
 def cpu_limit(container: Mapping[str, Any]) -> float | None:
     limits = (container.get("resources") or {}).get("limits") or {}
-    return cgroup.parse_cpu(limits["cpu"]) if "cpu" in limits else None
+    return cpu_cores(limits["cpu"]) if "cpu" in limits else None
 
 
 def node_speed(node: Mapping[str, Any]) -> float:

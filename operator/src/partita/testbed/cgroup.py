@@ -13,7 +13,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,17 +23,6 @@ PERIOD_US = 20_000
 MIN_QUOTA_US = 1_000  # the kernel refuses less
 V1_ROOT = Path("/sys/fs/cgroup/cpu")
 V2_ROOTS = (Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup"))
-
-_CPU_RE = re.compile(r"^([0-9]*\.?[0-9]+)(m?)$")
-
-
-def parse_cpu(quantity: str) -> float:
-    """A Kubernetes cpu quantity in cores: '500m' -> 0.5, '2' -> 2.0."""
-    m = _CPU_RE.match(str(quantity).strip())
-    if not m:
-        raise ValueError(f"{quantity!r} is not a cpu quantity (e.g. 500m or 2)")
-    value = float(m.group(1))
-    return value / 1000 if m.group(2) else value
 
 
 def quota_cores(
