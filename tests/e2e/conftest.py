@@ -14,7 +14,7 @@ from e2e_loop import NAMESPACE, ROOT
 @pytest.fixture(scope="module")
 def loop(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """CRDs, test bed pools, a namespace, and the operator with placement and metrics."""
-    from partita.handlers.outcome import Backoff
+    from partita.control.outcome import Backoff
     from partita.handlers.registry import OperatorConfig, run
 
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))

@@ -74,7 +74,7 @@ def test_ready_with_a_plan_and_answers_like_the_whole_model(served: Any) -> None
         "-l",
         f"partita.dev/model={MODEL},partita.dev/revision={plan['revision']}",
     )
-    assert len(deps["items"]) == sum(s["shards"] for s in plan["stages"])
+    assert len(deps["items"]) == sum(len(s["shards"]) for s in plan["stages"])
     for d in deps["items"]:
         assert d["metadata"]["ownerReferences"][0]["kind"] == "EdgeModel"
 

@@ -45,7 +45,7 @@ def operator(
     crds: Any, api_namespace: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Any]:
     """`partita.handlers.registry.run` in a thread, watching the test namespace."""
-    from partita.handlers.outcome import Backoff
+    from partita.control.outcome import Backoff
     from partita.handlers.registry import OperatorConfig, run
 
     config = OperatorConfig(

@@ -77,8 +77,8 @@ def test_printer_columns_show_values(pools: Any, api_namespace: str) -> None:
                 "predictedP95Ms": 41.5,
                 "observedP95Ms": 44.25,
                 "stages": [
-                    {"index": 0, "pool": "edge-a", "nodes": ["edge-a-1"], "shards": 1},
-                    {"index": 1, "pool": "cloud", "nodes": ["cloud-1"], "shards": 1},
+                    {"index": 0, "pool": "edge-a", "nodes": ["edge-a-1"]},
+                    {"index": 1, "pool": "cloud", "nodes": ["cloud-1"]},
                 ],
             },
         }

@@ -28,14 +28,13 @@ import pytest
 from partita.metrics import (
     Expectation,
     HopKey,
-    MetricsReader,
     Observation,
-    PollLoop,
     Queries,
     StageKey,
     significant_change,
 )
 from partita.metrics.queries import CHART_KEYS
+from partita.metrics.reader import MetricsReader, PollLoop
 from partita.testbed import processes, prometheus, simstate
 from partita.testbed.layout import parse_nodes
 from partita.testbed.simstate import SimState, apply_assignment

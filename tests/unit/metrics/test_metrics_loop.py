@@ -7,7 +7,8 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from partita.metrics import Expectation, NodeUsage, Observation, PollLoop
+from partita.metrics import Expectation, NodeUsage, Observation
+from partita.metrics.reader import PollLoop
 
 
 class Script:

@@ -18,10 +18,9 @@ from partita.metrics import (
     StageObservation,
     build_observation,
     is_stale,
-    parse_query_response,
     significant_change,
 )
-from partita.metrics.reader import QueryFailed
+from partita.metrics.reader import QueryFailed, parse_query_response
 
 
 def vector(*series: tuple[dict[str, str], float | str]) -> dict[str, Any]:

@@ -101,11 +101,8 @@ class DevicePoolStatus(StatusModel):
     nodes: list[str] = Field(default_factory=list, max_length=1000)
     """Names of the matching nodes."""
     throughput_gflops: float | None = Field(None, ge=0)
-    """Speed of one stage container in GFLOP/s: declared, or profiled."""
-    observed_bandwidth_mbps: float | None = Field(None, ge=0)
-    """Uplink bandwidth last measured through Prometheus, in Mbit/s."""
-    observed_rtt_ms: float | None = Field(None, ge=0)
-    """Uplink round-trip time last measured through Prometheus, in milliseconds."""
+    """Declared speed of one stage container in GFLOP/s (spec.device.throughputGflops); a
+    pool without one is profiled per model (see each EdgeModel's status.nodeSpeeds)."""
     conditions: list[Condition] = Field(
         default_factory=list, max_length=16, json_schema_extra=CONDITIONS
     )

@@ -325,29 +325,50 @@ class ModelStatus(StatusModel):
     """Useful places the model can be cut."""
 
 
+class ShardStatus(StatusModel):
+    """One server of a stage: the node it is pinned to and its share of the stage's work."""
+
+    node: str
+    """Node the server runs on."""
+    proportion: float = Field(1.0, ge=0, le=1)
+    """Share of the stage's splittable work (1 when the stage is not split)."""
+
+
 class StageStatus(StatusModel):
-    """One stage of the current plan."""
+    """One stage of a plan: graph nodes [start, end) of the profiled model in one pool."""
 
     index: int = Field(ge=0)
     pool: str
     """DevicePool the stage runs on."""
+    start: int = Field(0, ge=0)
+    """First graph node of the stage (in the profile's topological order)."""
+    end: int = Field(0, ge=0)
+    """One past its last graph node."""
     nodes: list[str] = Field(default_factory=list)
-    """Nodes of its shards (one for an unsharded stage)."""
+    """Nodes of its servers (one for an unsharded stage)."""
+    shards: list[ShardStatus] = Field(default_factory=list)
+    """Its servers: one, or one per device it is split across."""
     inputs: list[str] = Field(default_factory=list)
-    """Tensors the stage receives."""
+    """Tensors the stage receives (the first 16)."""
     outputs: list[str] = Field(default_factory=list)
-    """Tensors the stage sends on."""
-    shards: int = Field(1, ge=1)
-    """Devices the stage is split across."""
+    """Tensors the stage sends on (the first 16)."""
     compression: Compression = Compression.NONE
-    """Encoding of the stage's outputs on the wire."""
+    """Encoding of the tensors arriving at this stage on the wire."""
+    int8: bool = False
+    """The stage runs an int8-quantized slice."""
+    predicted_compute_ms: float | None = Field(None, ge=0)
+    """Compute time per request the planner predicts for the stage's slowest server, in ms."""
+    predicted_transfer_ms: float | None = Field(None, ge=0)
+    """Time to bring its inputs from the previous stage (or the data source), in ms."""
 
 
 class PlanStatus(StatusModel):
-    """The plan being served: where each stage runs and what is predicted and observed."""
+    """A plan revision: where each stage runs and what is predicted and observed."""
 
     revision: int = Field(0, ge=0)
     """Increases with every new plan."""
+    since: str = Field("", max_length=64)
+    """When it started serving (for the plan) or was applied (for a rollout), RFC 3339."""
     stage_count: int = Field(0, ge=0)
     """Number of stages."""
     pools: str = Field("", max_length=1024)
@@ -355,11 +376,23 @@ class PlanStatus(StatusModel):
     stages: list[StageStatus] = Field(default_factory=list)
     """The stages."""
     predicted_p95_ms: float | None = Field(None, ge=0)
-    """p95 end-to-end latency the planner predicts, in ms."""
+    """End-to-end latency the planner predicts, in ms."""
     observed_p95_ms: float | None = Field(None, ge=0)
     """p95 end-to-end latency measured by the inference servers, in ms."""
     reasons: list[str] = Field(default_factory=list)
     """Why this plan (and not another), in the planner's words."""
+
+
+class NodeSpeedStatus(StatusModel):
+    """How fast one stage container computes this model on one node, and where that is from."""
+
+    node: str
+    gflops: float = Field(ge=0)
+    """GFLOP/s the planner uses for this model on the node."""
+    source: str = Field(max_length=16)
+    """declared (the DevicePool's throughputGflops), profiled (the reference speed measured
+    for this model times the pool's speedFactor) or learned (profiled, corrected by the
+    compute times the node's servers reported)."""
 
 
 class EdgeModelStatus(StatusModel):
@@ -378,7 +411,12 @@ class EdgeModelStatus(StatusModel):
     model: ModelStatus | None = None
     """The verified and profiled model."""
     plan: PlanStatus | None = None
-    """The current plan."""
+    """The plan serving traffic."""
+    rollout: PlanStatus | None = None
+    """A new plan being deployed next to the serving one; it takes the traffic once every
+    one of its servers is ready."""
+    node_speeds: list[NodeSpeedStatus] = Field(default_factory=list, max_length=1000)
+    """Speed of each node the plan uses, and how it was obtained."""
 
 
 class EdgeModel(BaseModel):

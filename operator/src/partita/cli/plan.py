@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from partita.planner.manifests import __doc__ as CLUSTER_FORMAT
+from partita.control.inputs import CLUSTER_FILE_FORMAT as CLUSTER_FORMAT
 
 if TYPE_CHECKING:
     from partita.model.types import ModelProfile
@@ -40,14 +40,21 @@ def load_profile(model: str, inputs: list[str]) -> ModelProfile:
 def load_cluster(path: Path, reference_gflops: float) -> ClusterSnapshot:
     import yaml
 
-    from partita.planner.manifests import snapshot_from_manifests
+    from partita.control.inputs import (
+        InputError,
+        apply_observation,
+        cluster_from_documents,
+        snapshot_from_pools,
+    )
 
     try:
         docs = list(yaml.safe_load_all(path.read_text()))
-    except (OSError, yaml.YAMLError) as exc:
+        pools, nodes, observation = cluster_from_documents(docs)
+    except (OSError, yaml.YAMLError, InputError) as exc:
         _fail(f"--cluster {path}: {exc}")
         raise
-    return snapshot_from_manifests(docs, reference_gflops=reference_gflops)
+    snapshot = snapshot_from_pools(pools, nodes, reference_gflops=reference_gflops)
+    return apply_observation(snapshot, observation)
 
 
 def draw_timeline(plan: Plan, out: Path, title: str = "") -> None:

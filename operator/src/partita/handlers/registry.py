@@ -1,5 +1,11 @@
-"""The kopf wiring: a fresh registry per operator run (no handlers registered at import time)
-and `run()`, which the CLI and the integration tests both call."""
+"""The kopf wiring: a fresh registry per operator run (no handlers at import time) and `run()`.
+
+Handlers are one screen long: parse the object, call a service of `partita.control`, apply
+the `Outcome` it returns (`apply_outcome`: the status by server-side apply under the writer's
+field manager, the Events, retries as kopf errors). Indexes hold the Nodes,
+DevicePools, EdgeModels and stage Deployments; the control loop reads them, and every watch
+event wakes it.
+"""
 
 from __future__ import annotations
 
@@ -7,23 +13,37 @@ import asyncio
 import datetime
 import logging
 import threading
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
 import kopf
 
+from partita.api import labels
 from partita.api.devicepool import DevicePool
 from partita.api.edgemodel import EdgeModel
 from partita.api.errors import ManifestError
 from partita.api.meta import GROUP, VERSION
 from partita.api.rules import plain
-from partita.handlers.devicepool import node_view, reconcile_pool, status_changed
-from partita.handlers.edgemodel import Profiler, default_profiler, reconcile_model
-from partita.handlers.outcome import Backoff, Outcome
+from partita.control.catalog import Catalog
+from partita.control.inputs import NodeInfo, node_info
+from partita.control.loop import ControlLoop, DeploymentInfo, LoopConfig, deployment_info
+from partita.control.models import reconcile_model
+from partita.control.outcome import Backoff, Outcome
+from partita.control.pools import reconcile_pool, status_changed
+from partita.kube.actuator import Actuator, ActuatorError
+from partita.kube.events import EventRecorder
 from partita.kube.fetch import DEFAULT_MAX_BYTES, ModelFetcher, kube_configmap_reader
+from partita.kube.status import StatusWriter
 
 ANNOTATION_PREFIX = "kopf.partita.dev"
+# Field managers of the status writers (see partita.kube.status).
+MODEL_MANAGER = "partita-models"
+POOL_MANAGER = "partita-pools"
+LOOP_MANAGER = "partita-control"
+
+log = logging.getLogger("partita.handlers")
 
 
 @dataclass(frozen=True)
@@ -36,16 +56,12 @@ class OperatorConfig:
     peering: str | None = None  # None: kopf's default peering, standalone when absent
     standalone: bool = False
     max_model_bytes: int = DEFAULT_MAX_BYTES
-    # Read by the metrics loop (partita.metrics), passed through from the chart's values.
-    prometheus_url: str | None = None
+    prometheus_url: str | None = None  # None: no metrics, plans from declared figures only
     poll_interval_s: float = 15.0
     queries_file: Path | None = None
     backoff: Backoff = field(default_factory=Backoff)
     liveness_endpoint: str | None = None
-    profile: bool = True  # False: skip model analysis (Profiled=Unknown)
-    place: bool = True  # False: stop after profiling (no plans, no stage servers)
     server_image: str = "partita-server:0.1.0"
-    placement_interval_s: float = 2.0
 
 
 def _now() -> str:
@@ -86,36 +102,87 @@ def _connection(api_client: Any) -> kopf.ConnectionInfo:
     )
 
 
-def _apply(outcome: Outcome, body: kopf.Body, patch: kopf.Patch) -> None:
-    for key, value in outcome.status.items():
-        patch.status[key] = value
-    for event in outcome.events:
-        kopf.event(body, type=event.type.value, reason=event.reason, message=event.message)
+class Reporter:
+    """Applies an Outcome to the object it is about, the same way for every writer: the
+    status by server-side apply under the writer's field manager, then its Events."""
+
+    def __init__(self, writer: StatusWriter, events: EventRecorder, manager: str) -> None:
+        self._writer, self._events, self._manager = writer, events, manager
+
+    def __call__(self, body: Mapping[str, Any], outcome: Outcome) -> None:
+        if outcome.status:
+            self._writer.apply(body, outcome.status, self._manager)
+        for event in outcome.events:
+            try:
+                self._events.post(body, event.type.value, event.reason, event.message)
+            except ActuatorError as exc:  # an Event lost is not worth a retry of the step
+                log.warning("%s", exc)
+
+
+def apply_outcome(report: Reporter, body: Mapping[str, Any], outcome: Outcome) -> None:
+    """Write the outcome, then retry or stop as it says (kopf's own back-off)."""
+    try:
+        report(body, outcome)
+    except ActuatorError as exc:
+        raise kopf.TemporaryError(str(exc), delay=10) from None
     if outcome.permanent_error is not None:
         raise kopf.PermanentError(outcome.permanent_error)
     if outcome.retry_after_s is not None:
-        raise kopf.TemporaryError(outcome.status.get("message", ""), delay=outcome.retry_after_s)
+        raise kopf.TemporaryError("retrying", delay=outcome.retry_after_s)
+
+
+@dataclass(frozen=True)
+class IndexView:
+    """The control loop's view of the cluster: what kopf's indexes hold now."""
+
+    nodes_index: kopf.Index[str, NodeInfo]
+    pools_index: kopf.Index[str, dict[str, Any]]
+    models_index: kopf.Index[str, dict[str, Any]]
+    deployments_index: kopf.Index[str, DeploymentInfo]
+
+    def models(self) -> Iterable[Mapping[str, Any]]:
+        return list(self.models_index.get("all", []))
+
+    def pools(self) -> Iterable[Mapping[str, Any]]:
+        return list(self.pools_index.get("all", []))
+
+    def nodes(self) -> Iterable[NodeInfo]:
+        return list(self.nodes_index.get("all", []))
+
+    def deployments(self) -> Iterable[DeploymentInfo]:
+        return list(self.deployments_index.get("all", []))
 
 
 def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     """A registry with Partita's handlers bound to `config`."""
+    from kubernetes import client
+
+    from partita.model.profile import profile_model
+
     registry = kopf.OperatorRegistry()
     api_client = _api_client(config.kubeconfig)
     in_cluster = (
         config.kubeconfig is None
         and Path("/var/run/secrets/kubernetes.io/serviceaccount/token").is_file()
     )
-
-    from kubernetes import client
-
     fetcher = ModelFetcher(
         config.cache_dir / "models",
         max_bytes=config.max_model_bytes,
         read_configmap=kube_configmap_reader(client.CoreV1Api(api_client)),
     )
-    profiler: Profiler | None = (
-        default_profiler(config.cache_dir / "profiles") if config.profile else None
-    )
+    profiles = config.cache_dir / "profiles"
+
+    def profiler(path: Path, shapes: Mapping[str, Any] | None) -> Any:
+        return profile_model(path, shapes, cache_dir=profiles)
+
+    writer, events = StatusWriter(api_client), EventRecorder(api_client)
+    models_report = Reporter(writer, events, MODEL_MANAGER)
+    pools_report = Reporter(writer, events, POOL_MANAGER)
+    loop_holder: list[ControlLoop] = []
+
+    def wake(**_: Any) -> None:
+        for loop in loop_holder:
+            loop.wake()
 
     @kopf.on.startup(registry=registry)
     def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
@@ -137,34 +204,52 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
             return kopf.login_with_service_account(**kwargs)
         return _connection(api_client)
 
+    # ---- indexes: what the loop reads ------------------------------------------------------
+
     @kopf.index("", "v1", "nodes", registry=registry, id="nodes")
-    def index_node(body: kopf.Body, **_: Any) -> dict[str, Any]:
-        return {"all": node_view(body)}
+    def index_node(body: kopf.Body, **_: Any) -> dict[str, NodeInfo]:
+        return {"all": node_info(body)}
 
     @kopf.index(GROUP, VERSION, "devicepools", registry=registry, id="pools")
     def index_pool(body: kopf.Body, **_: Any) -> dict[str, Any]:
         return {"all": plain(body)}
 
-    def pool_handler(body: kopf.Body, patch: kopf.Patch, nodes: kopf.Index, **_: Any) -> None:
+    @kopf.index(GROUP, VERSION, "edgemodels", registry=registry, id="models")
+    def index_model(body: kopf.Body, **_: Any) -> dict[str, Any]:
+        return {"all": plain(body)}
+
+    stage_servers = {labels.COMPONENT: labels.STAGE_SERVER}
+
+    @kopf.index(
+        "apps", "v1", "deployments", labels=stage_servers, registry=registry, id="deployments"
+    )
+    def index_deployment(body: kopf.Body, **_: Any) -> dict[str, DeploymentInfo] | None:
+        info = deployment_info(body)
+        return {"all": info} if info is not None else None
+
+    # ---- DevicePools: count the nodes ------------------------------------------------------
+
+    def pool_handler(body: kopf.Body, nodes: kopf.Index[str, NodeInfo], **_: Any) -> None:
         try:
             pool = DevicePool.parse(body)
         except ManifestError as exc:
             raise kopf.PermanentError(str(exc)) from None
         outcome = reconcile_pool(pool, nodes.get("all", []), now=_now())
         if status_changed(body.get("status"), outcome.status):
-            _apply(outcome, body, patch)
+            apply_outcome(pools_report, body, outcome)
+        wake()
 
-    pools = (GROUP, VERSION, "devicepools")
-    on_pool = cast(Any, pool_handler)  # kopf's protocols list every kwarg; we take a few
     for decorator in (kopf.on.create, kopf.on.update, kopf.on.resume):
-        decorator(*pools, registry=registry, id="pool-status")(on_pool)
+        decorator(GROUP, VERSION, "devicepools", registry=registry, id="pool-status")(
+            cast(Any, pool_handler)
+        )
 
-    # Nodes come, go and flip Ready without the pools changing: recount on node events
-    # (a timer per pool would put a finalizer on every pool and block its deletion while
-    # the operator is down).
-    custom = client.CustomObjectsApi(api_client)
-
-    def node_changed(nodes: kopf.Index, pools: kopf.Index, **_: Any) -> None:
+    # Nodes come, go and flip Ready without the pools changing: recount on node events (a
+    # timer per pool would put a finalizer on every pool and block its deletion while the
+    # operator is down).
+    def node_changed(
+        nodes: kopf.Index[str, NodeInfo], pools: kopf.Index[str, Any], **_: Any
+    ) -> None:
         views = list(nodes.get("all", []))
         for body in pools.get("all", []):
             try:
@@ -173,17 +258,14 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
                 continue  # its own handler reports it
             outcome = reconcile_pool(pool, views, now=_now())
             if status_changed(body.get("status"), outcome.status):
-                custom.patch_cluster_custom_object_status(
-                    GROUP, VERSION, "devicepools", pool.metadata.name, {"status": outcome.status}
-                )
-                for event in outcome.events:
-                    kopf.event(
-                        body, type=event.type.value, reason=event.reason, message=event.message
-                    )
+                pools_report(body, outcome)
+        wake()
 
     kopf.on.event("", "v1", "nodes", registry=registry, id="node-changed")(cast(Any, node_changed))
 
-    def model_handler(body: kopf.Body, patch: kopf.Patch, retry: int, **_: Any) -> None:
+    # ---- EdgeModels: fetch and profile; the loop does the rest -----------------------------
+
+    def model_handler(body: kopf.Body, retry: int, **_: Any) -> None:
         try:
             model = EdgeModel.parse(body)
         except ManifestError as exc:
@@ -191,52 +273,65 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         outcome = reconcile_model(
             model, fetcher, profiler, now=_now(), retry=retry, backoff=config.backoff
         )
-        _apply(outcome, body, patch)
+        apply_outcome(models_report, body, outcome)
 
-    models = (GROUP, VERSION, "edgemodels")
     on_model = cast(Any, model_handler)
-    kopf.on.create(*models, registry=registry, id="model")(on_model)
-    kopf.on.update(*models, registry=registry, id="model", field="spec")(on_model)
-    kopf.on.resume(*models, registry=registry, id="model")(on_model)
-    if config.place and profiler is not None:
-        _register_placement(registry, config, api_client, fetcher, profiler)
+    kopf.on.create(GROUP, VERSION, "edgemodels", registry=registry, id="model")(on_model)
+    kopf.on.update(GROUP, VERSION, "edgemodels", registry=registry, id="model", field="spec")(
+        on_model
+    )
+    kopf.on.resume(GROUP, VERSION, "edgemodels", registry=registry, id="model")(on_model)
+
+    for resource, name in (
+        ((GROUP, VERSION, "edgemodels"), "wake-models"),
+        ((GROUP, VERSION, "devicepools"), "wake-pools"),
+    ):
+        kopf.on.event(*resource, registry=registry, id=name)(cast(Any, wake))
+    kopf.on.event("apps", "v1", "deployments", labels=stage_servers, registry=registry,
+                  id="wake-deployments")(cast(Any, wake))  # fmt: skip
+
+    # ---- the control loop and the metrics poll: one task each ------------------------------
+
+    tasks: list[asyncio.Task[None]] = []
+
+    async def start(
+        nodes: kopf.Index[str, NodeInfo],
+        pools: kopf.Index[str, Any],
+        models: kopf.Index[str, Any],
+        deployments: kopf.Index[str, DeploymentInfo],
+        **_: Any,
+    ) -> None:
+        loop = ControlLoop(
+            IndexView(nodes, pools, models, deployments),
+            Actuator(api_client),
+            Reporter(writer, events, LOOP_MANAGER),
+            Catalog(fetcher, profiler),
+            LoopConfig(image=config.server_image, metrics_max_age_s=4 * config.poll_interval_s),
+        )
+        loop_holder.append(loop)
+        tasks.append(asyncio.create_task(loop.run(), name="partita-control"))
+        if config.prometheus_url:
+            tasks.append(asyncio.create_task(_poll(config, loop), name="partita-metrics"))
+
+    kopf.on.startup(registry=registry, id="control-loop")(cast(Any, start))
+
+    @kopf.on.cleanup(registry=registry, id="control-loop-stop")
+    async def stop(**_: Any) -> None:
+        for task in tasks:
+            task.cancel()
+
     return registry
 
 
-def _register_placement(
-    registry: kopf.OperatorRegistry,
-    config: OperatorConfig,
-    api_client: Any,
-    fetcher: ModelFetcher,
-    profiler: Profiler,
-) -> None:
-    """The closed loop: the metrics poll and the placement loop over profiled models."""
-    from partita.handlers import placement
+async def _poll(config: OperatorConfig, loop: ControlLoop) -> None:
+    """The operator's single Prometheus poll; every observation goes to the loop."""
+    from partita.metrics.queries import Queries
+    from partita.metrics.reader import MetricsReader, PollLoop
 
-    loaded: dict[tuple[str, str | None, str], tuple[Path, Any]] = {}
-
-    def load(model: EdgeModel) -> tuple[Path, Any] | None:
-        spec = model.spec
-        key = (spec.source.uri, spec.source.sha256, repr(sorted(spec.input_shapes.items())))
-        if key not in loaded:
-            fetched = fetcher.fetch(
-                spec.source.uri, spec.source.sha256, namespace=model.metadata.namespace
-            )
-            shapes = {k: list(v) for k, v in spec.input_shapes.items()} or None
-            loaded[key] = (fetched.path, profiler(fetched.path, shapes))
-        return loaded[key]
-
-    metrics = placement.MetricsState()
-    loop = placement.PlacementLoop(
-        api_client,
-        load,
-        metrics,
-        image=config.server_image,
-        interval_s=config.placement_interval_s,
-    )
-    placement.register(registry, loop)
-    if config.prometheus_url:
-        placement.register_metrics(registry, config, metrics)
+    assert config.prometheus_url is not None
+    queries = Queries.load(config.queries_file) if config.queries_file else Queries()
+    async with MetricsReader(config.prometheus_url, queries) as reader:
+        await PollLoop(reader, config.poll_interval_s, loop.observe).run()
 
 
 def run(

@@ -1,17 +1,16 @@
-"""Carry out a plan revision on the cluster: server-side apply, readiness, make-before-break.
+"""Carry out a plan revision on the cluster: server-side apply, entry switch, deletion.
 
-The order is what keeps traffic flowing while a model moves: (1) apply the new
-revision's ConfigMaps, Deployments and Services next to the old ones; (2) wait until
-every new Deployment is ready; (3) point the entry Service at the new revision; (4) only
-then delete older revisions, after a drain period for requests already in flight.
-Nothing that still serves traffic is deleted before its replacement is ready.
+The control loop decides the order that keeps traffic flowing while a model moves: apply the
+new revision's ConfigMaps, Deployments and Services next to the old ones; point the entry
+Service at it once every new server is ready; delete older revisions only after a drain
+period for requests already in flight. Nothing here decides; every call is idempotent.
 """
 
 from __future__ import annotations
 
+import json
 import secrets
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
@@ -24,26 +23,37 @@ from partita.planner import Plan
 
 
 class ActuatorError(Exception):
-    """The cluster refused an object; the message names it."""
+    """The API server refused a call; `reason` is its CamelCase reason (Forbidden, Invalid,
+    Conflict...) and the message names the object."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
-@dataclass(frozen=True)
-class Readiness:
-    ready: bool
-    detail: str  # which Deployments are not ready yet, and why
+def api_error(exc: ApiException, what: str) -> ActuatorError:
+    """An ActuatorError naming `what`, with the Status reason and message the server sent."""
+    reason, message = "", ""
+    try:
+        doc = json.loads(exc.body or "")
+        reason, message = str(doc.get("reason") or ""), str(doc.get("message") or "")
+    except (TypeError, ValueError):
+        pass
+    reason = reason or (str(exc.reason or "").title().replace(" ", "") or "ApiError")
+    return ActuatorError(reason, f"{what}: {exc.status} {reason}: {message or exc.reason}"[:1000])
 
 
 class Actuator:
     def __init__(self, api_client: client.ApiClient) -> None:
-        self._api = api_client
         self._dynamic = DynamicClient(api_client)
         self._core = client.CoreV1Api(api_client)
         self._apps = client.AppsV1Api(api_client)
 
     def _apply(self, obj: dict[str, Any]) -> None:
-        resource = self._dynamic.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
         meta = obj["metadata"]
+        what = f"{obj['kind']} {meta.get('namespace')}/{meta['name']}"
         try:
+            resource = self._dynamic.resources.get(api_version=obj["apiVersion"], kind=obj["kind"])
             resource.server_side_apply(
                 body=obj,
                 name=meta["name"],
@@ -52,48 +62,25 @@ class Actuator:
                 force_conflicts=True,
             )
         except ApiException as exc:
-            raise ActuatorError(
-                f"{obj['kind']} {meta.get('namespace')}/{meta['name']}: {exc.status} {exc.reason}: "
-                f"{(exc.body or '')[:300]}"
-            ) from None
+            raise api_error(exc, f"cannot apply {what}") from None
 
-    def ensure_token(self, ref: ModelRef) -> None:
-        """The stage-to-stage token Secret, created once and kept across revisions."""
+    def ensure_token(self, ref: ModelRef, revision: int) -> None:
+        """The revision's stage-to-stage token Secret: created once, never read back (the
+        operator needs no read access to Secrets), gone with the revision."""
+        secret = manifests.token_secret(ref, revision, secrets.token_urlsafe(32))
         try:
-            self._core.read_namespaced_secret(ref.secret_name, ref.namespace)
+            self._core.create_namespaced_secret(ref.namespace, cast(Any, secret))
         except ApiException as exc:
-            if exc.status != 404:
-                raise ActuatorError(f"Secret {ref.secret_name}: {exc.reason}") from None
-            self._apply(manifests.token_secret(ref, secrets.token_urlsafe(32)))
+            if exc.status != 409:  # AlreadyExists: made by an earlier attempt, keep it
+                name = secret["metadata"]["name"]
+                raise api_error(exc, f"cannot create Secret {ref.namespace}/{name}") from None
 
     def apply_revision(self, ref: ModelRef, plan: Plan) -> int:
-        self.ensure_token(ref)
+        self.ensure_token(ref, plan.revision)
         objects = manifests.render_revision(ref, plan)
         for obj in objects:
             self._apply(obj)
         return len(objects)
-
-    def revision_readiness(self, ref: ModelRef, plan: Plan) -> Readiness:
-        expected = {
-            o["metadata"]["name"]
-            for o in manifests.render_revision(ref, plan)
-            if o["kind"] == "Deployment"
-        }
-        selector = f"{labels.MODEL}={ref.name},{labels.REVISION}={plan.revision}"
-        items: list[Any] = self._apps.list_namespaced_deployment(
-            ref.namespace, label_selector=selector
-        ).items
-        found = {d.metadata.name: d for d in items}
-        waiting = []
-        for name in sorted(expected):
-            d = found.get(name)
-            if d is None:
-                waiting.append(f"{name}: missing")
-                continue
-            ready = (d.status.ready_replicas or 0) if d.status else 0
-            if ready < (d.spec.replicas or 1):
-                waiting.append(f"{name}: {ready}/{d.spec.replicas} ready")
-        return Readiness(not waiting, "; ".join(waiting) or "all stage servers ready")
 
     def switch_entry(self, ref: ModelRef, revision: int) -> None:
         self._apply(manifests.entry_service(ref, revision))
@@ -102,20 +89,37 @@ class Actuator:
         """Delete the Deployments, Services and ConfigMaps of every revision not in `keep`."""
         selector = f"{labels.MODEL}={ref.name},{labels.REVISION}"
         deleted = []
-        listers = (
-            (self._apps.list_namespaced_deployment, self._apps.delete_namespaced_deployment),
-            (self._core.list_namespaced_service, self._core.delete_namespaced_service),
-            (self._core.list_namespaced_config_map, self._core.delete_namespaced_config_map),
+        apps, core = self._apps, self._core
+        revisions: set[int] = set()
+        kinds = (
+            ("Deployment", apps.list_namespaced_deployment, apps.delete_namespaced_deployment),
+            ("Service", core.list_namespaced_service, core.delete_namespaced_service),
+            ("ConfigMap", core.list_namespaced_config_map, core.delete_namespaced_config_map),
         )
-        for lister, deleter in listers:
-            listed: list[Any] = lister(ref.namespace, label_selector=selector).items
+        for kind, lister, deleter in kinds:
+            try:
+                listed: list[Any] = lister(ref.namespace, label_selector=selector).items
+            except ApiException as exc:
+                raise api_error(exc, f"cannot list {kind}s of {ref.namespace}/{ref.name}") from None
             for item in listed:
                 rev = (item.metadata.labels or {}).get(labels.REVISION, "")
-                if rev.isdigit() and int(rev) not in keep:
-                    try:
-                        deleter(item.metadata.name, ref.namespace, propagation_policy="Background")
-                        deleted.append(f"{item.kind or type(item).__name__}/{item.metadata.name}")
-                    except ApiException as exc:
-                        if exc.status != 404:
-                            raise ActuatorError(f"{item.metadata.name}: {exc.reason}") from None
+                if not rev.isdigit() or int(rev) in keep:
+                    continue
+                revisions.add(int(rev))
+                if self._delete(kind, deleter, item.metadata.name, ref.namespace):
+                    deleted.append(f"{kind}/{item.metadata.name}")
+        for revision in sorted(revisions):  # Secrets are deleted by name: never listed
+            name = manifests.token_name(ref.name, revision)
+            if self._delete("Secret", core.delete_namespaced_secret, name, ref.namespace):
+                deleted.append(f"Secret/{name}")
         return deleted
+
+    @staticmethod
+    def _delete(kind: str, deleter: Any, name: str, namespace: str) -> bool:
+        try:
+            deleter(name, namespace, propagation_policy="Background")
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise api_error(exc, f"cannot delete {kind} {namespace}/{name}") from None
+        return True

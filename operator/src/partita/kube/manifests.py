@@ -36,13 +36,8 @@ class ModelRef:
     input_shapes: dict[str, tuple[int, ...]]
     data_source_pool: str
     image: str = "partita-server:0.1.0"
-    token_secret: str = ""
     cascade_output: str | None = None
     cascade_threshold: float | None = None
-
-    @property
-    def secret_name(self) -> str:
-        return self.token_secret or f"{self.name}-stage-token"
 
 
 def owner_reference(ref: ModelRef) -> dict[str, Any]:
@@ -96,6 +91,20 @@ def needs_gateway(plan: Plan) -> bool:
     """A sharded first stage needs one server in front that clients call and that fans out
     to the shards: the data source's scatter, run on the first shard's node."""
     return len(plan.stages[0].shards) > 1
+
+
+def server_names(model: str, plan: Plan) -> list[str]:
+    """The name of every stage server of `plan`'s revision (its Deployment, Service and
+    ConfigMap share it): the gateway first when there is one, then stage by stage."""
+    names = [gateway_name(model, plan.revision)] if needs_gateway(plan) else []
+    for stage in plan.stages:
+        if len(stage.shards) == 1:
+            names.append(object_name(model, plan.revision, stage.index))
+        else:
+            names += [
+                object_name(model, plan.revision, stage.index, j) for j in range(len(stage.shards))
+            ]
+    return names
 
 
 def _hops_after(ref: ModelRef, plan: Plan, index: int) -> list[dict[str, Any]]:
@@ -260,6 +269,7 @@ def _deployment(
 ) -> dict[str, Any]:
     cpu_text = f"{max(round(cpu * 1000), 10)}m"
     mem_text = str(memory)
+    token = {"name": token_name(ref.name, int(object_labels[labels.REVISION])), "key": "token"}
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -305,9 +315,7 @@ def _deployment(
                                 {"name": "PARTITA_CPU_LIMIT", "value": str(cpu)},
                                 {
                                     "name": "PARTITA_INTERNAL_TOKEN",
-                                    "valueFrom": {
-                                        "secretKeyRef": {"name": ref.secret_name, "key": "token"}
-                                    },
+                                    "valueFrom": {"secretKeyRef": token},
                                 },
                             ],
                             "ports": [{"name": "http", "containerPort": SERVER_PORT}],
@@ -365,14 +373,24 @@ def entry_service(ref: ModelRef, revision: int) -> dict[str, Any]:
     }
 
 
-def token_secret(ref: ModelRef, token: str) -> dict[str, Any]:
+def token_name(model: str, revision: int) -> str:
+    """The Secret holding the token a revision's stages present to each other: one per
+    revision, so a new revision rotates it and the old one goes with its servers."""
+    return f"{model}-r{revision}-token"
+
+
+def token_secret(ref: ModelRef, revision: int, token: str) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": {
-            "name": ref.secret_name,
+            "name": token_name(ref.name, revision),
             "namespace": ref.namespace,
-            "labels": {labels.MODEL: ref.name, labels.MANAGED_BY: "partita"},
+            "labels": {
+                labels.MODEL: ref.name,
+                labels.REVISION: str(revision),
+                labels.MANAGED_BY: "partita",
+            },
             "ownerReferences": [owner_reference(ref)],
         },
         "type": "Opaque",

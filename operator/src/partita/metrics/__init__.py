@@ -1,8 +1,9 @@
-"""partita.metrics: one global Prometheus poll loop feeding the planner's ClusterSnapshot.
+"""partita.metrics: what Prometheus measured, as typed values.
 
-`MetricsReader.poll()` runs the configured PromQL (`Queries`) and returns an `Observation`;
-`PollLoop` runs it on a period and keeps the last good one; `with_observation` turns it
-into the Node annotations and LinkEstimate documents `snapshot_from_manifests` reads.
+`partita.metrics.reader.MetricsReader.poll()` runs the configured PromQL (`Queries`) and
+returns an `Observation`; `PollLoop` runs it on a period and keeps the last good one; the
+control loop lays it over its ClusterSnapshot (`partita.control.inputs.apply_observation`).
+The package itself exports only the pure parts (no HTTP client at import).
 """
 
 from __future__ import annotations
@@ -21,9 +22,7 @@ from .observation import (
     is_stale,
     significant_change,
 )
-from .overlays import to_manifest_overlays, with_observation
 from .queries import Queries
-from .reader import MetricsReader, Poller, PollLoop, parse_query_response
 
 __all__ = [
     "Expectation",
@@ -31,18 +30,12 @@ __all__ = [
     "HopObservation",
     "LinkObservation",
     "MetricsError",
-    "MetricsReader",
     "NodeUsage",
     "Observation",
-    "PollLoop",
-    "Poller",
     "Queries",
     "StageKey",
     "StageObservation",
     "build_observation",
     "is_stale",
-    "parse_query_response",
     "significant_change",
-    "to_manifest_overlays",
-    "with_observation",
 ]

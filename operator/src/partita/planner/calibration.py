@@ -1,4 +1,4 @@
-"""Online learning of device speeds: the seed's "dynamic model of the system".
+"""Online learning of device speeds: a dynamic model of the system, refined as it runs.
 
 Profiling gives each pool a speed; at run time every stage reports its observed
 compute time. The ratio predicted/observed, smoothed by an EWMA, rescales the speed

@@ -546,10 +546,10 @@ def _build(inst: _Instance, path: _Path, revision: int) -> Plan:
             )
         )
     draft = Plan(request, tuple(stages), revision, 0.0, 0.0, 0.0, 0.0, 0.0)
-    return _with_prediction(draft, profile, inst.snapshot)
+    return with_prediction(draft, profile, inst.snapshot)
 
 
-def _with_prediction(plan: Plan, profile: ModelProfile, snapshot: ClusterSnapshot) -> Plan:
+def with_prediction(plan: Plan, profile: ModelProfile, snapshot: ClusterSnapshot) -> Plan:
     """Fill a plan's predicted figures from `predict` (the reference cost model)."""
     from dataclasses import replace
 
@@ -745,7 +745,7 @@ def plan_model(
     revision = 1
     if current is not None:
         revision = current.revision + 1
-        kept = _with_prediction(current, profile, snapshot)
+        kept = with_prediction(current, profile, snapshot)
         if kept.placement == plan.placement or (
             not predict(kept, profile, snapshot).violations
             and kept.meets_slo >= plan.meets_slo

@@ -8,10 +8,12 @@ from typing import Any
 from partita.api import DevicePool, EdgeModel
 from partita.api.conditions import set_condition
 from partita.api.meta import ConditionStatus
-from partita.handlers.devicepool import NodeView, node_view, reconcile_pool, status_changed
-from partita.handlers.edgemodel import default_profiler, reconcile_model
-from partita.handlers.outcome import Backoff, EventType
+from partita.control.inputs import NodeInfo, node_info
+from partita.control.models import reconcile_model
+from partita.control.outcome import Backoff, EventType
+from partita.control.pools import reconcile_pool, status_changed
 from partita.kube.fetch import ModelFetcher
+from partita.model.profile import profile_model
 
 T0, T1 = "2026-01-01T00:00:00Z", "2026-01-01T00:01:00Z"
 
@@ -36,19 +38,21 @@ def conditions(outcome_status: dict[str, Any]) -> dict[str, tuple[str, str]]:
     return {c["type"]: (c["status"], c["reason"]) for c in outcome_status["conditions"]}
 
 
-def test_model_goes_to_planning_with_a_profile(tmp_path: Path, model_file: Any):
+def profiler(path: Path, shapes: Any) -> Any:
+    return profile_model(path, shapes)
+
+
+def test_model_is_fetched_verified_and_profiled(tmp_path: Path, model_file: Any):
     fetcher = ModelFetcher(tmp_path / "cache")
-    profiler = default_profiler(tmp_path / "profiles")
-    assert profiler is not None
     out = reconcile_model(edge_model(model_file.uri, model_file.sha256), fetcher, profiler, now=T0)
     assert out.retry_after_s is None and out.permanent_error is None
-    assert out.status["phase"] == "Planning"
     assert out.status["observedGeneration"] == 3
-    cond = conditions(out.status)
-    assert cond["ModelFetched"] == ("True", "DigestVerified")
-    assert cond["Profiled"] == ("True", "Profiled")
-    assert cond["Planned"] == ("Unknown", "WaitingForPlanner")
-    assert cond["Ready"] == ("False", "NotPlanned")
+    # The reconciler owns these two conditions only; phase, Planned and Ready are the loop's.
+    assert conditions(out.status) == {
+        "ModelFetched": ("True", "DigestVerified"),
+        "Profiled": ("True", "Profiled"),
+    }
+    assert "phase" not in out.status
     model = out.status["model"]
     assert model["digest"] == model_file.sha256
     assert model["inputs"] == [{"name": "x", "dtype": "float32", "shape": [1, 8]}]
@@ -62,14 +66,14 @@ def test_digest_mismatch_fails_with_backoff(tmp_path: Path, model_file: Any):
     backoff = Backoff(first_s=5, factor=2, max_s=60)
     model = edge_model(model_file.uri, "f" * 64)
     delays = [
-        reconcile_model(model, fetcher, None, now=T0, retry=r, backoff=backoff).retry_after_s
+        reconcile_model(model, fetcher, profiler, now=T0, retry=r, backoff=backoff).retry_after_s
         for r in range(6)
     ]
     assert delays == [5, 10, 20, 40, 60, 60]
-    out = reconcile_model(model, fetcher, None, now=T0)
-    assert out.status["phase"] == "Failed"
+    out = reconcile_model(model, fetcher, profiler, now=T0)
     assert conditions(out.status)["ModelFetched"] == ("False", "DigestMismatch")
-    assert model_file.sha256 in out.status["message"]
+    fetched = next(c for c in out.status["conditions"] if c["type"] == "ModelFetched")
+    assert model_file.sha256 in fetched["message"] and "source.sha256" in fetched["message"]
     assert [e.type for e in out.events if e.reason == "DigestMismatch"] == [EventType.WARNING]
 
 
@@ -82,23 +86,15 @@ def test_unparseable_model_is_a_permanent_error(tmp_path: Path):
     out = reconcile_model(
         edge_model(junk.as_uri(), digest),
         ModelFetcher(tmp_path / "cache"),
-        default_profiler(None),
+        profiler,
         now=T0,
     )
     assert out.permanent_error is not None and out.retry_after_s is None
-    assert conditions(out.status)["Profiled"][0] == "False"
-    assert out.status["phase"] == "Failed"
-
-
-def test_without_model_analysis_profiled_is_unknown(tmp_path: Path, model_file: Any):
-    out = reconcile_model(
-        edge_model(model_file.uri, model_file.sha256), ModelFetcher(tmp_path), None, now=T0
-    )
-    assert conditions(out.status)["Profiled"] == ("Unknown", "NotAvailable")
+    assert conditions(out.status)["Profiled"] == ("False", "InvalidModel")
 
 
 def test_repeated_reconcile_posts_no_new_events(tmp_path: Path, model_file: Any):
-    fetcher, profiler = ModelFetcher(tmp_path / "c"), default_profiler(None)
+    fetcher = ModelFetcher(tmp_path / "c")
     model = edge_model(model_file.uri, model_file.sha256)
     first = reconcile_model(model, fetcher, profiler, now=T0)
     again = reconcile_model(
@@ -127,8 +123,8 @@ def pool(selector: dict[str, str]) -> DevicePool:
     )
 
 
-def node(name: str, pool_name: str, ready: bool = True, cordoned: bool = False) -> NodeView:
-    return node_view(
+def node(name: str, pool_name: str, ready: bool = True, cordoned: bool = False) -> NodeInfo:
+    return node_info(
         {
             "metadata": {"name": name, "labels": {"partita.dev/pool": pool_name}},
             "spec": {"unschedulable": cordoned},

@@ -3,48 +3,21 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from partita.api.conditions import set_condition
 from partita.api.devicepool import DevicePool
 from partita.api.meta import ConditionStatus
-from partita.handlers.outcome import Event, EventType, Outcome
+from partita.control.inputs import NodeInfo
+from partita.control.outcome import Event, EventType, Outcome
 
 READY = "Ready"
 
 
-@dataclass(frozen=True)
-class NodeView:
-    """The part of a Node a DevicePool needs."""
-
-    name: str
-    labels: Mapping[str, str]
-    ready: bool  # the kubelet's Ready condition is True
-    schedulable: bool  # not cordoned
-
-
-def node_view(body: Mapping[str, Any]) -> NodeView:
-    """A NodeView of a Node object (a dict or a kopf Body)."""
-    meta = body.get("metadata") or {}
-    conditions = (body.get("status") or {}).get("conditions") or []
-    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
-    return NodeView(
-        name=str(meta.get("name", "")),
-        labels=dict(meta.get("labels") or {}),
-        ready=ready,
-        schedulable=not bool((body.get("spec") or {}).get("unschedulable")),
-    )
-
-
-def matches(selector: Mapping[str, str], node: NodeView) -> bool:
-    return all(node.labels.get(k) == v for k, v in selector.items())
-
-
-def reconcile_pool(pool: DevicePool, nodes: Iterable[NodeView], *, now: str) -> Outcome:
+def reconcile_pool(pool: DevicePool, nodes: Iterable[NodeInfo], *, now: str) -> Outcome:
     """Status of `pool` given every node of the cluster."""
     selector = pool.spec.node_selector
-    members = sorted((n for n in nodes if matches(selector, n)), key=lambda n: n.name)
+    members = sorted((n for n in nodes if n.matches(selector)), key=lambda n: n.name)
     ready = [n for n in members if n.ready and n.schedulable]
     old = pool.status
     conditions = tuple(old.conditions) if old else ()
@@ -83,14 +56,12 @@ def reconcile_pool(pool: DevicePool, nodes: Iterable[NodeView], *, now: str) -> 
     declared = pool.spec.device.throughput_gflops
     if declared is not None:
         fields["throughputGflops"] = declared
-    elif old is not None and old.throughput_gflops is not None:
-        fields["throughputGflops"] = old.throughput_gflops
     return Outcome(fields, events)
 
 
 def status_changed(current: Mapping[str, Any] | None, new: Mapping[str, Any]) -> bool:
-    """Whether writing `new` would change anything but condition timestamps (timers call
-    this to avoid a write every tick)."""
+    """Whether writing `new` would change anything but condition timestamps (node events
+    call this to avoid a write per heartbeat)."""
     current = current or {}
     for key, value in new.items():
         if key == "conditions":

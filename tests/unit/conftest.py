@@ -1,4 +1,4 @@
-"""A tiny real ONNX model for fetch and reconcile tests."""
+"""Fixtures shared by the unit tests: a tiny real ONNX model for fetch and reconcile tests."""
 
 from __future__ import annotations
 

@@ -1,8 +1,10 @@
-"""What a reconciliation decided, as data: the status to write, the Events to post and
-whether to try again. The kopf handlers only carry it out."""
+"""What a reconciliation or a step of the loop decided, as data: the status fields to write,
+the Events to post and whether to try again. The kopf handlers only carry it out, the same way
+for every kind (`partita.handlers.registry.apply_outcome`)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -35,8 +37,11 @@ class Backoff:
 
 @dataclass(frozen=True)
 class Outcome:
-    status: dict[str, Any]  # camelCase fields to merge into .status
+    """`status` holds every status field the writer owns (camelCase, conditions by type):
+    it is applied server-side under the writer's field manager, so two writers of one
+    object's status (the model reconciler and the loop) never overwrite each other."""
+
+    status: Mapping[str, Any] = field(default_factory=dict)
     events: tuple[Event, ...] = ()
     retry_after_s: float | None = None  # try again after this long (a TemporaryError)
     permanent_error: str | None = None  # will not heal by waiting (a PermanentError)
-    extra: dict[str, Any] = field(default_factory=dict)

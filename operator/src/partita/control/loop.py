@@ -1,0 +1,468 @@
+"""The closed loop: one asyncio task owns every model's state and steps the models when
+something they depend on changes.
+
+Signals come through one queue: a watch event (an EdgeModel, DevicePool, Node or stage
+Deployment changed: kopf handlers call `wake`), a fresh Prometheus observation (`observe`) or
+a model's own deadline (a drain or cooldown ends, a rollout times out). A round reads what
+the kopf indexes hold (`ClusterView`), builds each model's inputs (`partita.control.inputs`),
+runs the pure `step`, writes the status first (so a restart knows what was started), then
+carries the actions out through the `Cluster` (the actuator). Blocking calls run in a worker
+thread one at a time, awaited by the task: no state is shared between threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from partita.api import labels
+from partita.api.devicepool import DevicePool
+from partita.api.edgemodel import EdgeModel, Phase
+from partita.api.errors import ManifestError
+from partita.api.meta import ConditionStatus
+from partita.control.catalog import Catalog, Profiled
+from partita.control.inputs import NodeInfo, apply_observation, model_request, snapshot_from_pools
+from partita.control.models import MODEL_FETCHED, PROFILED
+from partita.control.outcome import Backoff, Event, EventType, Outcome
+from partita.control.status import loop_status, node_speeds, rfc3339, state_from_status
+from partita.control.step import (
+    PLANNED,
+    READY,
+    ApplyRevision,
+    ClusterAction,
+    ConditionUpdate,
+    DeleteRevisions,
+    Failure,
+    ModelInputs,
+    ModelState,
+    Readiness,
+    Report,
+    SwitchEntry,
+    Timing,
+    step,
+)
+from partita.kube.actuator import ActuatorError
+from partita.kube.manifests import ModelRef, server_names
+from partita.metrics.observation import Observation, is_stale
+from partita.model.types import ModelProfile
+from partita.planner import ModelRequest, Plan, PlannerError
+
+log = logging.getLogger("partita.control")
+
+
+@dataclass(frozen=True)
+class DeploymentInfo:
+    """The part of a stage server's Deployment the loop reads (what the index holds)."""
+
+    namespace: str
+    model: str
+    revision: int
+    name: str
+    ready: bool
+    detail: str  # why not ready, when not
+
+
+def deployment_info(body: Mapping[str, Any]) -> DeploymentInfo | None:
+    """A DeploymentInfo of a Deployment Partita made, None for any other Deployment."""
+    meta = body.get("metadata") or {}
+    tags = meta.get("labels") or {}
+    revision = str(tags.get(labels.REVISION, ""))
+    if tags.get(labels.COMPONENT) != labels.STAGE_SERVER or not revision.isdigit():
+        return None
+    wanted = int((body.get("spec") or {}).get("replicas") or 1)
+    status = body.get("status") or {}
+    ready = int(status.get("readyReplicas") or 0)
+    failing = [
+        f"{c.get('reason')}: {c.get('message')}"
+        for c in status.get("conditions") or []
+        if c.get("type") == "ReplicaFailure" and c.get("status") == "True"
+    ]
+    detail = "; ".join(failing) or f"{ready}/{wanted} ready"
+    return DeploymentInfo(
+        namespace=str(meta.get("namespace", "")),
+        model=str(tags.get(labels.MODEL, "")),
+        revision=int(revision),
+        name=str(meta.get("name", "")),
+        ready=ready >= wanted,
+        detail=detail,
+    )
+
+
+class ClusterView(Protocol):
+    """What the watches hold right now (the kopf indexes)."""
+
+    def models(self) -> Iterable[Mapping[str, Any]]: ...
+    def pools(self) -> Iterable[Mapping[str, Any]]: ...
+    def nodes(self) -> Iterable[NodeInfo]: ...
+    def deployments(self) -> Iterable[DeploymentInfo]: ...
+
+
+class Cluster(Protocol):
+    """Carries the loop's actions out (`partita.kube.actuator.Actuator`); raises ActuatorError."""
+
+    def apply_revision(self, ref: ModelRef, plan: Plan) -> int: ...
+    def switch_entry(self, ref: ModelRef, revision: int) -> None: ...
+    def delete_revisions(self, ref: ModelRef, keep: set[int]) -> list[str]: ...
+
+
+# Writes an object's status fields and posts its Events (the handlers' `apply_outcome`).
+Reporter = Callable[[Mapping[str, Any], Outcome], None]
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    image: str  # the stage servers' image
+    metrics_max_age_s: float = 60.0  # an observation older than this is stale
+    timing: Timing = field(default_factory=Timing)
+    backoff: Backoff = field(default_factory=lambda: Backoff(first_s=2.0, factor=2.0, max_s=60.0))
+
+
+def readiness(model: str, plan: Plan, present: Mapping[str, DeploymentInfo]) -> Readiness:
+    waiting = []
+    for name in server_names(model, plan):
+        info = present.get(name)
+        if info is None:
+            waiting.append(f"{name}: not created yet")
+        elif not info.ready:
+            waiting.append(f"{name}: {info.detail}")
+    return Readiness(not waiting, "; ".join(waiting) or "all stage servers ready")
+
+
+def pre_plan_report(model: EdgeModel) -> Report:
+    """Phase and conditions of a model the loop cannot plan yet (not fetched or profiled)."""
+    conditions = {c.type: c for c in (model.status.conditions if model.status else [])}
+    failed = next(
+        (
+            conditions[t]
+            for t in (MODEL_FETCHED, PROFILED)
+            if t in conditions and conditions[t].status == ConditionStatus.FALSE
+        ),
+        None,
+    )
+    if failed is not None:
+        phase, message = Phase.FAILED, failed.message
+        waiting = ConditionUpdate(PLANNED, ConditionStatus.UNKNOWN, "WaitingForModel", message)
+        ready = ConditionUpdate(READY, ConditionStatus.FALSE, failed.reason, message)
+    else:
+        profiled = PROFILED in conditions
+        phase = Phase.PLANNING if profiled else Phase.PENDING
+        message = "profiled; waiting for a plan" if profiled else "fetching and profiling the model"
+        waiting = ConditionUpdate(
+            PLANNED, ConditionStatus.UNKNOWN, "WaitingForPlanner", "waiting for the planner"
+        )
+        ready = ConditionUpdate(READY, ConditionStatus.FALSE, "NotPlanned", "no plan yet")
+    return Report(phase, message, (waiting, ready))
+
+
+def _profiled(model: EdgeModel) -> bool:
+    return any(
+        c.type == PROFILED and c.status == ConditionStatus.TRUE
+        for c in (model.status.conditions if model.status else [])
+    )
+
+
+class ControlLoop:
+    """The single owner of every model's loop state; run it as one task."""
+
+    def __init__(
+        self,
+        view: ClusterView,
+        cluster: Cluster,
+        report: Reporter,
+        catalog: Catalog,
+        config: LoopConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._view, self._cluster, self._report = view, cluster, report
+        self._catalog, self._config, self._clock = catalog, config, clock
+        self._queue: asyncio.Queue[Observation | None] = asyncio.Queue()
+        self._states: dict[str, ModelState] = {}
+        self._placed: dict[str, tuple[ModelRequest, ModelProfile, Plan]] = {}
+        self._wake_at: dict[str, float] = {}
+        self._observation: Observation | None = None
+
+    # -- signals (called on the event loop by handlers and the metrics poll) ----------------
+
+    def wake(self) -> None:
+        """Something the models depend on changed: step them."""
+        self._queue.put_nowait(None)
+
+    def observe(self, observation: Observation) -> None:
+        """A metrics poll finished: step the models with what it measured."""
+        self._queue.put_nowait(observation)
+
+    # -- the task -------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        # Nothing happens before the first signal: kopf calls resource handlers (which wake
+        # the loop) only once every index is filled, so the first round sees the whole cluster.
+        await self._take(None)
+        while True:
+            try:
+                await self.round()
+            except Exception:  # a bug in one round must not end the loop for every model
+                log.exception("control loop round failed")
+            deadline = min(self._wake_at.values(), default=math.inf)
+            await self._take(
+                max(0.0, deadline - self._clock()) if math.isfinite(deadline) else None
+            )
+
+    async def _take(self, timeout: float | None) -> None:
+        """Wait for a signal (or the timeout), then drain every signal already queued."""
+        try:
+            first = await asyncio.wait_for(self._queue.get(), timeout)
+            self._note(first)
+        except TimeoutError:
+            return
+        while not self._queue.empty():
+            self._note(self._queue.get_nowait())
+
+    def _note(self, signal: Observation | None) -> None:
+        if signal is not None:
+            self._observation = signal
+
+    @property
+    def metrics_fresh(self) -> bool:
+        """A fresh poll arrived recently (a poll loop that stopped is stale too)."""
+        return not is_stale(self._observation, self._clock(), self._config.metrics_max_age_s)
+
+    async def round(self) -> None:
+        """Step every model once, highest priority first."""
+        models: list[tuple[EdgeModel, Mapping[str, Any]]] = []
+        for body in self._view.models():
+            try:
+                models.append((EdgeModel.parse(body), body))
+            except ManifestError as exc:
+                log.warning("EdgeModel %s: %s", (body.get("metadata") or {}).get("name"), exc)
+        pools = []
+        for body in self._view.pools():
+            try:
+                pools.append(DevicePool.parse(body))
+            except ManifestError:
+                continue  # its own handler reports it
+        nodes = list(self._view.nodes())
+        deployments: dict[tuple[str, str], dict[str, DeploymentInfo]] = {}
+        for info in self._view.deployments():
+            deployments.setdefault((info.namespace, info.model), {})[info.name] = info
+        keys = set()
+        models.sort(key=lambda m: (-m[0].spec.priority, _key(m[0])))
+        for model, body in models:
+            key = _key(model)
+            keys.add(key)
+            present = deployments.get((model.metadata.namespace or "", model.metadata.name), {})
+            await self._step_model(model, body, pools, nodes, present)
+        for gone in set(self._states) - keys:
+            self._states.pop(gone, None)
+            self._placed.pop(gone, None)
+            self._wake_at.pop(gone, None)
+
+    async def _step_model(
+        self,
+        model: EdgeModel,
+        body: Mapping[str, Any],
+        pools: list[DevicePool],
+        nodes: list[NodeInfo],
+        present: Mapping[str, DeploymentInfo],
+    ) -> None:
+        key = _key(model)
+        now = self._clock()
+        if not _profiled(model):
+            self._states.pop(key, None)
+            self._placed.pop(key, None)
+            await self._write(model, body, ModelState(), pre_plan_report(model), None, [])
+            return
+        profiled = await asyncio.to_thread(self._catalog.get, model)
+        if profiled is None:
+            return
+        observation = self._observation
+        snapshot = apply_observation(
+            snapshot_from_pools(pools, nodes, reference_gflops=profiled.reference_gflops),
+            observation,
+        )
+        request = model_request(model)
+        revisions = sorted({i.revision for i in present.values()})
+        state = self._states.get(key)
+        if state is None:
+            state = state_from_status(model.status, request, profiled.profile, snapshot, revisions)
+        inputs = ModelInputs(
+            request=request,
+            profile=profiled.profile,
+            snapshot=snapshot,
+            metrics_fresh=self.metrics_fresh,
+            revisions=self._revisions(model.metadata.name, state, present, revisions),
+            others=[v for k, v in self._placed.items() if k != key],
+            observed_compute=self._observed_compute(model, state),
+            cut_check=lambda plan: self._catalog.cut_check(profiled, plan),
+        )
+        try:
+            result = step(state, inputs, now, self._config.timing)
+        except PlannerError as exc:
+            log.warning("planning %s: %s", key, exc)
+            return
+        state = result.state
+        self._wake_at.pop(key, None)
+        if result.wake_at is not None:
+            self._wake_at[key] = result.wake_at
+        speeds = node_speeds(
+            state.serving or (state.rollout.plan if state.rollout else None),
+            snapshot,
+            state.speed_factors,
+            {p.metadata.name for p in pools if p.spec.device.throughput_gflops is not None},
+        )
+        p95 = observation.models.get((request.namespace, request.name)) if observation else None
+        # Status first: a rollout is on record before its objects exist.
+        await self._write(model, body, state, result.report, p95, speeds)
+        state = await self._carry_out(model, body, state, result.actions)
+        self._states[key] = state
+        placed = state.serving or (state.rollout.plan if state.rollout else None)
+        if placed is not None:
+            self._placed[key] = (request, profiled.profile, placed)
+        else:
+            self._placed.pop(key, None)
+
+    def _revisions(
+        self,
+        model: str,
+        state: ModelState,
+        present: Mapping[str, DeploymentInfo],
+        revisions: list[int],
+    ) -> dict[int, Readiness]:
+        out: dict[int, Readiness] = {}
+        plans = {
+            p.revision: p
+            for p in (state.serving, state.rollout.plan if state.rollout else None)
+            if p
+        }
+        for revision in revisions:
+            plan = plans.get(revision)
+            if plan is not None:
+                out[revision] = readiness(model, plan, present)
+            else:
+                mine = [i for i in present.values() if i.revision == revision]
+                out[revision] = Readiness(all(i.ready for i in mine), "not a live revision")
+        return out
+
+    def _observed_compute(
+        self, model: EdgeModel, state: ModelState
+    ) -> dict[tuple[int, str], float]:
+        """(stage index, node) -> compute seconds per request that the serving revision's
+        servers report, from the last observation."""
+        obs, serving = self._observation, state.serving
+        if obs is None or serving is None:
+            return {}
+        out = {}
+        for key, seen in obs.stages.items():
+            if (key.namespace, key.model, key.revision) != (
+                model.metadata.namespace,
+                model.metadata.name,
+                str(serving.revision),
+            ):
+                continue
+            if key.stage.isdigit() and key.node and seen.compute_s:
+                out[(int(key.stage), key.node)] = seen.compute_s
+        return out
+
+    async def _write(
+        self,
+        model: EdgeModel,
+        body: Mapping[str, Any],
+        state: ModelState,
+        report: Report,
+        p95: float | None,
+        speeds: list[Any],
+    ) -> None:
+        current = model.status
+        status = loop_status(
+            state,
+            report,
+            current.conditions if current else [],
+            now=rfc3339(self._clock()),
+            generation=model.metadata.generation,
+            observed_p95_s=p95,
+            speeds=speeds,
+        )
+        before = (
+            current.model_dump(by_alias=True, mode="json", exclude_none=True) if current else {}
+        )
+        if all(before.get(k) == v for k, v in status.items()) and not report.events:
+            return
+        try:
+            await asyncio.to_thread(self._report, body, Outcome(status, report.events))
+        except ActuatorError as exc:  # the next round writes it again
+            log.warning("%s: %s", _key(model), exc)
+
+    async def _carry_out(
+        self,
+        model: EdgeModel,
+        body: Mapping[str, Any],
+        state: ModelState,
+        actions: tuple[ClusterAction, ...],
+    ) -> ModelState:
+        if not actions:
+            return state
+        ref = self._ref(model, body)
+        try:
+            for action in actions:
+                await asyncio.to_thread(self._do, ref, action)
+        except ActuatorError as exc:
+            attempts = state.failure.attempts + 1 if state.failure else 1
+            delay = self._config.backoff.delay(attempts - 1)
+            failure = Failure(exc.reason, str(exc), attempts, self._clock() + delay)
+            log.warning("%s: %s (retrying in %.0f s)", _key(model), exc, delay)
+            if state.failure is None or state.failure.message != failure.message:
+                event = Event(EventType.WARNING, exc.reason, str(exc))
+                with contextlib.suppress(ActuatorError):
+                    await asyncio.to_thread(self._report, body, Outcome({}, (event,)))
+            self._wake_at[_key(model)] = failure.retry_at
+            return replace(state, failure=failure)
+        return replace(state, failure=None)
+
+    def _do(self, ref: ModelRef, action: ClusterAction) -> None:
+        if isinstance(action, ApplyRevision):
+            self._cluster.apply_revision(ref, action.plan)
+        elif isinstance(action, SwitchEntry):
+            self._cluster.switch_entry(ref, action.revision)
+        elif isinstance(action, DeleteRevisions):
+            self._cluster.delete_revisions(ref, set(action.keep))
+
+    def _ref(self, model: EdgeModel, body: Mapping[str, Any]) -> ModelRef:
+        spec = model.spec
+        shapes = {
+            k: tuple(int(d) for d in v)
+            for k, v in spec.input_shapes.items()
+            if all(isinstance(d, int) for d in v)
+        }
+        return ModelRef(
+            name=model.metadata.name,
+            namespace=model.metadata.namespace or "default",
+            uid=str((body.get("metadata") or {}).get("uid", "")),
+            source_uri=spec.source.uri,
+            sha256=spec.source.sha256,
+            input_shapes=shapes,
+            data_source_pool=spec.data_source,
+            image=self._config.image,
+            cascade_output=spec.cascade.output if spec.cascade else None,
+            cascade_threshold=spec.cascade.threshold if spec.cascade else None,
+        )
+
+
+def _key(model: EdgeModel) -> str:
+    return f"{model.metadata.namespace}/{model.metadata.name}"
+
+
+__all__ = [
+    "Cluster",
+    "ClusterView",
+    "ControlLoop",
+    "DeploymentInfo",
+    "LoopConfig",
+    "Profiled",
+    "deployment_info",
+]
