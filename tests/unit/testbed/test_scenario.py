@@ -161,3 +161,48 @@ def test_example_scenarios_parse_and_fit_the_demo_cluster(path: Path) -> None:
     sc = Scenario.load(path)
     sc.check(SimState.from_layout(parse_nodes("edge-a=2,edge-b=2,cloud=2")))
     assert sc.steps and sc.duration_s >= sc.steps[-1].at_s
+
+
+def test_roles_are_resolved_when_their_step_is_played(state_file: Path) -> None:
+    sc = Scenario.parse(
+        {
+            "steps": [
+                {"at": 10, "node_down": "plan:first-node"},
+                {"at": 20, "set": "node=plan:last-node", "cpu": 0.99},
+                {"at": 30, "node_up": "plan:downed"},
+            ]
+        }
+    )
+    t = FakeTime()
+    plans = {"plan:first-node": ["edge-a-1"], "plan:last-node": ["cloud-2"]}
+    asked: list[tuple[str, float]] = []
+
+    def resolve(role: str) -> str:
+        asked.append((role, t.now - 50.0))
+        return plans[role][0]
+
+    calls: list[tuple[str, bool]] = []
+    lines: list[str] = []
+    played = run(
+        sc,
+        state_file,
+        clock=t.clock,
+        sleep=t.sleep,
+        on_node=lambda n, up: calls.append((n, up)),
+        log=lines.append,
+        resolve=resolve,
+    )
+    assert asked == [("plan:first-node", 10.0), ("plan:last-node", 20.0)]
+    assert calls == [("edge-a-1", False), ("edge-a-1", True)]
+    assert [p.node for p in played] == ["edge-a-1", "cloud-2", "edge-a-1"]
+    assert simstate.load(state_file).node("cloud-2").cpu_utilisation == 0.99
+    assert "node_down edge-a-1 (plan:first-node)" in lines[0]
+
+
+def test_roles_need_a_resolver_and_must_be_known(state_file: Path, tmp_path: Path) -> None:
+    sc = Scenario.parse({"steps": [{"at": 0, "node_down": "plan:first-node"}]}, "r.yaml")
+    with pytest.raises(TestbedError, match=r"r.yaml: .*give the model"):
+        run(sc, state_file, clock=FakeTime().clock, sleep=FakeTime().sleep,
+            on_node=lambda n, u: None, log=print)  # fmt: skip
+    with pytest.raises(TestbedError, match=r"steps\[0\]\.node_down: 'plan:middle' is not a role"):
+        Scenario.load(write(tmp_path, "steps:\n  - {at: 1s, node_down: 'plan:middle'}\n"))

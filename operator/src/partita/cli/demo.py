@@ -2,9 +2,10 @@
 
 Brings up the local cluster (pools edge-a, edge-b, cloud), installs the chart with helm,
 runs the operator, applies DevicePools and an EdgeModel, sends steady v2 traffic from the
-data source, then plays a scenario (the edge-a uplink collapses, a node of the plan dies, a
-noisy neighbour eats a node's CPU) and prints each plan change with predicted vs measured
-latency and any failed request. Ends with a summary, a PNG and how to look around.
+data source, then plays examples/scenarios/demo.yaml (the edge-a uplink collapses, a node of
+the plan dies, a noisy neighbour eats a node's CPU) and prints each plan change with
+predicted vs measured latency and every failed request with the status and message the
+server sent. Ends with a summary, a PNG and how to look around.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from partita.testbed.errors import TestbedError
 ROOT = Path(__file__).resolve().parents[4]
 NAMESPACE = "demo"
 MODEL = "open-nsfw"
+SCENARIO = ROOT / "examples" / "scenarios" / "demo.yaml"
 
 
 def _say(msg: str) -> None:
@@ -58,7 +60,7 @@ class Traffic:
                 client.infer(MODEL, [inp])
                 self.samples.append((t0 - self.started, time.monotonic() - t0))
             except Exception as exc:  # a failed request is what the demo reports
-                self.failures.append((t0 - self.started, repr(exc)[:160]))
+                self.failures.append((t0 - self.started, failure_text(exc)))
                 time.sleep(0.2)
         client.close()
 
@@ -68,6 +70,61 @@ class Traffic:
 
     def stop(self) -> None:
         self._stop.set()
+
+
+class Narrator:
+    """Prints what happens while the scenario plays: each step, each new plan revision with
+    its predicted and measured latency, each failed request."""
+
+    def __init__(self, env: dict[str, str], traffic: Traffic, plan: dict[str, Any]) -> None:
+        self.env, self.traffic = env, traffic
+        self.started = time.monotonic()
+        self.events: list[tuple[float, str]] = []
+        self.revisions: list[tuple[float, int, float]] = [
+            (0.0, plan["revision"], plan["predictedP95Ms"])
+        ]
+        self._seen_failures = len(traffic.failures)
+        self._stop = threading.Event()
+
+    def _now(self) -> float:
+        return time.monotonic() - self.started
+
+    def step(self, line: str) -> None:
+        """A scenario step was played (`line` is the player's `[  t s] description`)."""
+        what = line.split("]", 1)[-1].strip()
+        self.events.append((self._now(), what))
+        _say(f"  t={self._now():5.1f}s  ** {what}")
+
+    def run(self) -> None:
+        while not self._stop.wait(1.0):
+            st = _status(self.env)
+            p = st.get("plan") or {}
+            if p.get("revision") and p["revision"] != self.revisions[-1][1]:
+                self.revisions.append((self._now(), p["revision"], p["predictedP95Ms"]))
+                measured = self.traffic.recent_ms()
+                _say(
+                    f"  t={self._now():5.1f}s  plan r{p['revision']}: {p['reasons'][0]}; "
+                    f"predicted {p['predictedP95Ms']:.0f} ms, measured median (last 10) "
+                    f"{measured or float('nan'):.0f} ms"
+                )
+            failures = self.traffic.failures
+            for t, err in failures[self._seen_failures :]:
+                _say(f"  t={t:5.1f}s  failed request: {err}")
+            self._seen_failures = len(failures)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+def failure_text(exc: BaseException) -> str:
+    """What a failed request says: the HTTP status and the server's v2 error message (which
+    names the stage that failed and why), or the transport error."""
+    status = getattr(exc, "status", None)
+    message = getattr(exc, "message", None)
+    if callable(status) and callable(message):  # tritonclient's InferenceServerException
+        code, text = status(), message()
+        return f"HTTP {code}: {text}"[:300] if code else f"{text}"[:300]
+    return f"{type(exc).__name__}: {exc}"[:300]
 
 
 def kubectl(
@@ -117,20 +174,6 @@ def _edge_model() -> str:
     )
 
 
-def _set(state_file: Path, target: str, values: dict[str, str]) -> None:
-    from partita.testbed import simstate
-
-    def change(state: simstate.SimState) -> simstate.SimState:
-        return simstate.apply_assignment(state, target, values)
-
-    simstate.update(state_file, change)
-
-
-def _collapse(state_file: Path) -> None:
-    for link in ("link=edge-a:cloud", "link=cloud:edge-a"):
-        _set(state_file, link, {"bandwidth": "2Mbit", "rtt": "60ms"})
-
-
 def _wait(check: Any, timeout: float, what: str) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -142,7 +185,8 @@ def _wait(check: Any, timeout: float, what: str) -> Any:
 
 
 def run_demo(run_dir: Path, out_dir: Path, keep: bool) -> int:
-    from partita.testbed import binaries, cluster
+    from partita.cli.status import StatusError, fetch_model, node_for_role
+    from partita.testbed import binaries, cluster, scenario
     from partita.testbed.layout import parse_nodes
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -242,64 +286,38 @@ def run_demo(run_dir: Path, out_dir: Path, keep: bool) -> int:
         _say("==> 4/6 steady v2 traffic (tritonclient, binary tensors) from edge-a")
         time.sleep(10)
         plan = _status(env)["plan"]
-        steps = [
-            (
-                15.0,
-                "edge-a <-> cloud link collapses to 2 Mbit/s, 60 ms",
-                lambda: _collapse(info.state_file),
-            ),
-            (60.0, "a node of the plan dies", None),
-            (105.0, "a noisy neighbour eats 99% of the CPU of the plan's last node", None),
-        ]
-        _say("==> 5/6 scenario (times from now); plan changes and failures as they happen")
-        t0 = time.monotonic()
-        events: list[tuple[float, str]] = []
-        revisions: list[tuple[float, int, float]] = [
-            (0.0, plan["revision"], plan["predictedP95Ms"])
-        ]
-        seen_failures = 0
-        step_i = 0
-        downed: str | None = None
-        while time.monotonic() - t0 < 200:
-            now = time.monotonic() - t0
-            if step_i < len(steps) and now >= steps[step_i][0]:
-                _, what, act = steps[step_i]
-                current = _status(env).get("plan") or plan
-                if act is not None:
-                    act()
-                elif "dies" in what:
-                    downed = current["stages"][0]["nodes"][0]
-                    what += f": {downed}"
-                    cluster.set_node_ready(run_dir, downed, ready=False)
-                else:
-                    victim = current["stages"][-1]["nodes"][0]
-                    what += f": {victim}"
-                    _set(info.state_file, f"node={victim}", {"cpu": "0.99"})
-                events.append((now, what))
-                _say(f"  t={now:5.1f}s  ** {what}")
-                step_i += 1
-            st = _status(env)
-            p = st.get("plan") or {}
-            if (
-                p.get("revision")
-                and p["revision"] != revisions[-1][1]
-                and st.get("phase") == "Ready"
-            ):
-                revisions.append((now, p["revision"], p["predictedP95Ms"]))
-                measured = traffic.recent_ms()
-                _say(
-                    f"  t={now:5.1f}s  plan r{p['revision']}: {p['reasons'][0]}; predicted "
-                    f"{p['predictedP95Ms']:.0f} ms, measured median (last 10) "
-                    f"{measured or float('nan'):.0f} ms"
-                )
-            if len(traffic.failures) > seen_failures:
-                for t, err in traffic.failures[seen_failures:]:
-                    _say(f"  t={t:5.1f}s  failed request: {err}")
-                seen_failures = len(traffic.failures)
-            time.sleep(1)
+        story = scenario.Scenario.load(SCENARIO)
+        _say(
+            f"==> 5/6 scenario {SCENARIO.relative_to(ROOT)} ({story.duration_s:.0f} s, times "
+            "from now); plan changes and failures as they happen"
+        )
+        narrator = Narrator(env, traffic, plan)
+        threading.Thread(target=narrator.run, daemon=True).start()
+
+        def resolve(role: str) -> str:
+            found = fetch_model(info.kubeconfig, NAMESPACE, MODEL)
+            try:
+                return node_for_role(found.status if found else None, role)
+            except StatusError as exc:
+                raise TestbedError(f"scenario role {role}: {exc}") from None
+
+        played = scenario.run(
+            story,
+            info.state_file,
+            clock=time.monotonic,
+            sleep=time.sleep,
+            on_node=lambda name, up: cluster.set_node_ready(run_dir, name, ready=up),
+            log=narrator.step,
+            resolve=resolve,
+        )
+        narrator.stop()
+        events = narrator.events
+        revisions = narrator.revisions
+        downed = [p.node for p in played if p.step.kind == "node_down"]
+        up = {p.node for p in played if p.step.kind == "node_up"}
         traffic.stop()
-        if downed:
-            cluster.set_node_ready(run_dir, downed, ready=True)
+        for node in set(downed) - up:
+            cluster.set_node_ready(run_dir, node, ready=True)
         _say("==> 6/6 summary")
         summary = _summary(traffic, revisions, events)
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))

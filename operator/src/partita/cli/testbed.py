@@ -224,8 +224,18 @@ def _split_kv(text: str) -> tuple[str, str]:
 
 
 @testbed.command()
-def scenario(path: Path, run_dir: DirOption = None) -> None:
+def scenario(
+    path: Path,
+    run_dir: DirOption = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="NAMESPACE/NAME of the EdgeModel whose plan roles (plan:first-node...) mean."
+        ),
+    ] = None,
+) -> None:
     """Play a YAML scenario of timed steps (link and node changes, nodes going down)."""
+    from partita.cli.status import StatusError, fetch_model, node_for_role
     from partita.testbed import cluster
     from partita.testbed import scenario as sc
 
@@ -233,6 +243,17 @@ def scenario(path: Path, run_dir: DirOption = None) -> None:
     try:
         info = cluster.load_info(d)
         plan = sc.Scenario.load(path)
+        resolve = None
+        if model is not None:
+            namespace, _, name = model.rpartition("/")
+
+            def resolve(role: str) -> str:
+                found = fetch_model(info.kubeconfig, namespace or "default", name)
+                try:
+                    return node_for_role(found.status if found else None, role)
+                except StatusError as exc:
+                    raise TestbedError(f"--model {model}: {exc}") from None
+
         sc.run(
             plan,
             info.state_file,
@@ -240,6 +261,7 @@ def scenario(path: Path, run_dir: DirOption = None) -> None:
             sleep=time.sleep,
             on_node=lambda name, is_up: cluster.set_node_ready(d, name, is_up),
             log=_log,
+            resolve=resolve,
         )
     except TestbedError as exc:
         raise _fail(exc) from None
