@@ -9,7 +9,7 @@ from test_control_step import FAST, PROFILE, REQUEST, SLOW, inputs, run, serving
 
 from partita.api.edgemodel import EdgeModel, EdgeModelStatus
 from partita.api.meta import Condition, ConditionStatus
-from partita.control.loop import deployment_info, pre_plan_report, readiness
+from partita.control.loop import deployment_info, pod_info, pre_plan_report, readiness
 from partita.control.status import loop_status, node_speeds, state_from_status
 from partita.control.step import ModelState
 
@@ -130,3 +130,36 @@ def test_readiness_names_the_servers_not_ready() -> None:
     assert not got.ready and "FailedCreate: exceeded quota" in got.detail
     assert deployment_info({"metadata": {"labels": {}}}) is None
     assert "not created yet" in readiness("m", state.serving, {}).detail
+
+
+def test_a_pod_that_cannot_run_says_why_in_the_readiness() -> None:
+    state = serving(FAST)
+    assert state.serving is not None
+    tags = {"partita.dev/component": "stage-server", "partita.dev/model": "m",
+            "partita.dev/revision": "1", "partita.dev/stage": "0"}  # fmt: skip
+    pod = pod_info(
+        {
+            "metadata": {"name": "m-r1-s0-abc", "namespace": "ns", "labels": tags},
+            "status": {
+                "conditions": [
+                    {
+                        "type": "PodScheduled",
+                        "status": "False",
+                        "reason": "Unschedulable",
+                        "message": "0/6 nodes are available: 1 node(s) had untolerated taint",
+                    }
+                ]
+            },
+        }
+    )
+    assert pod is not None and pod.server == "m-r1-s0"
+    deployment = deployment_info(
+        {"metadata": {"name": "m-r1-s0", "namespace": "ns", "labels": tags}, "spec": {}}
+    )
+    assert deployment is not None
+    got = readiness("m", state.serving, {deployment.name: deployment}, {pod.server: pod.problem})
+    assert "m-r1-s0: Unschedulable: 0/6 nodes are available" in got.detail
+    image = {"reason": "ErrImagePull", "message": "no such image"}
+    waiting = {"containerStatuses": [{"state": {"waiting": image}}]}
+    pulled = pod_info({"metadata": {"labels": tags}, "status": waiting})
+    assert pulled is not None and pulled.problem == "ErrImagePull: no such image"

@@ -123,3 +123,21 @@ def test_entry_service_selects_only_the_serving_revision() -> None:
     assert svc["metadata"]["annotations"]["partita.dev/data-source-pool"] == "edge-a"
     assert svc["spec"]["selector"]["partita.dev/revision"] == "7"
     assert svc["spec"]["selector"][labels.ENTRY] == "true"
+
+
+def test_pods_tolerate_what_the_model_tolerates_and_use_their_revision_token() -> None:
+    from dataclasses import replace
+
+    plan = _plan(_stage(0, "cloud", ["c1"], ["x"], ["y"]))
+    ref = replace(REF, tolerations=(("dedicated", "Equal", "vision", "NoSchedule"),
+                                    ("gpu", "Exists", None, None)))  # fmt: skip
+    deployment = next(o for o in render_revision(ref, plan) if o["kind"] == "Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["tolerations"] == [
+        {"key": "dedicated", "operator": "Equal", "value": "vision", "effect": "NoSchedule"},
+        {"key": "gpu", "operator": "Exists"},
+    ]
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["PARTITA_INTERNAL_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "cam-r3-token"
+    plain = next(o for o in render_revision(REF, plan) if o["kind"] == "Deployment")
+    assert "tolerations" not in plain["spec"]["template"]["spec"]

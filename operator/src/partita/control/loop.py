@@ -48,7 +48,7 @@ from partita.control.step import (
     step,
 )
 from partita.kube.actuator import ActuatorError
-from partita.kube.manifests import ModelRef, server_names
+from partita.kube.manifests import ModelRef, gateway_name, object_name, server_names
 from partita.metrics.observation import Observation, is_stale
 from partita.model.types import ModelProfile
 from partita.planner import ModelRequest, Plan, PlannerError
@@ -94,6 +94,50 @@ def deployment_info(body: Mapping[str, Any]) -> DeploymentInfo | None:
     )
 
 
+@dataclass(frozen=True)
+class PodInfo:
+    """Why a stage server's pod does not run, when it does not (what the pod index holds)."""
+
+    namespace: str
+    model: str
+    revision: int
+    server: str  # the name of its Deployment (and Service, ConfigMap)
+    problem: str  # e.g. "Unschedulable: 0/6 nodes are available: ...", "" when none
+
+
+def pod_info(body: Mapping[str, Any]) -> PodInfo | None:
+    """A PodInfo of a stage server's pod, None for any other pod."""
+    meta = body.get("metadata") or {}
+    tags = meta.get("labels") or {}
+    revision = str(tags.get(labels.REVISION, ""))
+    stage = str(tags.get(labels.STAGE, ""))
+    if tags.get(labels.COMPONENT) != labels.STAGE_SERVER or not revision.isdigit() or not stage:
+        return None
+    model = str(tags.get(labels.MODEL, ""))
+    shard = str(tags.get(labels.SHARD, ""))
+    if stage == "gw":
+        server = gateway_name(model, int(revision))
+    else:
+        server = object_name(model, int(revision), int(stage), int(shard) if shard else None)
+    status = body.get("status") or {}
+    problems = [
+        f"{c.get('reason')}: {c.get('message')}"
+        for c in status.get("conditions") or []
+        if c.get("type") == "PodScheduled" and c.get("status") == "False"
+    ]
+    for container in status.get("containerStatuses") or []:
+        waiting = (container.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") not in (None, "ContainerCreating", "PodInitializing"):
+            problems.append(f"{waiting.get('reason')}: {waiting.get('message') or ''}".strip())
+    return PodInfo(
+        namespace=str(meta.get("namespace", "")),
+        model=model,
+        revision=int(revision),
+        server=server,
+        problem="; ".join(problems),
+    )
+
+
 class ClusterView(Protocol):
     """What the watches hold right now (the kopf indexes)."""
 
@@ -101,6 +145,7 @@ class ClusterView(Protocol):
     def pools(self) -> Iterable[Mapping[str, Any]]: ...
     def nodes(self) -> Iterable[NodeInfo]: ...
     def deployments(self) -> Iterable[DeploymentInfo]: ...
+    def pods(self) -> Iterable[PodInfo]: ...
 
 
 class Cluster(Protocol):
@@ -123,14 +168,22 @@ class LoopConfig:
     backoff: Backoff = field(default_factory=lambda: Backoff(first_s=2.0, factor=2.0, max_s=60.0))
 
 
-def readiness(model: str, plan: Plan, present: Mapping[str, DeploymentInfo]) -> Readiness:
+def readiness(
+    model: str,
+    plan: Plan,
+    present: Mapping[str, DeploymentInfo],
+    problems: Mapping[str, str] | None = None,
+) -> Readiness:
+    """Whether every server of `plan` is ready, and for those not, why (the Deployment's
+    replica failures, the pod's scheduling or image problems)."""
     waiting = []
     for name in server_names(model, plan):
         info = present.get(name)
+        problem = (problems or {}).get(name)
         if info is None:
             waiting.append(f"{name}: not created yet")
         elif not info.ready:
-            waiting.append(f"{name}: {info.detail}")
+            waiting.append(f"{name}: {problem or info.detail}")
     return Readiness(not waiting, "; ".join(waiting) or "all stage servers ready")
 
 
@@ -251,13 +304,19 @@ class ControlLoop:
         deployments: dict[tuple[str, str], dict[str, DeploymentInfo]] = {}
         for info in self._view.deployments():
             deployments.setdefault((info.namespace, info.model), {})[info.name] = info
+        problems: dict[tuple[str, str], dict[str, str]] = {}
+        for pod in self._view.pods():
+            if pod.problem:
+                problems.setdefault((pod.namespace, pod.model), {})[pod.server] = pod.problem
         keys = set()
         models.sort(key=lambda m: (-m[0].spec.priority, _key(m[0])))
         for model, body in models:
             key = _key(model)
             keys.add(key)
-            present = deployments.get((model.metadata.namespace or "", model.metadata.name), {})
-            await self._step_model(model, body, pools, nodes, present)
+            where = (model.metadata.namespace or "", model.metadata.name)
+            await self._step_model(
+                model, body, pools, nodes, deployments.get(where, {}), problems.get(where, {})
+            )
         for gone in set(self._states) - keys:
             self._states.pop(gone, None)
             self._placed.pop(gone, None)
@@ -270,6 +329,7 @@ class ControlLoop:
         pools: list[DevicePool],
         nodes: list[NodeInfo],
         present: Mapping[str, DeploymentInfo],
+        problems: Mapping[str, str],
     ) -> None:
         key = _key(model)
         now = self._clock()
@@ -296,7 +356,7 @@ class ControlLoop:
             profile=profiled.profile,
             snapshot=snapshot,
             metrics_fresh=self.metrics_fresh,
-            revisions=self._revisions(model.metadata.name, state, present, revisions),
+            revisions=self._revisions(model.metadata.name, state, present, problems, revisions),
             others=[v for k, v in self._placed.items() if k != key],
             observed_compute=self._observed_compute(model, state),
             cut_check=lambda plan: self._catalog.cut_check(profiled, plan),
@@ -332,6 +392,7 @@ class ControlLoop:
         model: str,
         state: ModelState,
         present: Mapping[str, DeploymentInfo],
+        problems: Mapping[str, str],
         revisions: list[int],
     ) -> dict[int, Readiness]:
         out: dict[int, Readiness] = {}
@@ -343,7 +404,7 @@ class ControlLoop:
         for revision in revisions:
             plan = plans.get(revision)
             if plan is not None:
-                out[revision] = readiness(model, plan, present)
+                out[revision] = readiness(model, plan, present, problems)
             else:
                 mine = [i for i in present.values() if i.revision == revision]
                 out[revision] = Readiness(all(i.ready for i in mine), "not a live revision")
@@ -450,6 +511,15 @@ class ControlLoop:
             image=self._config.image,
             cascade_output=spec.cascade.output if spec.cascade else None,
             cascade_threshold=spec.cascade.threshold if spec.cascade else None,
+            tolerations=tuple(
+                (
+                    t.key,
+                    t.operator.value,
+                    t.value,
+                    t.effect.value if t.effect else None,
+                )
+                for t in spec.tolerations
+            ),
         )
 
 
@@ -463,6 +533,8 @@ __all__ = [
     "ControlLoop",
     "DeploymentInfo",
     "LoopConfig",
+    "PodInfo",
     "Profiled",
     "deployment_info",
+    "pod_info",
 ]

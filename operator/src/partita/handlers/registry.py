@@ -28,7 +28,14 @@ from partita.api.meta import GROUP, VERSION
 from partita.api.rules import plain
 from partita.control.catalog import Catalog
 from partita.control.inputs import NodeInfo, node_info
-from partita.control.loop import ControlLoop, DeploymentInfo, LoopConfig, deployment_info
+from partita.control.loop import (
+    ControlLoop,
+    DeploymentInfo,
+    LoopConfig,
+    PodInfo,
+    deployment_info,
+    pod_info,
+)
 from partita.control.models import reconcile_model
 from partita.control.outcome import Backoff, Outcome
 from partita.control.pools import reconcile_pool, status_changed
@@ -139,6 +146,7 @@ class IndexView:
     pools_index: kopf.Index[str, dict[str, Any]]
     models_index: kopf.Index[str, dict[str, Any]]
     deployments_index: kopf.Index[str, DeploymentInfo]
+    pods_index: kopf.Index[str, PodInfo]
 
     def models(self) -> Iterable[Mapping[str, Any]]:
         return list(self.models_index.get("all", []))
@@ -151,6 +159,9 @@ class IndexView:
 
     def deployments(self) -> Iterable[DeploymentInfo]:
         return list(self.deployments_index.get("all", []))
+
+    def pods(self) -> Iterable[PodInfo]:
+        return list(self.pods_index.get("all", []))
 
 
 def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
@@ -227,6 +238,11 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         info = deployment_info(body)
         return {"all": info} if info is not None else None
 
+    @kopf.index("", "v1", "pods", labels=stage_servers, registry=registry, id="pods")
+    def index_pod(body: kopf.Body, **_: Any) -> dict[str, PodInfo] | None:
+        info = pod_info(body)
+        return {"all": info} if info is not None else None
+
     # ---- DevicePools: count the nodes ------------------------------------------------------
 
     def pool_handler(body: kopf.Body, nodes: kopf.Index[str, NodeInfo], **_: Any) -> None:
@@ -287,8 +303,9 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         ((GROUP, VERSION, "devicepools"), "wake-pools"),
     ):
         kopf.on.event(*resource, registry=registry, id=name)(cast(Any, wake))
-    kopf.on.event("apps", "v1", "deployments", labels=stage_servers, registry=registry,
-                  id="wake-deployments")(cast(Any, wake))  # fmt: skip
+    for group, plural in (("apps/v1", "deployments"), ("v1", "pods")):
+        kopf.on.event(group, plural, labels=stage_servers, registry=registry,
+                      id=f"wake-{plural}")(cast(Any, wake))  # fmt: skip
 
     # ---- the control loop and the metrics poll: one task each ------------------------------
 
@@ -299,10 +316,11 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         pools: kopf.Index[str, Any],
         models: kopf.Index[str, Any],
         deployments: kopf.Index[str, DeploymentInfo],
+        pods: kopf.Index[str, PodInfo],
         **_: Any,
     ) -> None:
         loop = ControlLoop(
-            IndexView(nodes, pools, models, deployments),
+            IndexView(nodes, pools, models, deployments, pods),
             Actuator(api_client),
             Reporter(writer, events, LOOP_MANAGER),
             Catalog(fetcher, profiler),

@@ -26,7 +26,7 @@ class RenderError(Exception):
 
 @dataclass(frozen=True)
 class ModelRef:
-    """The EdgeModel that owns the objects (for names, object_labels and owner references)."""
+    """The EdgeModel that owns the objects (for names, labels and owner references)."""
 
     name: str
     namespace: str
@@ -38,6 +38,9 @@ class ModelRef:
     image: str = "partita-server:0.1.0"
     cascade_output: str | None = None
     cascade_threshold: float | None = None
+    # The model's tolerations as a Pod spec takes them (key, operator, value, effect): the
+    # planner placed stages on tainted nodes only where these tolerate the taints.
+    tolerations: tuple[tuple[str, str, str | None, str | None], ...] = ()
 
 
 def owner_reference(ref: ModelRef) -> dict[str, Any]:
@@ -299,6 +302,11 @@ def _deployment(
                         }
                     },
                     "automountServiceAccountToken": False,
+                    **(
+                        {"tolerations": [_toleration(t) for t in ref.tolerations]}
+                        if ref.tolerations
+                        else {}
+                    ),
                     "securityContext": {
                         "runAsNonRoot": True,
                         "runAsUser": 10001,
@@ -346,6 +354,16 @@ def _deployment(
             },
         },
     }
+
+
+def _toleration(t: tuple[str, str, str | None, str | None]) -> dict[str, str]:
+    key, operator, value, effect = t
+    out = {"key": key, "operator": operator}
+    if value is not None:
+        out["value"] = value
+    if effect is not None:
+        out["effect"] = effect
+    return out
 
 
 def entry_service(ref: ModelRef, revision: int) -> dict[str, Any]:
