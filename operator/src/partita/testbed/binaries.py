@@ -9,6 +9,7 @@ pinned version. Prometheus and promtool come from Debian (`make install` install
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -92,6 +93,7 @@ def _ldflags() -> str:
 # then reports their status like a kubelet; kwok must leave them alone.
 AGENT_POD_LABEL = ("partita.dev/component", "stage-server")
 _STAGES_REVISION = "1"  # bump when the stage edits below change
+_HELM_BUILD_REVISION = "release-flags"  # change when helm_ldflags changes
 
 
 def _kube_key(src: Path) -> str:
@@ -112,7 +114,7 @@ def locate() -> Binaries:
     """The installed binaries, or a TestbedError saying how to install them."""
     bundle = kube_bundle_dir()
     kube = bundle / "partita-kube"
-    helm = cache_dir() / "build" / f"helm-{HELM_VERSION}" / "helm"
+    helm = helm_dir() / "helm"
     missing = [str(p) for p in (kube, helm) if not p.exists()]
     prometheus, promtool = shutil.which("prometheus"), shutil.which("promtool")
     if not prometheus:
@@ -206,11 +208,11 @@ def install(log: Log = print, force: bool = False) -> Binaries:
         shutil.rmtree(bundle, ignore_errors=True)
         tmp.rename(bundle)
         log(f"  built in {time.monotonic() - started:.0f} s")
-    helm_dir = cache_dir() / "build" / f"helm-{HELM_VERSION}"
-    if force or not (helm_dir / "helm").exists():
+    helm = helm_dir()
+    if force or not (helm / "helm").exists():
         started = time.monotonic()
         log(f"==> building helm {HELM_VERSION} (cold: about 2-5 min)")
-        tmp = helm_dir.with_name(helm_dir.name + ".tmp")
+        tmp = helm.with_name(helm.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         env_cmd = [
@@ -219,7 +221,7 @@ def install(log: Log = print, force: bool = False) -> Binaries:
             "-v",
             "-trimpath",
             "-ldflags",
-            "-s -w",
+            helm_ldflags(_helm_go_mod(tmp)),
             f"helm.sh/helm/v3/cmd/helm@{HELM_VERSION}",
         ]
         os.environ["GOBIN"] = str(tmp)
@@ -227,11 +229,50 @@ def install(log: Log = print, force: bool = False) -> Binaries:
             _run_with_progress(env_cmd, tmp, 0, "helm", log)
         finally:
             os.environ.pop("GOBIN", None)
-        shutil.rmtree(helm_dir, ignore_errors=True)
-        tmp.rename(helm_dir)
+        shutil.rmtree(helm, ignore_errors=True)
+        tmp.rename(helm)
         log(f"  built in {time.monotonic() - started:.0f} s")
-    _link(bundle, helm_dir)
+    _link(bundle, helm)
     return locate()
+
+
+def helm_dir() -> Path:
+    return cache_dir() / "build" / f"helm-{HELM_VERSION}-{_HELM_BUILD_REVISION}"
+
+
+def helm_ldflags(go_mod: str) -> str:
+    """What helm's own Makefile stamps into a release build: the helm version, and the
+    Kubernetes version `helm template` and `helm lint` assume (client-go's v0.N.P read as
+    v1.N, as the Makefile's K8S_MODULES_MAJOR_VER/MINOR_VER do). Without them helm says
+    Kubernetes v1.20.0, and a chart's kubeVersion constraint fails offline."""
+    m = re.search(r"^\s*k8s\.io/client-go\s+v(\d+)\.(\d+)\.\d+", go_mod, re.MULTILINE)
+    if m is None:
+        raise TestbedError(f"helm {HELM_VERSION}'s go.mod names no k8s.io/client-go version")
+    major, minor = int(m.group(1)) + 1, int(m.group(2))
+    version = "helm.sh/helm/v3/internal/version"
+    flags = [
+        "-w -s",
+        f"-X {version}.version={HELM_VERSION}",
+        f"-X {version}.metadata=",
+        f"-X {version}.gitTreeState=clean",
+    ]
+    for pkg in ("helm.sh/helm/v3/pkg/lint/rules", "helm.sh/helm/v3/pkg/chartutil"):
+        flags += [f"-X {pkg}.k8sVersionMajor={major}", f"-X {pkg}.k8sVersionMinor={minor}"]
+    return " ".join(flags)
+
+
+def _helm_go_mod(cwd: Path) -> str:
+    out = subprocess.run(
+        [_go(), "mod", "download", "-json", f"helm.sh/helm/v3@{HELM_VERSION}"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    try:
+        return Path(json.loads(out.stdout)["GoMod"]).read_text()
+    except (ValueError, KeyError, OSError):
+        raise TestbedError(f"cannot download helm {HELM_VERSION}: {out.stderr.strip()}") from None
 
 
 def _copy_kwok_stages(src: Path, dest: Path) -> None:
@@ -256,13 +297,13 @@ def _copy_kwok_stages(src: Path, dest: Path) -> None:
         (dest / Path(rel).name).write_text(yaml.safe_dump(stage, sort_keys=False))
 
 
-def _link(bundle: Path, helm_dir: Path) -> None:
+def _link(bundle: Path, helm: Path) -> None:
     """Symlinks in bin_dir(): one per component of the multi-call binary, plus helm."""
     target = bin_dir()
     target.mkdir(parents=True, exist_ok=True)
     for name in KUBE_COMPONENTS:
         _symlink(target / name, bundle / "partita-kube")
-    _symlink(target / "helm", helm_dir / "helm")
+    _symlink(target / "helm", helm / "helm")
 
 
 def _symlink(link: Path, dest: Path) -> None:
