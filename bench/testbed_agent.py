@@ -191,7 +191,7 @@ def _stage_manifests(ns: str, model: Path, node: str, pool: str) -> list[dict[st
     labels = {"partita.dev/component": "stage-server", "partita.dev/model": "chain"}
     container = {
         "name": "server",
-        "image": "partita-server:dev",
+        "image": "partita/server:dev",
         "command": ["partita-server"],
         "args": ["--host", "0.0.0.0", "--port", "8000"],
         "env": [
@@ -247,7 +247,8 @@ def agent_cpu(run_dir: Path, runs: int = 20) -> dict[str, Any]:
     import tritonclient.http as triton
     from kubernetes import client, config, utils
 
-    from partita.testbed import agent, cluster
+    from partita.testbed import cluster
+    from partita.testbed.kubelet import targets
 
     info = cluster.load_info(run_dir)
     node = info.nodes[0]
@@ -263,7 +264,7 @@ def agent_cpu(run_dir: Path, runs: int = 20) -> dict[str, Any]:
         deadline = time.monotonic() + 120
         url = None
         while time.monotonic() < deadline:
-            url = agent.load_agent_info(run_dir).services.get(f"{ns}/chain")
+            url = targets.load_agent_info(run_dir).services.get(f"{ns}/chain")
             pods = core.list_namespaced_pod(ns).items
             if (
                 url

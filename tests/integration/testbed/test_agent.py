@@ -1,6 +1,6 @@
 """The test bed agent runs a stage pod as a real partita-server process, reports it like a
 kubelet, routes Service traffic to it (entry listener and node proxy), restarts it when it
-crashes and removes it when the pod is deleted."""
+crashes or fails its liveness probe, and removes it when the pod is deleted."""
 
 from __future__ import annotations
 
@@ -8,9 +8,8 @@ import contextlib
 import json
 import os
 import signal
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,36 +18,27 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper, save
 
+from cluster_helpers import eventually
 from partita.runtime import Session
-from partita.testbed import agent as tb_agent
 from partita.testbed import processes
+from partita.testbed.kubelet import agent as tb_agent
+from partita.testbed.kubelet import targets
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 TOKEN = "agent-test-token"
 
 
-def _eventually(check: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(0.2)
-    raise AssertionError(f"{what} not seen within {timeout} s (last: {last!r})")
-
-
 @pytest.fixture(scope="module")
-def agent_info(cluster: Any) -> Iterator[tb_agent.AgentInfo]:
+def agent_info(cluster: Any) -> Iterator[targets.AgentInfo]:
     """The cluster's agent if `testbed up` started one, else one in this process."""
     with contextlib.suppress(Exception):
-        info = tb_agent.load_agent_info(cluster.run_dir)
+        info = targets.load_agent_info(cluster.run_dir)
         if processes.alive(info.pid) and info.pid != os.getpid():
             yield info
             return
     with tb_agent.running(cluster.run_dir):
-        yield tb_agent.load_agent_info(cluster.run_dir)
+        yield targets.load_agent_info(cluster.run_dir)
 
 
 def _adder(path: Path) -> Path:
@@ -80,7 +70,7 @@ def _manifests(ns: str, model: Path, node: str) -> list[dict[str, Any]]:
     spec = {"model": "adder", "source": {"uri": model.as_uri()}}
     container = {
         "name": "server",
-        "image": "partita-server:dev",
+        "image": "partita/server:dev",
         "command": ["partita-server"],
         "args": ["--host", "0.0.0.0", "--port", "8000"],
         "env": [
@@ -94,6 +84,18 @@ def _manifests(ns: str, model: Path, node: str) -> list[dict[str, Any]]:
         "ports": [{"name": "http", "containerPort": 8000}],
         "volumeMounts": [{"name": "stage", "mountPath": "/etc/partita", "readOnly": True}],
         "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": 8000}},
+        # Liveness only once started: a quarter-core edge node takes 5-15 s to start it.
+        "startupProbe": {
+            "httpGet": {"path": "/v2/health/live", "port": 8000},
+            "periodSeconds": 1,
+            "failureThreshold": 60,
+        },
+        "livenessProbe": {
+            "httpGet": {"path": "/v2/health/live", "port": 8000},
+            "periodSeconds": 1,
+            "timeoutSeconds": 1,
+            "failureThreshold": 3,
+        },
         "resources": {
             "requests": {"cpu": "500m", "memory": "256Mi"},
             "limits": {"cpu": "1", "memory": "512Mi"},
@@ -197,7 +199,7 @@ def _server_pid(pod: dict[str, Any]) -> int:
 
 
 def test_stage_pod_runs_serves_restarts_and_goes_away(
-    cluster: Any, agent_info: tb_agent.AgentInfo, tmp_path: Path
+    cluster: Any, agent_info: targets.AgentInfo, tmp_path: Path
 ) -> None:
     ns = f"agent-{uuid.uuid4().hex[:6]}"
     node = next(n.name for n in cluster.nodes if n.pool == "edge-a")
@@ -206,18 +208,22 @@ def test_stage_pod_runs_serves_restarts_and_goes_away(
     try:
         docs = "\n---\n".join(json.dumps(d) for d in _manifests(ns, model, node))
         cluster.kubectl("apply", "-f", "-", input=docs)
-        pod = _eventually(lambda: (p := _pod(cluster, ns)) and _ready(p) and p, 60, "pod Ready")
+        pod = eventually(lambda: (p := _pod(cluster, ns)) and _ready(p) and p, 60, "pod Ready")
         assert pod["spec"]["nodeName"] == node
         assert pod["status"]["phase"] == "Running"
         assert pod["status"]["podIP"]
         pid = _server_pid(pod)
         assert processes.alive(pid)
+        if agent_info.sandbox:  # its own mount namespace, its ConfigMap at the mountPath
+            assert os.readlink(f"/proc/{pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+            root = Path(f"/proc/{pid}/root/etc/partita/stage.json")
+            assert json.loads(root.read_text())["model"] == "adder"
 
         x = np.array([[1.0, -2.0, 0.5, 10.0]], dtype=np.float32)
         expected = Session(model).run({"x": x})["y"]
 
-        entry = _eventually(
-            lambda: tb_agent.load_agent_info(cluster.run_dir).services.get(f"{ns}/adder"),
+        entry = eventually(
+            lambda: targets.load_agent_info(cluster.run_dir).services.get(f"{ns}/adder"),
             10,
             "entry listener in services.json",
         )
@@ -243,7 +249,7 @@ def test_stage_pod_runs_serves_restarts_and_goes_away(
             assert r.status_code == 502 and f"{ns}/nothing-here" in r.json()["error"]
 
         os.kill(pid, signal.SIGKILL)
-        pod = _eventually(
+        pod = eventually(
             lambda: (
                 (p := _pod(cluster, ns))
                 and p["status"]["containerStatuses"][0]["restartCount"] >= 1
@@ -257,8 +263,25 @@ def test_stage_pod_runs_serves_restarts_and_goes_away(
         new_pid = _server_pid(pod)
         assert new_pid != pid
 
+        # A hung server fails its liveness probe and is restarted (SIGTERM, then SIGKILL
+        # after the pod's grace period: a stopped process cannot act on the SIGTERM).
+        restarts = pod["status"]["containerStatuses"][0]["restartCount"]
+        os.kill(new_pid, signal.SIGSTOP)
+        pod = eventually(
+            lambda: (
+                (p := _pod(cluster, ns))
+                and p["status"]["containerStatuses"][0]["restartCount"] > restarts
+                and _ready(p)
+                and p
+            ),
+            60,
+            "pod restarted after failing its liveness probe",
+        )
+        assert not processes.alive(new_pid)
+        new_pid = _server_pid(pod)
+
         cluster.kubectl("delete", "deployment", "adder-r1-s0", "-n", ns, "--wait=false")
-        _eventually(lambda: _pod(cluster, ns) is None, 30, "pod deleted")
-        _eventually(lambda: not processes.alive(new_pid), 10, "server process gone")
+        eventually(lambda: _pod(cluster, ns) is None, 30, "pod deleted")
+        eventually(lambda: not processes.alive(new_pid), 10, "server process gone")
     finally:
         cluster.kubectl("delete", "namespace", ns, "--wait=false", check=False)

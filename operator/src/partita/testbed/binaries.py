@@ -34,14 +34,12 @@ KUBE_COMPONENTS = (
     "kubectl",
     "kwok",
 )
-# kwok's lifecycle stages, copied at install time from the kwok module the binary is built from.
+# kwok's node lifecycle stages, copied at install time from the kwok module the binary is
+# built from. kwok plays the nodes only: every pod on them is run by the test bed's kubelet.
 KWOK_STAGES = (
     "kustomize/stage/node/fast/node-initialize.yaml",
     "kustomize/stage/node/heartbeat-with-lease/node-heartbeat-with-lease.yaml",
     "kustomize/stage/node/chaos/node-not-ready.yaml",
-    "kustomize/stage/pod/fast/pod-ready.yaml",
-    "kustomize/stage/pod/fast/pod-complete.yaml",
-    "kustomize/stage/pod/fast/pod-delete.yaml",
 )
 
 Log = Callable[[str], None]
@@ -89,10 +87,7 @@ def _ldflags() -> str:
     )
 
 
-# Pods of stage servers are run by the test bed's agent (a real process per pod), which
-# then reports their status like a kubelet; kwok must leave them alone.
-AGENT_POD_LABEL = ("partita.dev/component", "stage-server")
-_STAGES_REVISION = "1"  # bump when the stage edits below change
+_STAGES_REVISION = "1"  # bump when what _copy_kwok_stages writes changes
 _HELM_BUILD_REVISION = "release-flags"  # change when helm_ldflags changes
 
 
@@ -287,14 +282,16 @@ def _copy_kwok_stages(src: Path, dest: Path) -> None:
     if out.returncode != 0 or not kwok_dir.is_dir():
         raise TestbedError(f"cannot find the kwok module's stages: {out.stderr.strip()}")
     dest.mkdir(parents=True, exist_ok=True)
-    key, value = AGENT_POD_LABEL
     for rel in KWOK_STAGES:
-        stage = yaml.safe_load((kwok_dir / rel).read_text())
-        if stage["spec"]["resourceRef"]["kind"] == "Pod":
-            stage["spec"].setdefault("selector", {}).setdefault("matchExpressions", []).append(
-                {"key": f'.metadata.labels["{key}"]', "operator": "NotIn", "values": [value]}
-            )
-        (dest / Path(rel).name).write_text(yaml.safe_dump(stage, sort_keys=False))
+        shutil.copyfile(kwok_dir / rel, dest / Path(rel).name)
+
+
+def kwok_node_stages(directory: Path) -> str:
+    """kwok's configuration: the copied stages that act on Nodes (a bundle built before kwok
+    left pods alone also holds pod stages; they are skipped)."""
+    docs = [yaml.safe_load(p.read_text()) for p in sorted(directory.glob("*.yaml"))]
+    nodes = [d for d in docs if d["spec"]["resourceRef"]["kind"] == "Node"]
+    return "\n---\n".join(yaml.safe_dump(d, sort_keys=False) for d in nodes)
 
 
 def _link(bundle: Path, helm: Path) -> None:

@@ -9,7 +9,10 @@ collide (every port is picked free, or checked when given).
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
+import os
+import socket
 import ssl
 import sys
 import time
@@ -21,6 +24,7 @@ from typing import Any
 import httpx
 import yaml
 
+from partita.api import labels
 from partita.testbed import binaries, pki, processes
 from partita.testbed.errors import TestbedError
 from partita.testbed.layout import Layout, NodeSpec
@@ -30,6 +34,13 @@ Log = Callable[[str], None]
 NOT_READY_LABEL = "node-not-ready.stage.kwok.x-k8s.io"
 K3S_VERSION = f"{binaries.KUBE_VERSION}+k3s1"
 SERVICE_CIDR = "10.96.0.0/16"
+HTTPS_PORT = 443
+# The InternalIP kwok gives every simulated node: this machine, as the cluster sees it. The
+# agent dials 127.0.0.1 for an endpoint at this address (the apiserver refuses loopback ones).
+NODE_IP = "10.240.0.1"
+# The test bed's Prometheus as pods reach it: the Service name the chart's prometheus.url
+# defaults to (prometheus-community's chart names its server so).
+PROMETHEUS_SERVICE = ("monitoring", "prometheus-server", 9090)
 
 
 def default_run_dir(name: str = "default") -> Path:
@@ -45,6 +56,11 @@ class ClusterInfo:
     metrics_url: str
     state_file: Path
     nodes: tuple[NodeSpec, ...]
+    # The `kubernetes` Service as pods reach it (KUBERNETES_SERVICE_HOST/PORT, and the address
+    # kubernetes.default.svc resolves to in their /etc/hosts): a loopback address of this
+    # cluster that the agent forwards to the apiserver.
+    service_host: str = "127.0.0.1"
+    service_port: int = HTTPS_PORT
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -55,6 +71,8 @@ class ClusterInfo:
             "metrics_url": self.metrics_url,
             "state_file": str(self.state_file),
             "nodes": [asdict(n) for n in self.nodes],
+            "service_host": self.service_host,
+            "service_port": self.service_port,
         }
 
     @staticmethod
@@ -67,6 +85,8 @@ class ClusterInfo:
             doc["metrics_url"],
             Path(doc["state_file"]),
             tuple(NodeSpec(**n) for n in doc["nodes"]),
+            doc["service_host"],
+            int(doc["service_port"]),
         )
 
 
@@ -138,7 +158,8 @@ def up(
         _rmtree(run_dir / sub)
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    p = pki.generate(run_dir / "pki", now())
+    service_host, service_port = kubernetes_service_address(run_dir)
+    p = pki.generate(run_dir / "pki", now(), extra_ips=(service_host,))
     ports = {
         k: processes.free_port() for k in ("etcd", "etcd-peer", "kcm", "sched", "kwok", "metrics")
     }
@@ -177,30 +198,92 @@ def up(
         prom = processes.start("prometheus", argv, run_dir)
         prom_url = f"http://127.0.0.1:{ports['prometheus']}"
         _wait_http(f"{prom_url}/-/ready", "Prometheus", prom, 60)
-        log(f"  Prometheus on {prom_url}")
+        _publish_prometheus(kubeconfig, ports["prometheus"])
+        ns, svc, port = PROMETHEUS_SERVICE
+        log(f"  Prometheus on {prom_url} (pods: http://{svc}.{ns}.svc:{port})")
         _wait_nodes_ready(kubeconfig, [n.name for n in layout.nodes], timeout=60)
         log(f"  {len(layout.nodes)} nodes Ready ({', '.join(layout.pools)})")
     except BaseException:
         processes.stop_all(run_dir)
         raise
     info = ClusterInfo(
-        run_dir, kubeconfig, api_url, prom_url, metrics_url, state_file, layout.nodes
+        run_dir,
+        kubeconfig,
+        api_url,
+        prom_url,
+        metrics_url,
+        state_file,
+        layout.nodes,
+        service_host,
+        service_port,
     )
     (run_dir / "status.json").write_text(json.dumps(info.to_json(), indent=2))
     if with_agent:
         try:
             agent = processes.start(
                 "agent",
-                [sys.executable, "-m", "partita.testbed.agent", "--run-dir", str(run_dir)],
+                [sys.executable, "-m", "partita.testbed.kubelet", "--run-dir", str(run_dir)],
                 run_dir,
             )
             _wait_file(run_dir / "services.json", agent, 30)
-            log("  agent running stage pods as local processes")
+            log("  agent running the nodes' pods as local processes")
         except BaseException:
             processes.stop_all(run_dir)
             raise
     log(f"==> local cluster up in {time.monotonic() - started:.1f} s")
     return info
+
+
+def kubernetes_service_address(run_dir: Path) -> tuple[str, int]:
+    """A loopback address of its own for this cluster's `kubernetes` Service, port 443 when
+    this process may bind it (root), else a free port: 127.x.y.z from the run directory's
+    hash, the next one when taken (two clusters never share it)."""
+    digest = hashlib.sha256(str(run_dir.resolve()).encode()).digest()
+    for i in range(0, 30, 3):
+        host = f"127.{64 + digest[i] % 128}.{digest[i + 1]}.{1 + digest[i + 2] % 254}"
+        for port in (HTTPS_PORT, 0) if os.geteuid() == 0 else (0,):
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+                return host, int(s.getsockname()[1])
+    raise TestbedError("no free loopback address for the kubernetes Service (tried 10)")
+
+
+def _publish_prometheus(kubeconfig: Path, port: int) -> None:
+    """A selectorless Service whose EndpointSlice is the local Prometheus (at the nodes' IP:
+    this machine), so pods reach it by name through the agent's proxy, as a cluster's own."""
+    from kubernetes import client, config
+
+    ns, name, service_port = PROMETHEUS_SERVICE
+    api = config.new_client_from_config(config_file=str(kubeconfig))
+    # Any: the manifests are plain dicts, which the client sends as they are.
+    core: Any = client.CoreV1Api(api)
+    discovery: Any = client.DiscoveryV1Api(api)
+    core.create_namespace({"metadata": {"name": ns}})
+    core.create_namespaced_service(
+        ns,
+        {
+            "metadata": {"name": name, "labels": {labels.MANAGED_BY: "partita-testbed"}},
+            "spec": {"ports": [{"name": "http", "port": service_port, "protocol": "TCP"}]},
+        },
+    )
+    discovery.create_namespaced_endpoint_slice(
+        ns,
+        {
+            "metadata": {
+                "name": f"{name}-local",
+                "labels": {
+                    "kubernetes.io/service-name": name,
+                    "endpointslice.kubernetes.io/managed-by": "partita-testbed",
+                },
+            },
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [NODE_IP], "conditions": {"ready": True}}],
+            "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+        },
+    )
 
 
 def _wait_file(path: Path, proc: processes.Process, timeout: float) -> None:
@@ -315,9 +398,8 @@ def _start_control_plane(
     _wait_http(f"https://127.0.0.1:{ports['kcm']}/healthz", "kube-controller-manager", kcm, 60)
     _wait_http(f"https://127.0.0.1:{ports['sched']}/healthz", "kube-scheduler", sched, 60)
     log("  kube-controller-manager and kube-scheduler healthy")
-    stages = sorted(bins.kwok_stages.glob("*.yaml"))
     config = run_dir / "kwok.yaml"
-    config.write_text("\n---\n".join(s.read_text() for s in stages))
+    config.write_text(binaries.kwok_node_stages(bins.kwok_stages))
     kwok = processes.start(
         "kwok",
         [
@@ -329,7 +411,7 @@ def _start_control_plane(
             "--node-lease-duration-seconds=40",
             f"--server-address=127.0.0.1:{ports['kwok']}",
             "--cidr=10.244.0.0/16",
-            "--node-ip=10.240.0.1",
+            f"--node-ip={NODE_IP}",
         ],
         run_dir,
     )
@@ -360,13 +442,13 @@ def node_manifest(node: NodeSpec, index: int) -> dict[str, Any]:
                 "node.kubernetes.io/instance-type": "k3s",
                 "topology.kubernetes.io/region": "local",
                 "topology.kubernetes.io/zone": node.zone,
-                "partita.dev/tier": node.tier,
-                "partita.dev/pool": node.pool,
+                labels.TIER: node.tier,
+                labels.POOL: node.pool,
             },
             "annotations": {
                 "kwok.x-k8s.io/node": "fake",
                 "node.alpha.kubernetes.io/ttl": "0",
-                "partita.dev/speed": str(node.speed),
+                labels.SPEED: str(node.speed),
             },
         },
         "spec": {"podCIDR": f"10.244.{index}.0/24", "podCIDRs": [f"10.244.{index}.0/24"]},
@@ -458,12 +540,12 @@ def node_status(run_dir: Path) -> list[dict[str, Any]]:
     core = _core_v1(info.kubeconfig)
     out = []
     for n in core.list_node().items:
-        labels = n.metadata.labels or {}
+        node_labels = n.metadata.labels or {}
         out.append(
             {
                 "name": n.metadata.name,
-                "pool": labels.get("partita.dev/pool", ""),
-                "tier": labels.get("partita.dev/tier", ""),
+                "pool": node_labels.get(labels.POOL, ""),
+                "tier": node_labels.get(labels.TIER, ""),
                 "ready": _node_ready(n),
                 "cpu": n.status.allocatable.get("cpu"),
                 "memory": n.status.allocatable.get("memory"),

@@ -346,9 +346,10 @@ def error_response(status: int, message: str) -> bytes:
 
 @dataclass(frozen=True)
 class Endpoint:
-    """A ready endpoint of a Service, as the agent runs it: a local port on a simulated node."""
+    """A ready endpoint of a Service: a local process's port, on a simulated node (or on none:
+    the test bed's own processes, such as Prometheus, are in no pool and never shaped)."""
 
-    key: str  # namespace/pod
+    key: str  # namespace/pod, or namespace/service for one of the test bed's processes
     port: int  # on 127.0.0.1
     node: str
     pool: str

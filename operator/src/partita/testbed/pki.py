@@ -50,9 +50,13 @@ def _name(cn: str, org: str | None = None) -> x509.Name:
     return x509.Name(attrs)
 
 
-def generate(directory: Path, now: dt.datetime) -> Pki:
+def generate(directory: Path, now: dt.datetime, extra_ips: tuple[str, ...] = ()) -> Pki:
     """One CA, a serving certificate for the apiserver, an admin client certificate
-    (system:masters) used by every component, and the ServiceAccount signing key."""
+    (system:masters) used by every component, and the ServiceAccount signing key.
+
+    The serving certificate names the apiserver as clients reach it: the `kubernetes`
+    Service's DNS names (what in-cluster clients such as kopf dial), loopback, the Service's
+    ClusterIP and `extra_ips` (the loopback address pods get as KUBERNETES_SERVICE_HOST)."""
     directory.mkdir(parents=True, exist_ok=True)
     pki = Pki(
         *(
@@ -119,7 +123,8 @@ def generate(directory: Path, now: dt.datetime) -> Pki:
             "localhost",
         )
     ]
-    sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in ("127.0.0.1", "::1", "10.96.0.1")]
+    ips = dict.fromkeys(("127.0.0.1", "::1", "10.96.0.1", *extra_ips))
+    sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in ips]
     server, server_key = leaf("kube-apiserver", None, ExtendedKeyUsageOID.SERVER_AUTH, sans)
     pki.server_cert.write_bytes(server.public_bytes(serialization.Encoding.PEM))
     _write_key(pki.server_key, server_key)

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +40,17 @@ def check_port_free(port: int, what: str, host: str = "127.0.0.1") -> None:
             ) from None
 
 
-def start(name: str, argv: list[str], run_dir: Path, env: dict[str, str] | None = None) -> Process:
+def start(
+    name: str,
+    argv: list[str],
+    run_dir: Path,
+    env: dict[str, str] | None = None,
+    *,
+    inherit_env: bool = True,
+) -> Process:
+    """Start `argv` in a new session, output to logs/<name>.log, pid in pids/<name>.pid. The
+    environment is ours plus `env`, or `env` alone without `inherit_env` (a pod's process
+    sees only what its spec and image give it)."""
     logs = run_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / f"{name}.log"
@@ -52,7 +63,7 @@ def start(name: str, argv: list[str], run_dir: Path, env: dict[str, str] | None 
                 stdin=subprocess.DEVNULL,
                 start_new_session=True,
                 cwd=run_dir,
-                env={**os.environ, **(env or {})},
+                env={**(os.environ if inherit_env else {}), **(env or {})},
             )
         except OSError as exc:
             raise TestbedError(f"cannot start {name} ({argv[0]}): {exc.strerror}") from None
@@ -109,18 +120,29 @@ def ensure_running(proc: Process) -> None:
         raise TestbedError(f"{proc.name} exited during start-up; last lines of {proc.log}:\n{tail}")
 
 
-def stop_one(pid: int, grace: float = 10.0) -> None:
-    """SIGTERM one process group, SIGKILL it after `grace` seconds; returns once it is gone."""
+def signal_group(pid: int, sig: int) -> None:
+    """Send `sig` to the process group `pid` leads; gone already is fine."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5.0
-    while alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
+        os.killpg(pid, sig)
+
+
+def stop_one(
+    pid: int,
+    grace: float = 10.0,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """SIGTERM one process group, SIGKILL it after `grace` seconds; returns once it is gone
+    (or 5 s after the SIGKILL). Both waits run on `clock` and `sleep`."""
+    signal_group(pid, signal.SIGTERM)
+    deadline = clock() + grace
+    while alive(pid) and clock() < deadline:
+        sleep(0.05)
+    signal_group(pid, signal.SIGKILL)
+    deadline = clock() + 5.0
+    while alive(pid) and clock() < deadline:
+        sleep(0.05)
 
 
 def stop_all(run_dir: Path, grace: float = 10.0) -> list[str]:

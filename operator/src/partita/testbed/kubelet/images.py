@@ -1,0 +1,152 @@
+"""Which container images the test bed can run, and as which local program.
+
+The test bed has no container runtime: an image it knows stands for a console script of the
+project's venv (the venv is what the image's /opt/partita holds), with the ENTRYPOINT, CMD and
+ENV its Dockerfile gives. Any other image is refused with ErrImagePull and the reason.
+
+Every pod's processes share this machine's loopback, so the port a container listens on is
+moved to a free one; each image says where its command line names that port.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from partita.testbed.kubelet.podspec import CREATE_ERROR, IMAGE_ERROR, LOOPBACK, PodError, expand
+
+Listen = Callable[[Sequence[str], int], list[str]]
+
+
+def host_port_flags(args: Sequence[str], port: int) -> list[str]:
+    """`--host H --port P` (or `--host=H`, `--port=P`) moved to loopback and `port`, added when
+    missing: the stage server's command line."""
+    out: list[str] = []
+    seen: set[str] = set()
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        flag, eq, _ = arg.partition("=")
+        if flag in ("--host", "--port"):
+            seen.add(flag)
+            value = LOOPBACK if flag == "--host" else str(port)
+            out.append(f"{flag}={value}" if eq else flag)
+            if not eq:
+                out.append(value)
+                i += 1  # skip the old value
+        else:
+            out.append(arg)
+        i += 1
+    if "--host" not in seen:
+        out += ["--host", LOOPBACK]
+    if "--port" not in seen:
+        out += ["--port", str(port)]
+    return out
+
+
+def liveness_flag(args: Sequence[str], port: int) -> list[str]:
+    """`--liveness=http://0.0.0.0:8080/healthz` moved to loopback and `port`: the operator's
+    command line (kopf's liveness endpoint is all it listens on)."""
+    out = list(args)
+    for i, arg in enumerate(out):
+        if arg.startswith("--liveness="):
+            out[i] = "--liveness=" + _move(arg.split("=", 1)[1], port)
+        elif arg == "--liveness" and i + 1 < len(out):
+            out[i + 1] = _move(out[i + 1], port)
+    return out
+
+
+def _move(url: str, port: int) -> str:
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=f"{LOOPBACK}:{port}"))
+
+
+@dataclass(frozen=True)
+class LocalImage:
+    """An image as a local program: what its Dockerfile says, and where it listens."""
+
+    repository: str
+    entrypoint: str  # the venv console script its ENTRYPOINT runs
+    listen: Listen
+    cmd: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)  # its ENV, PATH aside
+
+
+_PYTHON_ENV = {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1", "HOME": "/tmp"}
+_SERVER = LocalImage("partita/server", "partita-server", host_port_flags, env=_PYTHON_ENV)
+
+# Dockerfile.operator and Dockerfile.server (a unit test holds this table to them).
+IMAGES: dict[str, LocalImage] = {
+    "partita/operator": LocalImage(
+        "partita/operator",
+        "partita",
+        liveness_flag,
+        ("operator", "--all-namespaces", "--liveness=http://0.0.0.0:8080/healthz"),
+        {**_PYTHON_ENV, "PARTITA_OPERATOR_CACHE": "/var/cache/partita"},
+    ),
+    "partita/server": _SERVER,
+    # The name `partita operator --server-image` defaults to, for the same image.
+    "partita-server": _SERVER,
+}
+
+
+def repository(image: str) -> str:
+    """`registry:5000/partita/server:0.1.0@sha256:...` -> `partita/server`."""
+    name = image.split("@", 1)[0]
+    head, _, last = name.rpartition("/")
+    if ":" in last:
+        last = last.split(":", 1)[0]
+    parts = [*head.split("/"), last] if head else [last]
+    if len(parts) > 1 and ("." in parts[0] or ":" in parts[0] or parts[0] == "localhost"):
+        parts = parts[1:]
+    return "/".join(parts)
+
+
+@dataclass(frozen=True)
+class LocalCommand:
+    argv: list[str]
+    image_env: dict[str, str]
+
+
+def local_command(
+    container: Mapping[str, Any], exe_dir: Path, env: Mapping[str, str], port: int
+) -> LocalCommand:
+    """The container's command line for this machine: the image's program (or the container's
+    `command`, found in the venv or on PATH), `$(VAR)` expanded, listening on `port`."""
+    image = container.get("image", "")
+    local = IMAGES.get(repository(image))
+    if local is None:
+        known = ", ".join(f"{k} -> {v.entrypoint}" for k, v in IMAGES.items())
+        raise PodError(
+            f"container {container.get('name')}: image {image!r} has no local program in the "
+            f"test bed (it runs {known})",
+            IMAGE_ERROR,
+        )
+    command = list(container.get("command") or [])
+    args = list(container.get("args") or ([] if command else local.cmd))
+    exe, rest = (command[0], command[1:] + args) if command else (local.entrypoint, args)
+    return LocalCommand(
+        [_find(exe, exe_dir), *local.listen([expand(a, env) for a in rest], port)],
+        dict(local.env),
+    )
+
+
+def _find(exe: str, exe_dir: Path) -> str:
+    if os.path.isabs(exe):
+        if not os.access(exe, os.X_OK):
+            raise PodError(f"container command {exe!r} is not an executable file", CREATE_ERROR)
+        return exe
+    local = exe_dir / exe
+    found = str(local) if local.exists() else shutil.which(exe)
+    if found is None:
+        raise PodError(
+            f"container command {exe!r} not found next to {exe_dir} or on PATH; install the "
+            "project into the venv (`make install`)",
+            CREATE_ERROR,
+        )
+    return found

@@ -1,0 +1,125 @@
+"""Which images the test bed runs as which local program: the table agrees with the project's
+Dockerfiles, listening ports move to the agent's port, other images are refused by name."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from partita.testbed.kubelet import images
+from partita.testbed.kubelet.podspec import CREATE_ERROR, IMAGE_ERROR, PodError
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def _final_stage(dockerfile: Path) -> tuple[str, list[str], list[str], dict[str, str]]:
+    """(the -t name of its build comment, ENTRYPOINT, CMD, ENV) of the Dockerfile's last stage."""
+    text = dockerfile.read_text()
+    tag = re.search(r"docker build -f \S+ -t (\S+)", text)
+    assert tag is not None
+    lines = re.sub(r"\\\n\s*", " ", text).splitlines()
+    last = max(i for i, line in enumerate(lines) if line.startswith("FROM "))
+    entrypoint: list[str] = []
+    cmd: list[str] = []
+    env: dict[str, str] = {}
+    for line in lines[last:]:
+        word, _, rest = line.partition(" ")
+        if word == "ENTRYPOINT":
+            entrypoint = json.loads(rest)
+        elif word == "CMD":
+            cmd = json.loads(rest)
+        elif word == "ENV":
+            env.update(dict(item.split("=", 1) for item in shlex.split(rest)))
+    return tag.group(1), entrypoint, cmd, env
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.operator", "Dockerfile.server"])
+def test_the_table_is_what_the_dockerfile_builds(dockerfile: str) -> None:
+    name, entrypoint, cmd, env = _final_stage(ROOT / dockerfile)
+    local = images.IMAGES[images.repository(name)]
+    assert entrypoint == [f"/opt/partita/bin/{local.entrypoint}"]
+    assert tuple(cmd) == local.cmd
+    env.pop("PATH")  # the venv's bin directory stands for /opt/partita/bin
+    assert env == dict(local.env)
+
+
+@pytest.mark.parametrize(
+    ("image", "repository"),
+    [
+        ("partita/operator:0.1.0", "partita/operator"),
+        ("partita/server", "partita/server"),
+        ("registry.local:5000/partita/server:dev@sha256:abc", "partita/server"),
+        ("localhost/partita/operator:1", "partita/operator"),
+        ("nginx:1.27", "nginx"),
+    ],
+)
+def test_repository_drops_registry_tag_and_digest(image: str, repository: str) -> None:
+    assert images.repository(image) == repository
+
+
+def test_the_chart_operator_runs_the_venv_partita_on_the_agent_port(tmp_path: Path) -> None:
+    (tmp_path / "partita").write_text("")
+    container = {
+        "name": "operator",
+        "image": "partita/operator:0.1.0",
+        "args": ["operator", "--all-namespaces", "--liveness=http://0.0.0.0:8080/healthz"],
+    }
+    command = images.local_command(container, tmp_path, {}, 4321)
+    assert command.argv == [
+        str(tmp_path / "partita"),
+        "operator",
+        "--all-namespaces",
+        "--liveness=http://127.0.0.1:4321/healthz",
+    ]
+    assert command.image_env["PARTITA_OPERATOR_CACHE"] == "/var/cache/partita"
+    # No args: the image's CMD, as a container runtime does.
+    bare = images.local_command({"name": "o", "image": "partita/operator"}, tmp_path, {}, 5)
+    assert bare.argv[1:] == [
+        "operator",
+        "--all-namespaces",
+        "--liveness=http://127.0.0.1:5/healthz",
+    ]
+
+
+def test_stage_server_command_moves_host_and_port(tmp_path: Path) -> None:
+    (tmp_path / "partita-server").write_text("")
+    container = {
+        "name": "server",
+        "image": "partita/server:0.1.0",
+        "command": ["partita-server"],
+        "args": ["--host", "0.0.0.0", "--port", "8000", "--log-level=$(LEVEL)"],
+    }
+    argv = images.local_command(container, tmp_path, {"LEVEL": "info"}, 4321).argv
+    assert argv == [
+        str(tmp_path / "partita-server"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "4321",
+        "--log-level=info",
+    ]
+    assert images.host_port_flags(["--port=80", "-c", "x"], 5) == [
+        "--port=5",
+        "-c",
+        "x",
+        "--host",
+        "127.0.0.1",
+    ]
+
+
+def test_an_image_without_a_local_program_is_refused_by_name(tmp_path: Path) -> None:
+    with pytest.raises(PodError, match=r"image 'nginx:1.27' has no local program") as err:
+        images.local_command({"name": "web", "image": "nginx:1.27"}, tmp_path, {}, 1)
+    assert err.value.reason == IMAGE_ERROR
+    assert "partita/operator -> partita" in str(err.value)
+
+
+def test_a_command_not_installed_says_what_to_do(tmp_path: Path) -> None:
+    container = {"name": "s", "image": "partita/server", "command": ["no-such-server-xyz"]}
+    with pytest.raises(PodError, match="make install") as err:
+        images.local_command(container, tmp_path, {}, 1)
+    assert err.value.reason == CREATE_ERROR
