@@ -176,6 +176,12 @@ def stop(process: subprocess.Popen) -> None:
 
 def test_operator_works_with_the_chart_rbac_and_peering(release: Any, tmp_path: Path) -> None:
     cluster = release
+    # The chart's own operator pod runs (the test bed's kubelet runs it) and watches every
+    # namespace: stop it, so only the two replicas below act in MODELS.
+    cluster.kubectl("scale", "deployment", RELEASE, "-n", NAMESPACE, "--replicas=0")
+    eventually(
+        lambda: not get_json(cluster, "pods", "-n", NAMESPACE)["items"], 60, "operator pod gone"
+    )
     cluster.kubectl("create", "namespace", MODELS)
     peering = {"apiVersion": "kopf.dev/v1", "kind": "KopfPeering",
                "metadata": {"name": "partita", "namespace": MODELS}}  # fmt: skip

@@ -16,6 +16,7 @@ def test_config_scrapes_the_simulator_keeping_its_node_labels(tmp_path: Path) ->
     path = prometheus.write_config(tmp_path, ["127.0.0.1:9100"], scrape_interval=0.5)
     doc = yaml.safe_load(path.read_text())
     assert doc["global"]["scrape_interval"] == "500ms"
+    assert doc["global"]["query_log_file"] == prometheus.QUERY_LOG
     jobs = {j["job_name"]: j for j in doc["scrape_configs"]}
     assert jobs["partita-sim"]["honor_labels"] is True
     assert jobs["partita-sim"]["static_configs"] == [{"targets": ["127.0.0.1:9100"]}]

@@ -32,6 +32,9 @@ SERVERS_JOB = "partita-servers"
 CONFIG_FILE = "prometheus.yml"
 SERVERS_FILE = "targets/partita-servers.json"
 RULES_GLOB = "rules/*.yml"
+# Every PromQL query Prometheus answers, one JSON line each: who asks what (e.g. the operator
+# pod's polls), readable by tests without a scrape of Prometheus itself.
+QUERY_LOG = "queries.log"
 
 Sample = tuple[dict[str, str], float]
 
@@ -62,6 +65,7 @@ def config(
             "scrape_interval": interval,
             "scrape_timeout": duration(min(scrape_interval, 10.0)),
             "evaluation_interval": interval,
+            "query_log_file": QUERY_LOG,
         },
         "rule_files": [RULES_GLOB],
         "scrape_configs": [
