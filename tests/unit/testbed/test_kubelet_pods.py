@@ -53,7 +53,6 @@ def test_hosts_file_names_the_kubernetes_service() -> None:
     text = pods.hosts_file(pods.KubernetesService("127.77.1.2", 443))
     line = next(x for x in text.splitlines() if x.startswith("127.77.1.2"))
     assert line.split()[1:] == list(pods.KUBERNETES_NAMES)
-    assert "kubernetes" not in pods.hosts_file(None)
 
 
 class FakeCore:
@@ -154,7 +153,7 @@ def _runner(tmp_path: Path, results: dict[str, list[bool]]) -> pods.PodRunner:
         tokens=None,  # type: ignore[arg-type]
         limiter=None,  # type: ignore[arg-type]
         proxy_url=str,
-        kubernetes=None,
+        kubernetes=pods.KubernetesService("127.77.1.2", 443),
         sandboxed=False,
         exe_dir=tmp_path,
         now=lambda: T0,

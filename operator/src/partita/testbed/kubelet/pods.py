@@ -170,15 +170,14 @@ def pod_status(run: PodRun, pod: Mapping[str, Any], node: Mapping[str, Any]) -> 
     }
 
 
-def hosts_file(service: KubernetesService | None) -> str:
+def hosts_file(service: KubernetesService) -> str:
     """The pod's /etc/hosts, as a kubelet writes it, plus the `kubernetes` Service's names."""
     lines = [
         "# Kubernetes-managed hosts file (the Partita test bed).",
         "127.0.0.1\tlocalhost",
         "::1\tlocalhost ip6-localhost ip6-loopback",
+        f"{service.host}\t{' '.join(KUBERNETES_NAMES)}",
     ]
-    if service is not None:
-        lines.append(f"{service.host}\t{' '.join(KUBERNETES_NAMES)}")
     return "\n".join(lines) + "\n"
 
 
@@ -198,7 +197,7 @@ class PodRunner:
         tokens: TokenKeeper,
         limiter: cgroup.CpuLimiter,
         proxy_url: Callable[[str], str],
-        kubernetes: KubernetesService | None,
+        kubernetes: KubernetesService,
         sandboxed: bool,
         exe_dir: Path,
         now: Callable[[], dt.datetime],
@@ -271,8 +270,6 @@ class PodRunner:
         log.info("started %s (pid %d) on %s as 127.0.0.1:%d", run.key, proc.pid, run.node, run.port)
 
     def _service_env(self) -> dict[str, str]:
-        if self.kubernetes is None:
-            return {}
         host, port = self.kubernetes.host, str(self.kubernetes.port)
         return {
             "KUBERNETES_SERVICE_HOST": host,
@@ -282,9 +279,7 @@ class PodRunner:
 
     def _proxy_env(self, node: str) -> dict[str, str]:
         proxy = self.proxy_url(node)
-        no_proxy = ",".join([LOOPBACK, "localhost", *KUBERNETES_NAMES])
-        if self.kubernetes is not None:
-            no_proxy += f",{self.kubernetes.host}"
+        no_proxy = ",".join([LOOPBACK, "localhost", *KUBERNETES_NAMES, self.kubernetes.host])
         return {
             "HTTP_PROXY": proxy,
             "http_proxy": proxy,

@@ -190,7 +190,7 @@ def spec_binds(doc: dict[str, Any]) -> list[Bind]:
     ]
 
 
-def command(spec_file: Path) -> list[str]:
+def command(spec_file: Path | str) -> list[str]:
     """The command line that runs a pod's process as `spec_file` describes."""
     return [sys.executable, "-m", "partita.testbed.kubelet.sandbox", str(spec_file)]
 
@@ -200,7 +200,7 @@ def available() -> bool:
     if os.geteuid() != 0:
         return False
     probe = subprocess.run(
-        [sys.executable, "-m", "partita.testbed.kubelet.sandbox", "--check"],
+        command("--check"),
         capture_output=True,
         check=False,
         timeout=30,
