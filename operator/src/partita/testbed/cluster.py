@@ -94,7 +94,13 @@ def load_info(run_dir: Path) -> ClusterInfo:
     path = run_dir / "status.json"
     if not path.exists():
         raise TestbedError(f"no local cluster in {run_dir}: run `partita testbed up` first")
-    return ClusterInfo.from_json(json.loads(path.read_text()))
+    try:
+        return ClusterInfo.from_json(json.loads(path.read_text()))
+    except KeyError as exc:
+        raise TestbedError(
+            f"{path} was written by an older test bed (no {exc}); "
+            "`partita testbed down` and `up` again"
+        ) from None
 
 
 def _client_ssl(p: pki.Pki) -> ssl.SSLContext:
