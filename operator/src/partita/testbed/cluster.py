@@ -358,6 +358,10 @@ def _start_control_plane(
             "--allow-privileged=true",
             "--endpoint-reconciler-type=none",
             "--profiling=false",
+            f"--audit-policy-file={_audit_policy(run_dir)}",
+            f"--audit-log-path={audit_log(run_dir)}",
+            "--audit-log-maxsize=200",
+            "--audit-log-format=json",
             "--v=1",
         ],
         run_dir,
@@ -574,6 +578,30 @@ def set_prometheus(run_dir: Path, running: bool) -> None:
     argv = json.loads((run_dir / "prometheus" / "argv.json").read_text())
     proc = processes.start("prometheus", argv, run_dir)
     _wait_http(f"{info.prometheus_url}/-/ready", "Prometheus", proc, 60)
+
+
+def audit_log(run_dir: Path) -> Path:
+    """The apiserver's audit log: every request a ServiceAccount made (the chart's operator
+    pod is one), with its verb, resource and answer, one JSON object per line."""
+    return run_dir / "logs" / "audit.log"
+
+
+def _audit_policy(run_dir: Path) -> Path:
+    path = run_dir / "audit-policy.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "audit.k8s.io/v1",
+                "kind": "Policy",
+                "omitStages": ["RequestReceived"],
+                "rules": [
+                    {"level": "Metadata", "userGroups": ["system:serviceaccounts"]},
+                    {"level": "None"},
+                ],
+            }
+        )
+    )
+    return path
 
 
 def down(run_dir: Path) -> list[str]:
