@@ -10,21 +10,23 @@ from test_control_step import FAST, PROFILE, REQUEST, SLOW, inputs, run, serving
 from partita.api.edgemodel import EdgeModel, EdgeModelStatus
 from partita.api.meta import Condition, ConditionStatus
 from partita.control.loop import deployment_info, pod_info, pre_plan_report, readiness
-from partita.control.status import loop_status, node_speeds, state_from_status
+from partita.control.status import loop_status, node_speeds, state_from_status, status_fields
 from partita.control.step import ModelState
 
 NOW = "2026-12-01T10:00:00Z"
 
 
 def written(state: ModelState, report: object, old: list[Condition] | None = None) -> dict:
-    return loop_status(
-        state,
-        report,  # type: ignore[arg-type]
-        old or [],
-        now=NOW,
-        generation=4,
-        observed_p95_s=0.1234,
-        speeds=node_speeds(state.serving, FAST, {"cloud-1": 0.5}, set()),
+    return status_fields(
+        loop_status(
+            state,
+            report,  # type: ignore[arg-type]
+            old or [],
+            now=NOW,
+            generation=4,
+            observed_p95_s=0.1234,
+            speeds=node_speeds(state.serving, FAST, {"cloud-1": 0.5}, set()),
+        )
     )
 
 

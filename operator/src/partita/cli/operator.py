@@ -69,6 +69,13 @@ def operator_command(
         str | None,
         typer.Option(help="Serve kopf's liveness probe, e.g. http://0.0.0.0:8080/healthz."),
     ] = None,
+    metrics: Annotated[
+        str | None,
+        typer.Option(
+            envvar="PARTITA_METRICS_ADDRESS",
+            help="Serve the operator's Prometheus metrics at HOST:PORT/metrics, e.g. 0.0.0.0:8081.",
+        ),
+    ] = None,
 ) -> None:
     """Watch DevicePools and EdgeModels: fetch, verify and profile models, plan their stages from
     live metrics, deploy them make-before-break and move them when the cluster changes."""
@@ -86,6 +93,14 @@ def operator_command(
     if level is None:
         Console(stderr=True).print(f"[red]error:[/red] --log-level {log_level!r} is not a level")
         raise typer.Exit(2)
+    if metrics is not None:
+        from partita.control.telemetry import parse_address
+
+        try:
+            parse_address(metrics)
+        except ValueError as exc:
+            Console(stderr=True).print(f"[red]error:[/red] --metrics: {exc}")
+            raise typer.Exit(2) from None
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # One line per Prometheus query every poll drowns what the operator decides.
     logging.getLogger("httpx").setLevel(max(level, logging.WARNING))
@@ -101,5 +116,6 @@ def operator_command(
         queries_file=queries,
         server_image=server_image,
         liveness_endpoint=liveness,
+        metrics_address=metrics,
     )
     run(config)

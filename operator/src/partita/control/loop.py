@@ -30,7 +30,13 @@ from partita.control.catalog import Catalog, Profiled
 from partita.control.inputs import NodeInfo, apply_observation, model_request, snapshot_from_pools
 from partita.control.models import MODEL_FETCHED, PROFILED
 from partita.control.outcome import Backoff, Event, EventType, Outcome
-from partita.control.status import loop_status, node_speeds, rfc3339, state_from_status
+from partita.control.status import (
+    loop_status,
+    node_speeds,
+    rfc3339,
+    state_from_status,
+    status_fields,
+)
 from partita.control.step import (
     PLANNED,
     READY,
@@ -47,6 +53,7 @@ from partita.control.step import (
     Timing,
     step,
 )
+from partita.control.telemetry import PLACEMENT, Telemetry
 from partita.kube.actuator import ActuatorError
 from partita.kube.manifests import ModelRef, gateway_name, object_name, server_names
 from partita.metrics.observation import Observation, is_stale
@@ -232,8 +239,10 @@ class ControlLoop:
         config: LoopConfig,
         *,
         clock: Callable[[], float] = time.time,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self._view, self._cluster, self._report = view, cluster, report
+        self._telemetry = telemetry or Telemetry()
         self._catalog, self._config, self._clock = catalog, config, clock
         self._queue: asyncio.Queue[Observation | None] = asyncio.Queue()
         self._states: dict[str, ModelState] = {}
@@ -280,6 +289,7 @@ class ControlLoop:
     def _note(self, signal: Observation | None) -> None:
         if signal is not None:
             self._observation = signal
+            self._telemetry.observed(signal)
 
     @property
     def metrics_fresh(self) -> bool:
@@ -321,6 +331,8 @@ class ControlLoop:
             self._states.pop(gone, None)
             self._placed.pop(gone, None)
             self._wake_at.pop(gone, None)
+        self._telemetry.retain(_split(k) for k in keys)
+        self._telemetry.freshness(self.metrics_fresh)
 
     async def _step_model(
         self,
@@ -361,11 +373,15 @@ class ControlLoop:
             observed_compute=self._observed_compute(model, state),
             cut_check=lambda plan: self._catalog.cut_check(profiled, plan),
         )
+        started = time.perf_counter()
         try:
             result = step(state, inputs, now, self._config.timing)
         except PlannerError as exc:
             log.warning("planning %s: %s", key, exc)
+            self._telemetry.error("EdgeModel", PLACEMENT, "PlannerError")
             return
+        self._telemetry.stepped(model, state, result.state, time.perf_counter() - started)
+        self._telemetry.cluster(snapshot, observation)
         state = result.state
         self._wake_at.pop(key, None)
         if result.wake_at is not None:
@@ -440,7 +456,7 @@ class ControlLoop:
         speeds: list[Any],
     ) -> None:
         current = model.status
-        status = loop_status(
+        owned = loop_status(
             state,
             report,
             current.conditions if current else [],
@@ -449,6 +465,8 @@ class ControlLoop:
             observed_p95_s=p95,
             speeds=speeds,
         )
+        self._telemetry.model_status(model, owned)
+        status = status_fields(owned)
         before = (
             current.model_dump(by_alias=True, mode="json", exclude_none=True) if current else {}
         )
@@ -473,6 +491,7 @@ class ControlLoop:
             for action in actions:
                 await asyncio.to_thread(self._do, ref, action)
         except ActuatorError as exc:
+            self._telemetry.error("EdgeModel", PLACEMENT, exc.reason)
             attempts = state.failure.attempts + 1 if state.failure else 1
             delay = self._config.backoff.delay(attempts - 1)
             failure = Failure(exc.reason, str(exc), attempts, self._clock() + delay)
@@ -525,6 +544,11 @@ class ControlLoop:
 
 def _key(model: EdgeModel) -> str:
     return f"{model.metadata.namespace}/{model.metadata.name}"
+
+
+def _split(key: str) -> tuple[str, str]:
+    namespace, _, name = key.partition("/")
+    return namespace, name
 
 
 __all__ = [

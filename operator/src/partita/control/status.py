@@ -119,8 +119,8 @@ def loop_status(
     generation: int,
     observed_p95_s: float | None,
     speeds: list[NodeSpeedStatus],
-) -> dict[str, Any]:
-    """Every status field the loop owns, as the apiserver's JSON (camelCase)."""
+) -> EdgeModelStatus:
+    """Every status field the loop owns (`status_fields` gives the apiserver's JSON)."""
     mine: tuple[Condition, ...] = tuple(c for c in conditions if c.type in OWNED_CONDITIONS)
     for update in report.conditions:
         mine = set_condition(
@@ -132,7 +132,7 @@ def loop_status(
             now=now,
             generation=generation,
         )
-    status = EdgeModelStatus(
+    return EdgeModelStatus(
         observed_generation=generation,
         phase=report.phase,
         message=report.message[:4000],
@@ -149,6 +149,10 @@ def loop_status(
         ),
         node_speeds=speeds,
     )
+
+
+def status_fields(status: EdgeModelStatus) -> dict[str, Any]:
+    """The fields of `status` the loop owns, as the apiserver's JSON (camelCase)."""
     out = status.model_dump(by_alias=True, mode="json", exclude_none=True)
     out.pop("observedGeneration", None)  # the model reconciler's
     out.pop("model", None)

@@ -39,6 +39,7 @@ from partita.control.loop import (
 from partita.control.models import reconcile_model
 from partita.control.outcome import Backoff, Outcome
 from partita.control.pools import reconcile_pool, status_changed
+from partita.control.telemetry import POOL, PROFILE, Telemetry
 from partita.kube.actuator import Actuator, ActuatorError
 from partita.kube.events import EventRecorder
 from partita.kube.fetch import DEFAULT_MAX_BYTES, ModelFetcher, kube_configmap_reader
@@ -69,6 +70,7 @@ class OperatorConfig:
     backoff: Backoff = field(default_factory=Backoff)
     liveness_endpoint: str | None = None
     server_image: str = "partita-server:0.1.0"
+    metrics_address: str | None = None  # HOST:PORT of the operator's /metrics; None: not served
 
 
 def _now() -> str:
@@ -190,6 +192,7 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     models_report = Reporter(writer, events, MODEL_MANAGER)
     pools_report = Reporter(writer, events, POOL_MANAGER)
     loop_holder: list[ControlLoop] = []
+    telemetry = Telemetry()
 
     def wake(**_: Any) -> None:
         for loop in loop_holder:
@@ -249,8 +252,10 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         try:
             pool = DevicePool.parse(body)
         except ManifestError as exc:
+            telemetry.error("DevicePool", POOL, "Invalid")
             raise kopf.PermanentError(str(exc)) from None
         outcome = reconcile_pool(pool, nodes.get("all", []), now=_now())
+        telemetry.reconciled("DevicePool", POOL, outcome)
         if status_changed(body.get("status"), outcome.status):
             apply_outcome(pools_report, body, outcome)
         wake()
@@ -285,10 +290,12 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         try:
             model = EdgeModel.parse(body)
         except ManifestError as exc:
+            telemetry.error("EdgeModel", PROFILE, "Invalid")
             raise kopf.PermanentError(str(exc)) from None
         outcome = reconcile_model(
             model, fetcher, profiler, now=_now(), retry=retry, backoff=config.backoff
         )
+        telemetry.reconciled("EdgeModel", PROFILE, outcome)
         apply_outcome(models_report, body, outcome)
 
     on_model = cast(Any, model_handler)
@@ -325,8 +332,12 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
             Reporter(writer, events, LOOP_MANAGER),
             Catalog(fetcher, profiler),
             LoopConfig(image=config.server_image, metrics_max_age_s=4 * config.poll_interval_s),
+            telemetry=telemetry,
         )
         loop_holder.append(loop)
+        if config.metrics_address:
+            port = telemetry.serve(config.metrics_address)
+            log.info("operator metrics on port %d (/metrics)", port)
         tasks.append(asyncio.create_task(loop.run(), name="partita-control"))
         if config.prometheus_url:
             tasks.append(asyncio.create_task(_poll(config, loop), name="partita-metrics"))
@@ -337,6 +348,7 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     async def stop(**_: Any) -> None:
         for task in tasks:
             task.cancel()
+        telemetry.stop()
 
     return registry
 
