@@ -11,7 +11,7 @@ export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
 export UV_PYTHON := $(shell command -v $(PY))
 export PARTITA_CACHE := $(CACHE)
 
-.PHONY: install system-deps venv testbed-bin test lint typecheck crds crds-check unit integration e2e demo bench clean
+.PHONY: install system-deps venv testbed-bin test lint typecheck crds crds-check dashboards dashboards-check unit integration e2e demo bench clean
 
 install: system-deps venv testbed-bin
 
@@ -54,10 +54,17 @@ crds-check: venv
 	@echo "==> checking that crds/ and the chart's CRDs are regenerated"
 	$(BIN)/partita crds --check --out crds --chart charts/partita/crds
 
+dashboards: venv
+	$(BIN)/partita dashboards --out charts/partita/dashboards
+
+dashboards-check: venv
+	@echo "==> checking that the chart's Grafana dashboards are regenerated"
+	$(BIN)/partita dashboards --check --out charts/partita/dashboards
+
 unit: venv
 	$(BIN)/pytest tests/unit -q
 
-test: install lint typecheck crds-check
+test: install lint typecheck crds-check dashboards-check
 	@echo "==> pytest (unit, integration, e2e)"
 	$(BIN)/pytest tests -q
 

@@ -15,7 +15,7 @@ app = typer.Typer(
 
 # Modules under partita.cli that define `register(app)`. Imported lazily in
 # main() so that `import partita.cli.main` does no work.
-COMMAND_MODULES = ("testbed", "model", "plan", "crds", "operator", "demo")
+COMMAND_MODULES = ("testbed", "model", "plan", "crds", "dashboards", "operator", "plugin", "demo")
 
 
 def build() -> typer.Typer:
