@@ -39,7 +39,7 @@ def flat(promql: str) -> str:
 def test_promtool_checks_the_rules_file() -> None:
     r = promtool("check", "rules", str(RULES))
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "SUCCESS: 13 rules found" in r.stdout
+    assert "SUCCESS: 16 rules found" in r.stdout
 
 
 def test_the_alerts_fire_on_synthetic_series() -> None:
@@ -57,7 +57,14 @@ def test_the_recording_rules_are_the_default_queries() -> None:
     }
     assert recorded == {RECORDING_RULES[k]: flat(v) for k, v in DEFAULTS.items()}
     alerts = {rule["alert"] for g in doc["groups"] for rule in g["rules"] if "alert" in rule}
-    assert alerts == {"PartitaMetricsStale", "PartitaStageDown", "PartitaLatencyOverSlo"}
+    assert alerts == {
+        "PartitaMetricsStale",
+        "PartitaStageDown",
+        "PartitaLatencyOverSlo",
+        "PartitaModelUnschedulable",
+        "PartitaRescheduleStorm",
+        "PartitaOperatorMetricsStale",
+    }
     assert set(Queries.recorded().enabled().values()) == set(recorded)
 
 
