@@ -98,6 +98,7 @@ def test_the_operator_serves_metrics_that_prometheus_may_scrape() -> None:
     monitors = {m["metadata"]["name"]: m for m in of_kind(docs, "ServiceMonitor")}
     operator = monitors["t-partita-operator"]["spec"]
     assert operator["endpoints"][0]["port"] == "metrics"
+    assert operator["endpoints"][0]["honorLabels"] is True  # the models' namespace label
     assert operator["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert operator["namespaceSelector"] == {"matchNames": ["obs"]}
     stages = monitors["t-partita-stages"]["spec"]["endpoints"][0]["relabelings"]

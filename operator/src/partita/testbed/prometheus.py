@@ -1,10 +1,12 @@
 """The local cluster's Prometheus (the Debian binary): its configuration, its command line, and
 the two HTTP calls the test bed makes to it (ready? and an instant query).
 
-Two scrape jobs: `partita-sim` reads the metrics simulator, keeping the `instance`/`node`
+Three scrape jobs: `partita-sim` reads the metrics simulator, keeping the `instance`/`node`
 labels it sets (one simulator speaks for every node, as a federated exporter would);
 `partita-servers` reads the inference servers the agent lists in a file_sd file, so the servers
-show up without a Prometheus restart.
+show up without a Prometheus restart; `partita-operator` reads the operator's own metrics from
+the targets whoever runs the operator lists with `write_operator_targets`, keeping the labels
+the operator sets (its `namespace` is the model's, as the chart's ServiceMonitor keeps it).
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ if TYPE_CHECKING:
 
 SIM_JOB = "partita-sim"
 SERVERS_JOB = "partita-servers"
+OPERATOR_JOB = "partita-operator"
 CONFIG_FILE = "prometheus.yml"
 SERVERS_FILE = "targets/partita-servers.json"
+OPERATOR_FILE = "targets/partita-operator.json"
 RULES_GLOB = "rules/*.yml"
 # Every PromQL query Prometheus answers, one JSON line each: who asks what (e.g. the operator
 # pod's polls), readable by tests without a scrape of Prometheus itself.
@@ -78,6 +82,11 @@ def config(
                 "job_name": SERVERS_JOB,
                 "file_sd_configs": [{"files": [servers_file], "refresh_interval": "5s"}],
             },
+            {
+                "job_name": OPERATOR_JOB,
+                "honor_labels": True,
+                "file_sd_configs": [{"files": [OPERATOR_FILE], "refresh_interval": "5s"}],
+            },
         ],
     }
 
@@ -102,6 +111,8 @@ def write_config(directory: Path, sim_targets: Sequence[str], scrape_interval: f
     (directory / "rules").mkdir(exist_ok=True)
     if not (directory / SERVERS_FILE).exists():
         write_server_targets(directory, [])
+    if not (directory / OPERATOR_FILE).exists():
+        write_operator_targets(directory, [])
     path = directory / CONFIG_FILE
     _write_atomic(path, yaml.safe_dump(config(sim_targets, scrape_interval), sort_keys=False))
     return path
@@ -111,6 +122,15 @@ def write_server_targets(directory: Path, groups: Sequence[TargetGroup]) -> Path
     """Replace the inference-server targets; Prometheus notices the file change by itself."""
     doc = [{"targets": list(g.targets), "labels": dict(g.labels)} for g in groups]
     path = directory / SERVERS_FILE
+    _write_atomic(path, json.dumps(doc, indent=1))
+    return path
+
+
+def write_operator_targets(directory: Path, groups: Sequence[TargetGroup]) -> Path:
+    """Replace the operator's metrics targets (`partita operator --metrics HOST:PORT`, run by
+    a test or the demo as a local process); an empty list stops the scraping."""
+    doc = [{"targets": list(g.targets), "labels": dict(g.labels)} for g in groups]
+    path = directory / OPERATOR_FILE
     _write_atomic(path, json.dumps(doc, indent=1))
     return path
 
