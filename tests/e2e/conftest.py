@@ -1,8 +1,10 @@
 """The closed loop on the local cluster: CRDs, the test bed DevicePools, and the operator
-(placement included) running in-process against the cluster's real Prometheus."""
+(placement included) running in-process against the cluster's real Prometheus, which scrapes
+the operator's own metrics (`partita.testbed.prometheus.write_operator_targets`)."""
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -16,6 +18,7 @@ def loop(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any
     """CRDs, test bed pools, a namespace, and the operator with placement and metrics."""
     from partita.control.outcome import Backoff
     from partita.handlers.registry import OperatorConfig, run
+    from partita.testbed import prometheus
 
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
     cluster.kubectl(
@@ -23,6 +26,7 @@ def loop(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any
     )
     cluster.kubectl("apply", "-f", str(ROOT / "examples/testbed/devicepools.yaml"))
     cluster.kubectl("create", "namespace", NAMESPACE, check=False)
+    metrics_port = _free_port()
     config = OperatorConfig(
         cache_dir=tmp_path_factory.mktemp("operator-cache"),
         kubeconfig=cluster.kubeconfig,
@@ -31,6 +35,7 @@ def loop(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any
         prometheus_url=cluster.prometheus_url,
         poll_interval_s=2.0,
         backoff=Backoff(first_s=2, factor=2, max_s=30),
+        metrics_address=f"127.0.0.1:{metrics_port}",
     )
     stop, ready = threading.Event(), threading.Event()
     errors: list[BaseException] = []
@@ -44,9 +49,13 @@ def loop(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any
     thread = threading.Thread(target=target, name="partita-operator-e2e", daemon=True)
     thread.start()
     assert ready.wait(60), f"operator not ready: {errors}"
+    targets = cluster.run_dir / "prometheus"
+    operator = prometheus.TargetGroup((f"127.0.0.1:{metrics_port}",), {"pod": "partita-e2e"})
+    prometheus.write_operator_targets(targets, [operator])
     try:
         yield cluster
     finally:
+        prometheus.write_operator_targets(targets, [])
         cluster.kubectl(
             "delete", "edgemodels", "--all", "-n", NAMESPACE, "--wait=false", check=False
         )
@@ -57,3 +66,9 @@ def loop(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any
             "delete", "-f", str(ROOT / "examples/testbed/devicepools.yaml"), check=False
         )
     assert not errors, errors
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
