@@ -27,6 +27,7 @@ from rich.text import Text
 from partita.api.edgemodel import EdgeModel, EdgeModelStatus, Phase, PlanStatus
 from partita.api.errors import ManifestError
 from partita.api.meta import GROUP, VERSION
+from partita.cli.status import StatusError
 
 MAX_EVENTS = 8
 PHASE_STYLE = {
@@ -38,10 +39,6 @@ PHASE_STYLE = {
     Phase.UNSCHEDULABLE: "red",
     Phase.FAILED: "red",
 }
-
-
-class StatusError(Exception):
-    """The cluster could not be read, or the model does not exist; the message says which."""
 
 
 @dataclass(frozen=True)

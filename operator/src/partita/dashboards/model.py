@@ -180,9 +180,10 @@ def model() -> Dashboard:
             "first stage); without one, 1 for a plan of two stages or more.",
             "percentunit",
             (
-                "max(sum by (shard) (rate(partita_requests_total"
+                # Two counters scraped at different moments can put the ratio a little over 1.
+                "clamp_max(max(sum by (shard) (rate(partita_requests_total"
                 f'{{{M}, stage="1"}}[{RATE}]))) / max(sum by (shard, stage) '
-                f"(rate(partita_requests_total{{{ENTRY}}}[{RATE}])))",
+                f"(rate(partita_requests_total{{{ENTRY}}}[{RATE}]))), 1)",
                 "past the first stage",
             ),
         )
