@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 from e2e_loop import NAMESPACE, ROOT
 
+from cluster_helpers import eventually
+
 
 @pytest.fixture(scope="module")
 def loop(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
@@ -25,6 +27,10 @@ def loop(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any
         "wait", "--for=condition=Established", "--timeout=60s", "-f", str(ROOT / "crds")
     )
     cluster.kubectl("apply", "-f", str(ROOT / "examples/testbed/devicepools.yaml"))
+    # The namespace of the previous module may still be terminating: wait until it is gone.
+    eventually(
+        lambda: "Terminating" not in _namespace_phase(cluster), 180, f"namespace {NAMESPACE} gone"
+    )
     cluster.kubectl("create", "namespace", NAMESPACE, check=False)
     metrics_port = _free_port()
     config = OperatorConfig(
@@ -72,3 +78,10 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def _namespace_phase(cluster: Any) -> str:
+    out = cluster.kubectl(
+        "get", "namespace", NAMESPACE, "-o", "jsonpath={.status.phase}", check=False
+    )
+    return out.stdout if out.returncode == 0 else "absent"

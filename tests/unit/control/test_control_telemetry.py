@@ -13,6 +13,7 @@ from test_control_step import FAST, SLOW, inputs, run, serving
 from test_control_step import snapshot as make_snapshot
 
 from partita.api.edgemodel import EdgeModel
+from partita.control.loop import pre_plan_report
 from partita.control.outcome import Event, EventType, Outcome
 from partita.control.status import loop_status, node_speeds
 from partita.control.step import ModelState
@@ -145,8 +146,6 @@ def test_link_estimates_say_whether_they_were_measured() -> None:
 
 def test_a_model_that_is_not_planned_yet_has_a_phase_and_no_plan() -> None:
     t = Telemetry()
-    from partita.control.loop import pre_plan_report
-
     status = loop_status(
         ModelState(), pre_plan_report(MODEL), [], now="", generation=1, observed_p95_s=None,
         speeds=[],
