@@ -49,15 +49,21 @@ def host_port_flags(args: Sequence[str], port: int) -> list[str]:
     return out
 
 
-def liveness_flag(args: Sequence[str], port: int) -> list[str]:
-    """`--liveness=http://0.0.0.0:8080/healthz` moved to loopback and `port`: the operator's
-    command line (kopf's liveness endpoint is all it listens on)."""
+def operator_flags(args: Sequence[str], port: int) -> list[str]:
+    """The operator's command line: `--liveness=http://0.0.0.0:8080/healthz` moved to loopback
+    and `port` (the pod's one port, where its probes go), and `--metrics=0.0.0.0:8081` to a
+    free loopback port the operator picks (`127.0.0.1:0`): with one port per pod, the test
+    bed does not scrape the operator pod's metrics."""
     out = list(args)
     for i, arg in enumerate(out):
         if arg.startswith("--liveness="):
             out[i] = "--liveness=" + _move(arg.split("=", 1)[1], port)
         elif arg == "--liveness" and i + 1 < len(out):
             out[i + 1] = _move(out[i + 1], port)
+        elif arg.startswith("--metrics="):
+            out[i] = f"--metrics={LOOPBACK}:0"
+        elif arg == "--metrics" and i + 1 < len(out):
+            out[i + 1] = f"{LOOPBACK}:0"
     return out
 
 
@@ -85,7 +91,7 @@ IMAGES: dict[str, LocalImage] = {
     "partita/operator": LocalImage(
         "partita/operator",
         "partita",
-        liveness_flag,
+        operator_flags,
         ("operator", "--all-namespaces", "--liveness=http://0.0.0.0:8080/healthz"),
         {**_PYTHON_ENV, "PARTITA_OPERATOR_CACHE": "/var/cache/partita"},
     ),
