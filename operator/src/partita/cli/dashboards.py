@@ -24,9 +24,15 @@ def dashboards(
 ) -> None:
     """Build the Fleet, Model and Pools-and-links dashboards (the chart ships them as
     ConfigMaps for Grafana's dashboard sidecar)."""
-    from partita import dashboards as boards
-
     console = Console(stderr=True)
+    try:
+        from partita import dashboards as boards
+    except ImportError as exc:
+        console.print(
+            f"[red]error:[/red] {exc}: install the dashboards extra (partita[dashboards])",
+            highlight=False,
+        )
+        raise typer.Exit(2) from None
     if check:
         problems = boards.stale(out)
         if problems:
