@@ -109,8 +109,8 @@ def _fig(res: Any) -> dict[str, Any] | None:
     if not isinstance(res, Plan):
         return None
     return {
-        "latency_s": res.latency_s,
-        "throughput_rps": res.throughput_rps,
+        "latency_s": res.prediction.latency_s,
+        "throughput_rps": res.prediction.throughput_rps,
         "plan": res.describe(),
         "stages": len(res.stages),
         "pools": [s.pool for s in res.stages],
@@ -159,7 +159,7 @@ def weak_edge(profiles: dict[str, ModelProfile], cloud: float) -> list[dict[str,
                     "ratio": ratio,
                     "one_device": _fig(one),
                     "four_devices": _fig(four),
-                    "speedup": one.latency_s / four.latency_s
+                    "speedup": one.prediction.latency_s / four.prediction.latency_s
                     if isinstance(one, Plan) and isinstance(four, Plan)
                     else None,
                 }
@@ -263,7 +263,7 @@ def dp_vs_exhaustive(profiles_cache: dict[str, ModelProfile], cloud_speed: float
     """The same-run baseline for planning time: brute force on a small instance."""
     import itertools
 
-    from partita.planner import predict
+    from partita.planner import plan_for
 
     profile = profiles_cache["ocr-rec"]
     # Keep 12 cut points so brute force finishes: 4 edge devices + cloud, 3 stages max.
@@ -277,7 +277,10 @@ def dp_vs_exhaustive(profiles_cache: dict[str, ModelProfile], cloud_speed: float
     n = len(small.nodes)
     edge = [x for x in snap.nodes if x.pool == "edge"]
     from partita.planner import ShardPlacement, Stage
-    from partita.planner.cost import range_times
+
+    def split_seconds(node: NodeState, start: int, end: int) -> float:
+        ops = small.nodes[start:end]
+        return sum(op.flops / node.speed_of(op.op_class) for op in ops if op.shardable)
 
     for m in (1, 2):
         for cut in itertools.combinations([c.position for c in cuts], m - 1):
@@ -291,7 +294,7 @@ def dp_vs_exhaustive(profiles_cache: dict[str, ModelProfile], cloud_speed: float
                     for comp in itertools.product(list(Compression), repeat=m - 1):
                         stages = []
                         for i, g in enumerate(choice):
-                            s = [range_times(small, x, bounds[i], bounds[i + 1])[0] for x in g]
+                            s = [split_seconds(x, bounds[i], bounds[i + 1]) for x in g]
                             inv = [1 / v if v > 0 else 1.0 for v in s]
                             stages.append(
                                 Stage(
@@ -300,7 +303,7 @@ def dp_vs_exhaustive(profiles_cache: dict[str, ModelProfile], cloud_speed: float
                                     bounds[i],
                                     bounds[i + 1],
                                     tuple(
-                                        ShardPlacement(x.name, w / sum(inv), 0, 0)
+                                        ShardPlacement(x.name, w / sum(inv))
                                         for x, w in zip(g, inv, strict=True)
                                     ),
                                     (),
@@ -308,8 +311,7 @@ def dp_vs_exhaustive(profiles_cache: dict[str, ModelProfile], cloud_speed: float
                                     Compression.NONE if i == 0 else comp[i - 1],
                                 )
                             )
-                        cand = Plan(req, tuple(stages), 1, 0, 0, 0, 0, 0)
-                        pred = predict(cand, small, snap)
+                        pred = plan_for(req, stages, small, snap).prediction
                         count += 1
                         if pred.feasible:
                             best = min(best, pred.cost)
@@ -321,7 +323,7 @@ def dp_vs_exhaustive(profiles_cache: dict[str, ModelProfile], cloud_speed: float
         "dp_seconds": dp_s,
         "exhaustive_seconds": brute_s,
         "speedup": brute_s / dp_s,
-        "same_cost": abs(plan.cost - best) <= 1e-9 * best,
+        "same_cost": abs(plan.prediction.cost - best) <= 1e-9 * best,
     }
 
 

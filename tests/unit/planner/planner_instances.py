@@ -21,16 +21,15 @@ from partita.planner import (
     Objective,
     Partitioning,
     PartitioningMode,
-    Plan,
     ShardPlacement,
     Slo,
     Stage,
     Taint,
     Tier,
     Toleration,
-    predict,
+    plan_for,
 )
-from partita.planner.cost import boundary_tensors, range_times
+from partita.planner.cost import boundary_tensors
 from partita.planner.request import COMPRESSION_ORDER
 
 MiB = 2**20
@@ -180,7 +179,11 @@ def canonical_pools(snapshot: ClusterSnapshot, request: ModelRequest) -> list[st
 
 
 def all_plans(profile: ModelProfile, request: ModelRequest, snapshot: ClusterSnapshot):
-    """Every plan of the search space, built directly, no dynamic programming."""
+    """Every plan of the search space, built directly, no dynamic programming.
+
+    Each is priced by the reference cost model (`plan_for` → `predict`), the same one the
+    planner's search is checked against: what this enumeration checks is the search.
+    """
     n = len(profile.nodes)
     cut_positions = [c.position for c in profile.cut_points]
     mode = request.partitioning.mode
@@ -209,18 +212,24 @@ def all_plans(profile: ModelProfile, request: ModelRequest, snapshot: ClusterSna
                     per_stage.append([(g, bounds[i], bounds[i + 1]) for g in groups])
                 for choice in itertools.product(*per_stage):
                     for comp_seq in itertools.product(comps, repeat=m - 1):
-                        plan = _plan(profile, request, pool_seq, choice, comp_seq)
-                        if plan is not None:
-                            yield plan
+                        stages = _stages(profile, pool_seq, choice, comp_seq)
+                        if stages is not None:
+                            yield plan_for(request, stages, profile, snapshot)
 
 
-def _plan(profile, request, pool_seq, choice, comp_seq):
+def split_seconds(profile: ModelProfile, node: NodeState, start: int, end: int) -> float:
+    """Seconds `node` needs for the shardable ops of [start, end), op by op."""
+    ops = profile.nodes[start:end]
+    return sum(op.flops / node.speed_of(op.op_class) for op in ops if op.shardable)
+
+
+def _stages(profile, pool_seq, choice, comp_seq):
     stages = []
     for i, (group, start, end) in enumerate(choice):
         if len(group) == 1:
             props = [1.0]
         else:
-            s = [range_times(profile, node, start, end)[0] for node in group]
+            s = [split_seconds(profile, node, start, end) for node in group]
             if not all(x > 0 for x in s):
                 return None
             inv = [1 / x for x in s]
@@ -231,24 +240,22 @@ def _plan(profile, request, pool_seq, choice, comp_seq):
                 pool=pool_seq[i],
                 start=start,
                 end=end,
-                shards=tuple(
-                    ShardPlacement(x.name, p, 0.0, 0) for x, p in zip(group, props, strict=True)
-                ),
+                shards=tuple(ShardPlacement(x.name, p) for x, p in zip(group, props, strict=True)),
                 inputs=tuple(t[0] for t in boundary_tensors(profile, start)),
                 outputs=tuple(t[0] for t in boundary_tensors(profile, end)),
                 input_compression=Compression.NONE if i == 0 else comp_seq[i - 1],
             )
         )
-    return Plan(request, tuple(stages), 1, 0.0, 0.0, 0.0, 0.0, 0.0)
+    return stages
 
 
 def exhaustive_best(profile, request, snapshot):
     """(objective cost, prediction) of the best plan by brute force, or None."""
-    feasible = []
-    for plan in all_plans(profile, request, snapshot):
-        pred = predict(plan, profile, snapshot)
-        if pred.feasible:
-            feasible.append(pred)
+    feasible = [
+        plan.prediction
+        for plan in all_plans(profile, request, snapshot)
+        if plan.prediction.feasible
+    ]
     if not feasible:
         return None
     slo = request.slo

@@ -21,7 +21,7 @@ from partita.planner import Objective, Plan, Unschedulable, plan_many, predict
 
 def _usage(plan):
     use = {}
-    for stage in plan.stages:
+    for stage in plan.prediction.stages:
         for shard in stage.shards:
             cpu, mem = use.get(shard.node, (0.0, 0.0))
             use[shard.node] = (cpu + plan.request.cpu, mem + shard.memory_bytes)
@@ -34,19 +34,8 @@ def _joint_best(models, snapshot):
     for request, profile in models:
         feasible = []
         for plan in all_plans(profile, request, snapshot):
-            pred = predict(plan, profile, snapshot)
-            if pred.feasible:
-                sized = [
-                    replace(
-                        s,
-                        shards=tuple(
-                            replace(sh, memory_bytes=pred.memory_per_node[sh.node])
-                            for sh in s.shards
-                        ),
-                    )
-                    for s in plan.stages
-                ]
-                feasible.append((pred.cost, _usage(replace(plan, stages=tuple(sized)))))
+            if plan.prediction.feasible:
+                feasible.append((plan.prediction.cost, _usage(plan)))
         feasible.sort(key=lambda x: x[0])
         options.append(feasible[:60])
     if not all(options):
@@ -99,13 +88,13 @@ def test_total_within_five_percent_of_joint_exhaustive(seed):
     assert all(isinstance(r, Plan) for r in results.values()), [
         r.reasons for r in results.values() if isinstance(r, Unschedulable)
     ]
-    total = sum(r.cost for r in results.values())
+    total = sum(r.prediction.cost for r in results.values())
     assert total <= joint * 1.05 + 1e-12, (total, joint)
     for request, profile in models:
         assert predict(results[request.key], profile, snapshot).feasible
     # Together they fit every node.
     for node in snapshot.nodes:
-        used = sum(r.memory_per_node.get(node.name, 0) for r in results.values())
+        used = sum(r.prediction.memory_per_node.get(node.name, 0) for r in results.values())
         assert used <= node.memory_free
 
 

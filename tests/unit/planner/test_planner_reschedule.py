@@ -58,7 +58,7 @@ def test_node_loss_moves_at_once_even_in_cooldown():
     decision = reschedule(current, CNN, request(), broken, now=1.0, last_change=0.0)
     assert decision.action is Action.MOVE
     assert lost in decision.reason
-    assert isinstance(decision.plan, Plan) and lost not in decision.plan.memory_per_node
+    assert isinstance(decision.plan, Plan) and lost not in decision.plan.prediction.memory_per_node
 
 
 def test_small_gain_is_not_worth_a_move():

@@ -16,7 +16,7 @@ from dataclasses import replace
 
 from partita.model.types import ModelProfile
 
-from .plan import Plan, PlanResult, Unschedulable
+from .plan import RELATIVE_TOLERANCE, Plan, PlanResult, Unschedulable
 from .request import ModelRequest
 from .search import plan_model
 from .snapshot import ClusterSnapshot
@@ -28,20 +28,25 @@ JOINT_NODES = 8
 JOINT_CANDIDATES = 12
 
 
-def _take(snapshot: ClusterSnapshot, plan: Plan, sign: int = 1) -> ClusterSnapshot:
-    """The snapshot with `plan`'s containers added (sign=1) or removed (sign=-1)."""
+def _usage(plans: Sequence[Plan | None]) -> tuple[dict[str, float], dict[str, int]]:
+    """(cpu cores, memory bytes) the plans' containers take on each node."""
     cpu: dict[str, float] = {}
     mem: dict[str, int] = {}
-    for stage in plan.stages:
-        for shard in stage.shards:
-            cpu[shard.node] = cpu.get(shard.node, 0.0) + plan.request.cpu
-            mem[shard.node] = mem.get(shard.node, 0) + shard.memory_bytes
+    for plan in plans:
+        if plan is None:
+            continue
+        for stage in plan.prediction.stages:
+            for shard in stage.shards:
+                cpu[shard.node] = cpu.get(shard.node, 0.0) + plan.request.cpu
+                mem[shard.node] = mem.get(shard.node, 0) + shard.memory_bytes
+    return cpu, mem
+
+
+def _take(snapshot: ClusterSnapshot, plan: Plan) -> ClusterSnapshot:
+    """The snapshot with `plan`'s containers added."""
+    cpu, mem = _usage([plan])
     nodes = tuple(
-        replace(
-            n,
-            cpu_used=n.cpu_used + sign * cpu[n.name],
-            memory_used=n.memory_used + sign * mem[n.name],
-        )
+        replace(n, cpu_used=n.cpu_used + cpu[n.name], memory_used=n.memory_used + mem[n.name])
         if n.name in cpu
         else n
         for n in snapshot.nodes
@@ -71,12 +76,12 @@ def plan_many(
         # (5,) beats (3, 3): one higher priority outweighs several lower ones.
         key = (
             tuple(sorted((p.request.priority for p in plans), reverse=True)),
-            -sum(p.cost for p in plans),
+            -sum(p.prediction.cost for p in plans),
         )
         if (
             best_key is None
             or key[0] > best_key[0]
-            or (key[0] == best_key[0] and -key[1] < -best_key[1] * (1 - 1e-9))
+            or (key[0] == best_key[0] and -key[1] < -best_key[1] * (1 - RELATIVE_TOLERANCE))
         ):
             best_key, best_results = key, results
     if len(by_priority) <= JOINT_MODELS and len(snapshot.nodes) <= JOINT_NODES:
@@ -85,12 +90,12 @@ def plan_many(
             plans = [r for r in joint.values() if isinstance(r, Plan)]
             key = (
                 tuple(sorted((p.request.priority for p in plans), reverse=True)),
-                -sum(p.cost for p in plans),
+                -sum(p.prediction.cost for p in plans),
             )
             if (
                 best_key is None
                 or key[0] > best_key[0]
-                or (key[0] == best_key[0] and -key[1] < -best_key[1] * (1 - 1e-9))
+                or (key[0] == best_key[0] and -key[1] < -best_key[1] * (1 - RELATIVE_TOLERANCE))
             ):
                 best_results = {**best_results, **joint}
     return {rp[0].key: best_results[rp[0].key] for rp in by_priority}
@@ -118,7 +123,7 @@ def _joint(
                 plan = plan_model(profile, request, _without(snapshot, excluded), explain=False)
                 if isinstance(plan, Plan) and plan.placement not in found:
                     found[plan.placement] = plan
-        ranked = sorted(found.values(), key=lambda p: p.cost)[:JOINT_CANDIDATES]
+        ranked = sorted(found.values(), key=lambda p: p.prediction.cost)[:JOINT_CANDIDATES]
         candidates.append([*ranked, None])
     best: tuple[tuple[int, ...], float] | None = None
     chosen: tuple[Plan | None, ...] = ()
@@ -128,7 +133,7 @@ def _joint(
         plans = [p for p in combo if p is not None]
         key = (
             tuple(sorted((p.request.priority for p in plans), reverse=True)),
-            -sum(p.cost for p in plans),
+            -sum(p.prediction.cost for p in plans),
         )
         if best is None or key > best:
             best, chosen = key, combo
@@ -147,17 +152,9 @@ def _joint(
 
 
 def _fits(combo: Sequence[Plan | None], snapshot: ClusterSnapshot) -> bool:
-    cpu: dict[str, float] = {}
-    mem: dict[str, int] = {}
-    for plan in combo:
-        if plan is None:
-            continue
-        for stage in plan.stages:
-            for shard in stage.shards:
-                cpu[shard.node] = cpu.get(shard.node, 0.0) + plan.request.cpu
-                mem[shard.node] = mem.get(shard.node, 0) + shard.memory_bytes
+    cpu, mem = _usage(combo)
     for node in snapshot.nodes:
-        if cpu.get(node.name, 0.0) > node.cpu_free + 1e-9:
+        if cpu.get(node.name, 0.0) > node.cpu_free * (1 + RELATIVE_TOLERANCE):
             return False
         if mem.get(node.name, 0) > node.memory_free:
             return False

@@ -19,7 +19,7 @@ import math
 from partita.model.types import ModelProfile
 
 from .cost import predict
-from .plan import Action, Decision, Plan, Unschedulable
+from .plan import Action, Decision, Plan, Unschedulable, meets_slo
 from .request import ModelRequest
 from .search import plan_model
 from .snapshot import ClusterSnapshot
@@ -35,7 +35,7 @@ def reschedule(
 ) -> Decision:
     now_pred = predict(current, profile, snapshot)
     best = plan_model(profile, request, snapshot, current=current)
-    best_cost = best.cost if isinstance(best, Plan) else math.inf
+    best_cost = best.prediction.cost if isinstance(best, Plan) else math.inf
     cur = now_pred.cost
     improvement = (cur - best_cost) / abs(cur) if math.isfinite(cur) and cur else 0.0
     if now_pred.lost_nodes:
@@ -72,14 +72,7 @@ def reschedule(
             best_cost,
             improvement,
         )
-    cur_meets = best_meets = True
-    slo = request.slo
-    if slo.p95_latency_s is not None:
-        cur_meets = now_pred.latency_s <= slo.p95_latency_s
-    if slo.min_throughput_rps is not None:
-        cur_meets = cur_meets and now_pred.throughput_rps >= slo.min_throughput_rps
-    best_meets = best.meets_slo
-    if best_meets and not cur_meets:
+    if best.meets_slo and not meets_slo(now_pred, request.slo):
         return Decision(
             Action.MOVE,
             "the current plan misses the SLO and the new one meets it",
