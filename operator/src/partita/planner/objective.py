@@ -2,8 +2,9 @@
 
 - latency: one path with latency weight 1, stage/link times capped by the throughput SLO
   (dropped when nothing meets it);
-- throughput: a bottleneck objective, found by bisection on the cap of every stage and
-  link time, each step a latency path under that cap, keeping the p95 SLO when reachable;
+- throughput: a bottleneck objective: the path whose largest stage or link time is
+  smallest, then the quickest path under that cap; when that misses a reachable p95
+  SLO, bisection on the cap, each step a latency path under it;
 - energy: a path with energy weight 1; when it misses the p95 SLO, a Lagrangian on latency
   (weights λ, 1) searched by bisection on λ. Not exact: the best energy under a latency
   bound can lie between the plans a weighting reaches.
@@ -20,7 +21,7 @@ from .request import Objective
 from .shortest_path import Path, Weights, shortest_path
 from .space import Problem, SearchSpace, options
 
-# How many cap steps just under the best bottleneck before bisecting, and the limit.
+# Cap steps just under the best bottleneck before bisecting, and the most steps in all.
 CAP_STEPS_NEAR = 3
 CAP_STEPS_MAX = 80
 LAMBDA_WIDENINGS = 40
@@ -86,25 +87,29 @@ def optimize(prob: Problem, space: SearchSpace) -> Plan | None:
             p95 is None or plan.prediction.latency_s <= p95 * (1 + RELATIVE_TOLERANCE)
         )
 
-    latency_only = Weights(1.0, 0.0)
+    latency_only = Weights(latency=1.0)
     if request.objective is Objective.THROUGHPUT:
-        fastest = run(latency_only, math.inf)
-        if fastest is None:
+        # The smallest bottleneck any plan reaches, then the quickest plan reaching it.
+        floor = shortest_path(prob, opts, space, Weights(bottleneck=True), math.inf)
+        if floor is None:
             return None
-        if not latency_ok(fastest):
-            p95 = None  # unreachable: maximise throughput alone
-        # Lower the cap on any stage/link time until no plan fits: a few steps just
-        # under the best bottleneck found (usually enough), then bisection.
+        best = run(latency_only, floor.cost * (1 + RELATIVE_TOLERANCE))
+        assert best is not None
+        if latency_ok(best):
+            return best
+        fastest = run(latency_only, math.inf)
+        if fastest is None or not latency_ok(fastest):
+            return best  # the p95 SLO is out of reach: maximise throughput alone
+        # The p95 SLO binds: the lowest cap on every stage/link time under which a plan
+        # still meets it. A few steps just under the best bottleneck found (usually
+        # enough), then bisection between it and the floor.
         best = fastest
-        lo = 0.0
-        steps = 0
-        while True:
-            rps = best.prediction.throughput_rps
-            hi = 1.0 / rps if rps > 0 else math.inf
-            if not math.isfinite(hi) or hi - lo <= RELATIVE_TOLERANCE * hi or steps > CAP_STEPS_MAX:
+        lo = floor.cost
+        for step in range(CAP_STEPS_MAX):
+            hi = 1.0 / best.prediction.throughput_rps
+            if hi - lo <= RELATIVE_TOLERANCE * hi:
                 break
-            mid = hi * (1 - RELATIVE_TOLERANCE) if steps < CAP_STEPS_NEAR else lo + (hi - lo) / 2
-            steps += 1
+            mid = hi * (1 - RELATIVE_TOLERANCE) if step < CAP_STEPS_NEAR else lo + (hi - lo) / 2
             cand = run(latency_only, mid)
             if cand is not None and latency_ok(cand):
                 best = cand
@@ -120,7 +125,7 @@ def optimize(prob: Problem, space: SearchSpace) -> Plan | None:
 
     # Energy.
     cap = cap0
-    energy_only = Weights(0.0, 1.0)
+    energy_only = Weights(energy=1.0)
     plan = run(energy_only, cap)
     if plan is None and math.isfinite(cap0):
         cap = math.inf

@@ -32,8 +32,15 @@ CHUNK_ELEMENTS = 1 << 20
 
 @dataclass(frozen=True)
 class Weights:
-    latency: float
-    energy: float
+    """What a path costs: latency and energy weighted and summed, or (`bottleneck`) its
+    largest element, a stage's busy time or a link's sending time (1 / throughput)."""
+
+    latency: float = 0.0
+    energy: float = 0.0
+    bottleneck: bool = False
+
+    def combine(self, x: Array, y: Array) -> Array:
+        return np.maximum(x, y) if self.bottleneck else x + y
 
 
 @dataclass(frozen=True)
@@ -93,7 +100,11 @@ def shortest_path(
         if send > cap:
             continue
         energy = radio_src * send if pool.name != request.data_source else 0.0
-        entry[q, 0, 0] = weights.latency * (send + link.rtt_s) + weights.energy * energy
+        entry[q, 0, 0] = (
+            send
+            if weights.bottleneck
+            else weights.latency * (send + link.rtt_s) + weights.energy * energy
+        )
     # The answer travels back through the hops (their round trips are counted on the way
     # in), so only its bytes cost time.
     answer_cost, answer_send = np.full(nq, inf), np.full(nq, inf)
@@ -104,7 +115,9 @@ def shortest_path(
         send = float(table.wire[Compression.NONE][-1]) * 8.0 / link.bandwidth_bps
         energy = pool.radio_watts * send if pool.name != request.data_source else 0.0
         answer_send[q] = send
-        answer_cost[q] = weights.latency * send + weights.energy * energy
+        answer_cost[q] = (
+            send if weights.bottleneck else weights.latency * send + weights.energy * energy
+        )
 
     if stages_max == 1:
         rows, cols = np.array([0]), np.array([npos - 1])
@@ -126,14 +139,14 @@ def shortest_path(
                 if chunk[-1] == npos - 1:
                     out_w = np.where(starts == 0, 1.0, rate)
                     fits = out_w * answer_send[q] <= cap
-                    last = priced[:, :, -1] + (out_w * answer_cost[q])[None, :]
+                    last = weights.combine(priced[:, :, -1], (out_w * answer_cost[q])[None, :])
                     priced[:, :, -1] = np.where(fits[None, :], last, inf)
                 flat = priced.reshape(len(mine) * len(starts), len(chunk))
                 for s in range(ns):
                     s_next = s + 1 if counting else 0
                     if s_next >= ns or not np.isfinite(entry[q, s, starts]).any():
                         continue
-                    total = np.tile(entry[q, s, starts], len(mine))[:, None] + flat
+                    total = weights.combine(np.tile(entry[q, s, starts], len(mine))[:, None], flat)
                     pick = np.argmin(total, axis=0)
                     val = total[pick, np.arange(len(chunk))]
                     better = val < done[q, s_next, chunk]
@@ -153,7 +166,9 @@ def shortest_path(
             for comp in comps:
                 sends = table.wire[comp] * 8.0 / link.bandwidth_bps
                 c = rate * (
-                    weights.latency * (sends + link.rtt_s)
+                    sends
+                    if weights.bottleneck
+                    else weights.latency * (sends + link.rtt_s)
                     + weights.energy * pools[q].radio_watts * sends
                 )
                 c = np.where(rate * sends <= cap, c, inf)
@@ -163,7 +178,7 @@ def shortest_path(
             if request.privacy is not None and pools[q2].tier != request.privacy:
                 hop[table.raw] = inf
             hop[0] = hop[-1] = inf
-            cand = done[q] + hop[None, :]
+            cand = weights.combine(done[q], hop[None, :])
             better = cand < entry[q2]
             entry[q2][better] = cand[better]
             entry_from[q2][better] = q
@@ -258,8 +273,8 @@ def _stage_costs(
         for key, (_count, free) in by_kind.items():
             if free < whole_need:  # else even the whole model fits every such member
                 ok = ok & (table.memory(a, b, shares[key], option.int8, overhead) <= free)
-        scalar = weights.latency * busy
-        if weights.energy:
+        scalar = busy if weights.bottleneck else weights.latency * busy
+        if weights.energy and not weights.bottleneck:
             scalar = scalar + weights.energy * pool.power_active_watts * energy
         rows.append(np.where(ok, w * scalar, math.inf))
     return np.stack(rows)
