@@ -98,17 +98,22 @@ class Prediction:
         return sum(s.transfer_in_s for s in self.stages) + self.output_transfer_s
 
 
-def meets_slo(prediction: Prediction, slo: Slo) -> bool:
-    """Whether a feasible prediction keeps the p95 latency and minimum throughput asked for."""
+def meets_slo(prediction: Prediction, slo: Slo, margin: float = 0.0) -> bool:
+    """Whether a feasible prediction keeps the p95 latency and minimum throughput asked for.
+
+    With `margin` m, by that relative margin: latency at most (1 - m) × the p95 target,
+    throughput at least the minimum / (1 - m).
+    """
+    keep = 1.0 - margin
     return (
         prediction.feasible
         and (
             slo.p95_latency_s is None
-            or prediction.latency_s <= slo.p95_latency_s * (1 + RELATIVE_TOLERANCE)
+            or prediction.latency_s <= keep * slo.p95_latency_s * (1 + RELATIVE_TOLERANCE)
         )
         and (
             slo.min_throughput_rps is None
-            or prediction.throughput_rps >= slo.min_throughput_rps * (1 - RELATIVE_TOLERANCE)
+            or keep * prediction.throughput_rps >= slo.min_throughput_rps * (1 - RELATIVE_TOLERANCE)
         )
     )
 
