@@ -1,11 +1,12 @@
 """Planner benchmark: planning time at scale, and Partita's plans against the baselines.
 
-Run: `.venv/bin/python bench/planner.py` (or `make bench`). Writes bench/results/planner.json,
-planner.md and planner_*.png. Latencies and throughputs here are the planner's
-*predictions* under its cost model, for clusters built from one measured figure: the
-speed of one core of this machine running open-nsfw in onnxruntime (single thread). The
-cloud node is 8 such cores; edge devices are 8x, 80x and 400x slower than the cloud.
-Planning times are wall-clock on this (shared, noisy) machine.
+Run: `.venv/bin/python bench/planner.py [--against REV]` (or `make bench`). Writes
+bench/results/planner.json, planner.md and planner_*.png. Latencies and throughputs
+here are the planner's *predictions* under its cost model, for clusters built from one
+measured figure: the speed of one core of this machine running open-nsfw in onnxruntime
+(single thread). The cloud node is 8 such cores; edge devices are 8x, 80x and 400x
+slower than the cloud. Planning times are wall-clock on this (shared, noisy) machine;
+`--against REV` times the planner of a git revision beside the current one.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from partita.planner import (
     Plan,
     Tier,
     baselines,
-    plan_many,
     plan_model,
 )
 
@@ -184,22 +184,29 @@ def memory_bound(profile: ModelProfile, cloud: float) -> dict[str, Any]:
     }
 
 
-def big_cluster(nodes: int, seed: int = 0) -> ClusterSnapshot:
-    """`nodes` nodes in 4 pools (3 edge, 1 cloud), 2 device kinds per pool, random load."""
+def big_cluster(nodes: int, seed: int = 0, api: Any = None) -> Any:
+    """`nodes` nodes in 4 pools (3 edge, 1 cloud), 2 device kinds per pool, random load.
+
+    `api` is the planner package whose snapshot types to build (the reference planner of
+    `--against` has its own).
+    """
+    import partita.planner
+
+    api = api or partita.planner
     rng = random.Random(seed)
     spec = [
-        ("cams", Tier.EDGE, 0.4, (1.0, 2.0)),
-        ("shop", Tier.EDGE, 0.3, (5.0, 8.0)),
-        ("gw", Tier.EDGE, 0.1, (20.0, 30.0)),
-        ("cloud", Tier.CLOUD, 0.2, (100.0, 160.0)),
+        ("cams", api.Tier.EDGE, 0.4, (1.0, 2.0)),
+        ("shop", api.Tier.EDGE, 0.3, (5.0, 8.0)),
+        ("gw", api.Tier.EDGE, 0.1, (20.0, 30.0)),
+        ("cloud", api.Tier.CLOUD, 0.2, (100.0, 160.0)),
     ]
-    pools = tuple(DevicePoolState(n, t, 1.0, 10.0, 1.0) for n, t, _s, _k in spec)
+    pools = tuple(api.DevicePoolState(n, t, 1.0, 10.0, 1.0) for n, t, _s, _k in spec)
     out = []
     for name, tier, share, kinds in spec:
         for i in range(max(1, int(nodes * share))):
             g = kinds[i % 2] * 1e9
             out.append(
-                NodeState(
+                api.NodeState(
                     f"{name}-{i}",
                     name,
                     tier,
@@ -210,52 +217,149 @@ def big_cluster(nodes: int, seed: int = 0) -> ClusterSnapshot:
                     memory_used=rng.randint(0, 8 * 1024) * MiB,
                 )
             )
-    links = (
-        LinkEstimate("cams", "shop", 1e8, 0.002),
-        LinkEstimate("cams", "gw", 5e7, 0.005),
-        LinkEstimate("cams", "cloud", 1e7, 0.04),
-        LinkEstimate("shop", "gw", 1e8, 0.003),
-        LinkEstimate("shop", "cloud", 2e7, 0.03),
-        LinkEstimate("gw", "cloud", 1e8, 0.02),
+    links = tuple(
+        api.LinkEstimate(*link)
+        for link in (
+            ("cams", "shop", 1e8, 0.002),
+            ("cams", "gw", 5e7, 0.005),
+            ("cams", "cloud", 1e7, 0.04),
+            ("shop", "gw", 1e8, 0.003),
+            ("shop", "cloud", 2e7, 0.03),
+            ("gw", "cloud", 1e8, 0.02),
+        )
     )
-    return ClusterSnapshot(nodes=tuple(out), pools=pools, links=links)
+    return api.ClusterSnapshot(nodes=tuple(out), pools=pools, links=links)
+
+
+def reference_planner(revision: str) -> Any:
+    """The planner package as of git `revision`, importable beside the current one.
+
+    Its files are copied into a temporary package (`partita_reference.planner`); it
+    imports the current `partita.model`, so the revision must share the model types.
+    """
+    import importlib
+    import subprocess
+    import sys
+    import tempfile
+
+    folder = "operator/src/partita/planner"
+    names = subprocess.run(
+        ["git", "-C", str(ROOT), "ls-tree", "--name-only", f"{revision}:{folder}"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    root = Path(tempfile.mkdtemp(prefix="partita-reference-"))
+    package = root / "partita_reference" / "planner"
+    package.mkdir(parents=True)
+    (package.parent / "__init__.py").write_text("")
+    for name in names:
+        if name.endswith(".py"):
+            text = subprocess.run(
+                ["git", "-C", str(ROOT), "show", f"{revision}:{folder}/{name}"],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+            (package / name).write_text(text)
+    sys.path.insert(0, str(root))
+    return importlib.import_module("partita_reference.planner")
 
 
 def timed(fn: Any, repeat: int) -> tuple[float, Any]:
-    best, result = [], None
+    """Median wall-clock seconds of `repeat` calls, and the last result."""
+    seconds, result = [], None
     for _ in range(repeat):
         t = time.perf_counter()
         result = fn()
-        best.append(time.perf_counter() - t)
-    return statistics.median(best), result
+        seconds.append(time.perf_counter() - t)
+    return statistics.median(seconds), result
 
 
-def planning_times(profiles: dict[str, ModelProfile]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    req = ModelRequest(name="m", data_source="cams")
-    for ops, nodes, repeat in ((1_000, 100, 5), (10_000, 1_000, 1)):
-        profile = profile_model(synthetic.chain_model(ops))
-        snap = big_cluster(nodes)
-        secs, plan = timed(lambda p=profile, s=snap: plan_model(p, req, s), repeat)
-        out[f"{ops}_ops_x_{nodes}_nodes"] = {
-            "ops": len(profile.nodes),
-            "cut_points": len(profile.cut_points),
-            "nodes": len(snap.nodes),
-            "seconds": secs,
-            "plan": plan.describe(),
-        }
-    snap = big_cluster(1_000)
-    rng = random.Random(1)
-    reals = list(profiles.values())
-    many = [
-        (replace(req, name=f"m{i:03d}", priority=rng.randint(0, 5)), reals[i % len(reals)])
-        for i in range(200)
-    ]
-    secs, results = timed(lambda: plan_many(many, snap), 1)
-    out["200_models_x_1000_nodes"] = {
-        "seconds": secs,
-        "admitted": sum(isinstance(r, Plan) for r in results.values()),
+def _cost(result: Any) -> float:
+    """A plan's objective cost, from either planner's Plan shape."""
+    return float(getattr(result, "prediction", result).cost)
+
+
+def _summary(xs: list[float]) -> dict[str, float]:
+    return {
+        "median": statistics.median(xs),
+        "p99": float(np.percentile(xs, 99)),
+        "min": min(xs),
+        "max": max(xs),
     }
+
+
+def planning_times(
+    profiles: dict[str, ModelProfile], reference: Any = None, rounds: int = 15
+) -> dict[str, Any]:
+    """Wall-clock planning time per case, and (with `reference`) the reference planner's
+    on the same inputs, rounds interleaved and their order alternated."""
+    import os
+
+    import partita.planner
+
+    apis = {"current": partita.planner}
+    if reference is not None:
+        apis["reference"] = reference
+    reals = list(profiles.values())
+    rng = random.Random(1)
+    priorities = [rng.randint(0, 5) for _ in range(200)]
+    cases: list[tuple[str, int, dict[str, Any], dict[str, Any]]] = []
+    for ops, nodes, n_rounds in ((1_000, 100, rounds), (10_000, 1_000, max(3, rounds // 3))):
+        profile = profile_model(synthetic.chain_model(ops))
+        calls: dict[str, Any] = {}
+        for label, api in apis.items():
+            req = api.ModelRequest(name="m", data_source="cams")
+            snap = big_cluster(nodes, api=api)
+            calls[label] = lambda p=profile, r=req, s=snap, a=api: a.plan_model(p, r, s)
+        info = {"ops": len(profile.nodes), "cut_points": len(profile.cut_points), "nodes": nodes}
+        cases.append((f"{ops}_ops_x_{nodes}_nodes", n_rounds, calls, info))
+    calls = {}
+    for label, api in apis.items():
+        req = api.ModelRequest(name="m", data_source="cams")
+        snap = big_cluster(1_000, api=api)
+        many = [
+            (replace(req, name=f"m{i:03d}", priority=priorities[i]), reals[i % len(reals)])
+            for i in range(200)
+        ]
+        calls[label] = lambda m=many, s=snap, a=api: a.plan_many(m, s)
+    cases.append(("200_models_x_1000_nodes", max(3, rounds // 5), calls, {}))
+    out: dict[str, Any] = {}
+    for name, n_rounds, calls, info in cases:
+        labels = list(calls)
+        seconds: dict[str, list[float]] = {label: [] for label in labels}
+        results: dict[str, Any] = {}
+        load_before = os.getloadavg()
+        for r in range(n_rounds):
+            for label in labels if r % 2 == 0 else labels[::-1]:
+                t = time.perf_counter()
+                results[label] = calls[label]()
+                seconds[label].append(time.perf_counter() - t)
+        entry: dict[str, Any] = {
+            **info,
+            "rounds": n_rounds,
+            "load_average_before": load_before,
+            "load_average_after": os.getloadavg(),
+        }
+        for label in labels:
+            res = results[label]
+            entry[label] = {"seconds": _summary(seconds[label])}
+            if isinstance(res, dict):
+                plans = [x for x in res.values() if hasattr(x, "stages")]
+                entry[label]["admitted"] = len(plans)
+                entry[label]["total_cost"] = sum(_cost(x) for x in plans)
+            else:
+                entry[label]["plan"] = res.describe()
+                entry[label]["cost"] = _cost(res)
+        if "reference" in seconds:
+            cur, ref = seconds["current"], seconds["reference"]
+            entry["difference_of_medians_s"] = statistics.median(ref) - statistics.median(cur)
+            entry["median_of_differences_s"] = statistics.median(
+                [b - a for a, b in zip(cur, ref, strict=True)]
+            )
+            entry["speedup_of_medians"] = statistics.median(ref) / statistics.median(cur)
+        out[name] = entry
     return out
 
 
@@ -498,18 +602,52 @@ def write_md(result: dict[str, Any]) -> str:
         "",
         "## Planning time (wall clock, shared 2-core machine)",
         "",
-        "| case | seconds | aim |",
-        "|---|---|---|",
     ]
     pt = result["planning_time"]
+    against = result.get("against")
+    if against:
+        lines += [
+            f"Side by side with the planner of `{against}` (reference), on the same inputs, "
+            "rounds interleaved and their order alternated; load average (1, 5, 15 min) "
+            "before and after each case.",
+            "",
+            "| case | rounds | median s | p99 s | reference median s | reference p99 s | "
+            "difference of medians s | median of differences s | speed-up | load | aim |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+    else:
+        lines += ["| case | rounds | median s | p99 s | load | aim |", "|---|---|---|---|---|---|"]
     for key, aim in (
         ("1000_ops_x_100_nodes", 0.1),
         ("10000_ops_x_1000_nodes", 1.0),
         ("200_models_x_1000_nodes", 10.0),
     ):
         v = pt[key]
-        extra = f" ({v.get('cut_points', '?')} cut points)" if "cut_points" in v else ""
-        lines.append(f"| {key}{extra} | {v['seconds']:.3f} | <= {aim} |")
+        extra = f" ({v['cut_points']} cut points)" if "cut_points" in v else ""
+        cur = v["current"]["seconds"]
+        load = (
+            "/".join(f"{x:.2f}" for x in v["load_average_before"])
+            + " → "
+            + "/".join(f"{x:.2f}" for x in v["load_average_after"])
+        )
+        row = f"| {key}{extra} | {v['rounds']} | {cur['median']:.3f} | {cur['p99']:.3f} |"
+        if against:
+            ref = v["reference"]["seconds"]
+            row += (
+                f" {ref['median']:.3f} | {ref['p99']:.3f} | {v['difference_of_medians_s']:.3f} |"
+                f" {v['median_of_differences_s']:.3f} | {v['speedup_of_medians']:.2f}x |"
+            )
+        lines.append(row + f" {load} | <= {aim} |")
+    many = pt["200_models_x_1000_nodes"]
+    admitted = (
+        f"{many['current']['admitted']} admitted, total cost {many['current']['total_cost']:.3f}"
+    )
+    if against:
+        admitted += (
+            f" (reference: {many['reference']['admitted']} admitted, total cost "
+            f"{many['reference']['total_cost']:.3f})"
+        )
+    lines += ["", f"200 models x 1000 nodes: {admitted}."]
     d = result["dp_vs_exhaustive"]
     lines += [
         "",
@@ -568,6 +706,16 @@ def write_md(result: dict[str, Any]) -> str:
 
 
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--against",
+        metavar="REV",
+        help="also time the planner of this git revision, side by side",
+    )
+    args = parser.parse_args()
+    reference = reference_planner(args.against) if args.against else None
     RESULTS.mkdir(parents=True, exist_ok=True)
     profiles_cache: dict[str, ModelProfile] = {}
     core = core_gflops()
@@ -578,10 +726,12 @@ def main() -> None:
     rows = sweep(profiles_cache, cloud_speed)
     weak = weak_edge(profiles_cache, cloud_speed)
     result: dict[str, Any] = {
-        "command": ".venv/bin/python bench/planner.py",
+        "command": ".venv/bin/python bench/planner.py"
+        + (f" --against {args.against}" if args.against else ""),
+        "against": args.against,
         "core_gflops": core,
         "cloud_gflops": cloud_speed,
-        "planning_time": planning_times(profiles_cache),
+        "planning_time": planning_times(profiles_cache, reference),
         "dp_vs_exhaustive": dp_vs_exhaustive(profiles_cache, cloud_speed),
         "memory_bound": memory_bound(profiles_cache["minilm"], cloud_speed),
         "sweep": rows,

@@ -236,8 +236,8 @@ def _stage_costs(
         return kinds[key]
 
     lan = prob.snapshot.link(pool.name, pool.name)
-    rows = []
-    for option in opts:
+    out = np.empty((len(opts), len(starts), len(ends)))
+    for row, option in enumerate(opts):
         k = len(option.members)
         by_kind: dict[int, tuple[int, float]] = {}  # id of the kind's times → (count, min free)
         parts: dict[int, tuple[Array, Array]] = {}
@@ -246,35 +246,46 @@ def _stage_costs(
             count, free = by_kind.get(id(split_t), (0, math.inf))
             by_kind[id(split_t)] = (count + 1, min(free, float(prob.nodes[m].memory_free)))
             parts[id(split_t)] = (split_t, whole_t)
+        needs_memory = any(free < whole_need for _count, free in by_kind.values())
+        shares: dict[int, Array | float] = {}  # each kind's proportion of the split work
         if k == 1:
             split_t, whole_t = next(iter(parts.values()))
             busy = split_t + whole_t
             energy = busy
             ok = valid
-            shares = {key: np.ones_like(split_t) for key in parts}
+            shares = dict.fromkeys(parts, 1.0)
         else:
-            first = next(iter(parts.values()))[0]
-            splittable = first > 0
-            inv_sum = sum(
-                count / np.where(parts[key][0] > 0, parts[key][0], 1.0)
-                for key, (count, _free) in by_kind.items()
-            )
-            share = np.where(splittable, 1.0 / inv_sum, 0.0)  # each shard's split time
-            whole_max = np.max([parts[key][1] for key in parts], axis=0)
-            energy = k * share + sum(count * parts[key][1] for key, (count, _f) in by_kind.items())
             assert lan is not None
             scatter, gather = table.exchange_bytes(a, b, k)
             exchange = (scatter + gather) * 8.0 / lan.bandwidth_bps + 2 * lan.rtt_s
-            busy = share + whole_max + exchange
-            ok = valid & splittable
-            shares = {key: share / np.where(parts[key][0] > 0, parts[key][0], 1.0) for key in parts}
+            if len(parts) == 1:  # k shards of one device kind: s/k + w each
+                split_t, whole_t = next(iter(parts.values()))
+                share = split_t / k
+                busy = share + whole_t + exchange
+                energy = split_t + k * whole_t
+                ok = valid & (split_t > 0)
+                shares = dict.fromkeys(parts, 1.0 / k)
+            else:
+                splittable = next(iter(parts.values()))[0] > 0
+                inverse = {key: 1.0 / np.where(s > 0, s, 1.0) for key, (s, _w) in parts.items()}
+                inv_sum = sum(count * inverse[key] for key, (count, _f) in by_kind.items())
+                share = np.where(splittable, 1.0 / inv_sum, 0.0)  # each shard's split time
+                whole_max = np.max([w_t for _s, w_t in parts.values()], axis=0)
+                busy = share + whole_max + exchange
+                energy = k * share + sum(
+                    count * parts[key][1] for key, (count, _f) in by_kind.items()
+                )
+                ok = valid & splittable
+                if needs_memory:
+                    shares = {key: share * inverse[key] for key in parts}
         if math.isfinite(cap):
             ok = ok & (w * busy <= cap)
-        for key, (_count, free) in by_kind.items():
-            if free < whole_need:  # else even the whole model fits every such member
-                ok = ok & (table.memory(a, b, shares[key], option.int8, overhead) <= free)
+        if needs_memory:
+            for key, (_count, free) in by_kind.items():
+                if free < whole_need:  # else even the whole model fits every such member
+                    ok = ok & (table.memory(a, b, shares[key], option.int8, overhead) <= free)
         scalar = busy if weights.bottleneck else weights.latency * busy
         if weights.energy and not weights.bottleneck:
             scalar = scalar + weights.energy * pool.power_active_watts * energy
-        rows.append(np.where(ok, w * scalar, math.inf))
-    return np.stack(rows)
+        out[row] = np.where(ok, w * scalar, math.inf)
+    return out
