@@ -27,12 +27,9 @@ from partita.model.types import ModelProfile, OpClass
 from partita.planner import (
     ClusterSnapshot,
     Compression,
-    DevicePoolState,
-    LinkEstimate,
     ModelRequest,
     NodeState,
     Objective,
-    Partitioning,
     Plan,
     Tier,
     baselines,
@@ -79,28 +76,38 @@ def cluster(
     bandwidth_mbps: float,
     edge_devices: int = 1,
     edge_memory: int = 4096 * MiB,
+    api: Any = None,
 ) -> ClusterSnapshot:
+    """One edge pool and one cloud node; `api`: the planner package whose types to build."""
+    import partita.planner
+
+    api = api or partita.planner
     pools = (
-        DevicePoolState("edge", Tier.EDGE, 1.0, 5.0, 1.5, 1.0 / 8, 1e9, 0.0005),
-        DevicePoolState("cloud", Tier.CLOUD, 60.0, 250.0, 0.0, 1.0, 1e10, 0.0002),
+        api.DevicePoolState("edge", api.Tier.EDGE, 1.0, 5.0, 1.5, 1.0 / 8, 1e9, 0.0005),
+        api.DevicePoolState("cloud", api.Tier.CLOUD, 60.0, 250.0, 0.0, 1.0, 1e10, 0.0002),
     )
     edge_speed = {c: edge_gflops * 1e9 for c in OpClass}
     nodes = [
-        NodeState(f"edge-{i}", "edge", Tier.EDGE, 4.0, edge_memory, edge_speed)
+        api.NodeState(f"edge-{i}", "edge", api.Tier.EDGE, 4.0, edge_memory, edge_speed)
         for i in range(edge_devices)
     ]
     cloud_speed = {c: cloud_gflops * 1e9 for c in OpClass}
-    nodes.append(NodeState("cloud-0", "cloud", Tier.CLOUD, 32.0, 64 * 1024 * MiB, cloud_speed))
-    link = LinkEstimate("edge", "cloud", bandwidth_mbps * 1e6, RTT_S)
-    return ClusterSnapshot(nodes=tuple(nodes), pools=pools, links=(link,))
+    nodes.append(
+        api.NodeState("cloud-0", "cloud", api.Tier.CLOUD, 32.0, 64 * 1024 * MiB, cloud_speed)
+    )
+    link = api.LinkEstimate("edge", "cloud", bandwidth_mbps * 1e6, RTT_S)
+    return api.ClusterSnapshot(nodes=tuple(nodes), pools=pools, links=(link,))
 
 
-def request(objective: Objective, **kw: Any) -> ModelRequest:
-    return ModelRequest(
+def request(objective: Objective, api: Any = None, **kw: Any) -> ModelRequest:
+    import partita.planner
+
+    api = api or partita.planner
+    return api.ModelRequest(
         name="m",
         data_source="edge",
-        objective=objective,
-        partitioning=Partitioning(cut_compression=Compression.FP16),
+        objective=api.Objective(objective.value),
+        partitioning=api.Partitioning(cut_compression=api.Compression.FP16),
         **kw,
     )
 
@@ -119,7 +126,11 @@ def _fig(res: Any) -> dict[str, Any] | None:
     }
 
 
-def sweep(profiles: dict[str, ModelProfile], cloud: float) -> list[dict[str, Any]]:
+def sweep(
+    profiles: dict[str, ModelProfile], cloud: float, reference: Any = None
+) -> list[dict[str, Any]]:
+    """Every model x edge slowness x bandwidth x edge devices, both objectives; with
+    `reference`, the reference planner's plan cost on the same instance beside Partita's."""
     rows = []
     for name, profile in profiles.items():
         for ratio in RATIOS:
@@ -135,11 +146,20 @@ def sweep(profiles: dict[str, ModelProfile], cloud: float) -> list[dict[str, Any
                     }
                     for objective in (Objective.LATENCY, Objective.THROUGHPUT):
                         req = request(objective)
-                        row[f"partita_{objective}"] = _fig(
-                            plan_model(profile, req, snap, explain=False)
-                        )
+                        plan = plan_model(profile, req, snap, explain=False)
+                        row[f"partita_{objective}"] = _fig(plan)
                         base = baselines(profile, req, snap)
                         row[f"baselines_{objective}"] = {k: _fig(v) for k, v in base.items()}
+                        if reference is not None:
+                            old = reference.plan_model(
+                                profile,
+                                request(objective, api=reference),
+                                cluster(edge, cloud, bw, edge_devices=devices, api=reference),
+                                explain=False,
+                            )
+                            row[f"reference_cost_{objective}"] = (
+                                _cost(old) if hasattr(old, "stages") else None
+                            )
                     rows.append(row)
     return rows
 
@@ -552,7 +572,33 @@ def summarise(rows: list[dict[str, Any]], weak: list[dict[str, Any]]) -> dict[st
             f"{r['edge_devices']} edge device(s)"
         )
 
+    same: dict[str, Any] = {}
+    for objective in ("latency", "throughput"):
+        pairs = [
+            (r[f"partita_{objective}"], r[f"reference_cost_{objective}"], r)
+            for r in rows
+            if f"reference_cost_{objective}" in r
+        ]
+        if not pairs:
+            continue
+        costs = {"latency": "latency_s", "throughput": "throughput_rps"}
+        ratios_ref = []
+        differ = 0
+        for fig, ref_cost, _r in pairs:
+            if fig is None or ref_cost is None:
+                differ += (fig is None) != (ref_cost is None)
+                continue
+            cost = fig[costs[objective]] if objective == "latency" else 1 / fig["throughput_rps"]
+            ratios_ref.append(cost / ref_cost)
+            differ += abs(cost / ref_cost - 1) > 1e-6
+        same[objective] = {
+            "configs": len(pairs),
+            "differing_cost": differ,
+            "max_cost_ratio": max(ratios_ref, default=1.0),
+            "min_cost_ratio": min(ratios_ref, default=1.0),
+        }
     return {
+        "same_plans_as_reference": same,
         "ratios": ratios,
         "aims": {
             "pipelining_throughput": {
@@ -648,6 +694,12 @@ def write_md(result: dict[str, Any]) -> str:
             f"{many['reference']['total_cost']:.3f})"
         )
     lines += ["", f"200 models x 1000 nodes: {admitted}."]
+    for objective, v in s.get("same_plans_as_reference", {}).items():
+        lines.append(
+            f"Plan cost against the reference planner over the sweep ({objective}): "
+            f"{v['differing_cost']} of {v['configs']} configurations differ by more than "
+            f"1e-6 (cost ratio {v['min_cost_ratio']:.9f} to {v['max_cost_ratio']:.9f})."
+        )
     d = result["dp_vs_exhaustive"]
     lines += [
         "",
@@ -723,7 +775,7 @@ def main() -> None:
     for name in MODELS:
         profiles_cache[name] = profile_model(zoo.model_path(name), zoo.default_input_shapes(name))
     t0 = time.perf_counter()
-    rows = sweep(profiles_cache, cloud_speed)
+    rows = sweep(profiles_cache, cloud_speed, reference)
     weak = weak_edge(profiles_cache, cloud_speed)
     result: dict[str, Any] = {
         "command": ".venv/bin/python bench/planner.py"
