@@ -12,6 +12,7 @@ slower than the cloud. Planning times are wall-clock on this (shared, noisy) mac
 from __future__ import annotations
 
 import json
+import math
 import random
 import statistics
 import time
@@ -345,6 +346,23 @@ def planning_times(
         ]
         calls[label] = lambda m=many, s=snap, a=api: a.plan_many(m, s)
     cases.append(("200_models_x_1000_nodes", max(3, rounds // 5), calls, {}))
+    # Eight real models competing for seven nodes of 256 MiB: the joint search.
+    calls = {}
+    for label, api in apis.items():
+        req = api.ModelRequest(name="m", data_source="cams")
+        snap = big_cluster(8, api=api)
+        small = replace(
+            snap,
+            nodes=tuple(
+                replace(n, memory_allocatable=256 * MiB, memory_used=0) for n in snap.nodes
+            ),
+        )
+        few = [
+            (replace(req, name=f"m{i}", priority=priorities[i]), reals[i % len(reals)])
+            for i in range(8)
+        ]
+        calls[label] = lambda m=few, s=small, a=api: a.plan_many(m, s)
+    cases.append(("8_models_x_7_nodes_256MiB", max(3, rounds // 3), calls, {}))
     out: dict[str, Any] = {}
     for name, n_rounds, calls, info in cases:
         labels = list(calls)
@@ -380,6 +398,72 @@ def planning_times(
             )
             entry["speedup_of_medians"] = statistics.median(ref) / statistics.median(cur)
         out[name] = entry
+    return out
+
+
+def _in_api(value: Any, api: Any) -> Any:
+    """`value` (built from the current planner's types) rebuilt from `api`'s types of the
+    same names; the reference planner of `--against` has its own classes."""
+    import dataclasses
+    from enum import Enum
+
+    name = type(value).__name__
+    if isinstance(value, Enum) and hasattr(api, name):
+        return getattr(api, name)(value.value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type) and hasattr(api, name):
+        fields = {f.name: _in_api(getattr(value, f.name), api) for f in dataclasses.fields(value)}
+        return getattr(api, name)(**fields)
+    if isinstance(value, tuple):
+        return tuple(_in_api(v, api) for v in value)
+    if isinstance(value, dict):
+        return {k: _in_api(v, api) for k, v in value.items()}
+    return value
+
+
+def joint_vs_exhaustive(reference: Any, instances: int = 300) -> dict[str, Any]:
+    """plan_many against an exhaustive search over every plan of every model, on random
+    small instances of 5-8 models competing for at most four nodes (the property test's
+    generator and oracle, from tests/unit/planner/planner_instances.py)."""
+    import sys
+
+    import partita.planner
+
+    sys.path.insert(0, str(ROOT / "tests" / "unit" / "planner"))
+    from planner_instances import competing_models, exhaustive_joint
+
+    apis = {"current": partita.planner}
+    if reference is not None:
+        apis["reference"] = reference
+    out: dict[str, Any] = {"instances": instances, "models": "5-8", "seeds": f"0..{instances - 1}"}
+    tallies: dict[str, dict[str, Any]] = {
+        label: {
+            "refused_a_model_that_fits": 0,
+            "over_5_percent_worse": 0,
+            "worst_ratio": 1.0,
+            "seconds": [],
+        }
+        for label in apis
+    }
+    for seed in range(instances):
+        models, snapshot = competing_models(seed, 5 + seed % 4)
+        best_admitted, best_cost = exhaustive_joint(models, snapshot)
+        for label, api in apis.items():
+            t = time.perf_counter()
+            results = api.plan_many(
+                [(_in_api(r, api), p) for r, p in models], _in_api(snapshot, api)
+            )
+            tallies[label]["seconds"].append(time.perf_counter() - t)
+            plans = [r for r in results.values() if hasattr(r, "stages")]
+            admitted = tuple(sorted((p.request.priority for p in plans), reverse=True))
+            ratio = sum(_cost(p) for p in plans) / max(-best_cost, 1e-12)
+            if admitted < best_admitted:
+                tallies[label]["refused_a_model_that_fits"] += 1
+            elif ratio > 1.05:
+                tallies[label]["over_5_percent_worse"] += 1
+                tallies[label]["worst_ratio"] = max(tallies[label]["worst_ratio"], ratio)
+    for label, tally in tallies.items():
+        seconds = tally.pop("seconds")
+        out[label] = {**tally, "seconds": _summary(seconds)}
     return out
 
 
@@ -667,6 +751,7 @@ def write_md(result: dict[str, Any]) -> str:
         ("1000_ops_x_100_nodes", 0.1),
         ("10000_ops_x_1000_nodes", 1.0),
         ("200_models_x_1000_nodes", 10.0),
+        ("8_models_x_7_nodes_256MiB", math.nan),
     ):
         v = pt[key]
         extra = f" ({v['cut_points']} cut points)" if "cut_points" in v else ""
@@ -683,23 +768,44 @@ def write_md(result: dict[str, Any]) -> str:
                 f" {ref['median']:.3f} | {ref['p99']:.3f} | {v['difference_of_medians_s']:.3f} |"
                 f" {v['median_of_differences_s']:.3f} | {v['speedup_of_medians']:.2f}x |"
             )
-        lines.append(row + f" {load} | <= {aim} |")
-    many = pt["200_models_x_1000_nodes"]
-    admitted = (
-        f"{many['current']['admitted']} admitted, total cost {many['current']['total_cost']:.3f}"
-    )
-    if against:
-        admitted += (
-            f" (reference: {many['reference']['admitted']} admitted, total cost "
-            f"{many['reference']['total_cost']:.3f})"
+        lines.append(row + f" {load} | " + ("-" if math.isnan(aim) else f"<= {aim}") + " |")
+    lines.append("")
+    for key in ("200_models_x_1000_nodes", "8_models_x_7_nodes_256MiB"):
+        many = pt[key]
+        admitted = (
+            f"{many['current']['admitted']} admitted, total cost "
+            f"{many['current']['total_cost']:.4f}"
         )
-    lines += ["", f"200 models x 1000 nodes: {admitted}."]
+        if against:
+            admitted += (
+                f" (reference: {many['reference']['admitted']} admitted, total cost "
+                f"{many['reference']['total_cost']:.4f})"
+            )
+        lines.append(f"- {key}: {admitted}.")
+    lines.append("")
     for objective, v in s.get("same_plans_as_reference", {}).items():
         lines.append(
             f"Plan cost against the reference planner over the sweep ({objective}): "
             f"{v['differing_cost']} of {v['configs']} configurations differ by more than "
             f"1e-6 (cost ratio {v['min_cost_ratio']:.9f} to {v['max_cost_ratio']:.9f})."
         )
+    j = result["joint_vs_exhaustive"]
+    lines += [
+        f"Joint planning against exhaustive search, {j['instances']} random instances of "
+        f"{j['models']} models on at most four nodes (seeds {j['seeds']}):",
+        "",
+        "| planner | refused a model that fits | over 5% worse | worst ratio | median s | p99 s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label in ("current", "reference"):
+        if label in j:
+            v = j[label]
+            lines.append(
+                f"| {label} | {v['refused_a_model_that_fits']} | {v['over_5_percent_worse']} "
+                f"| {v['worst_ratio']:.2f} | {v['seconds']['median']:.3f} | "
+                f"{v['seconds']['p99']:.3f} |"
+            )
+    lines.append("")
     d = result["dp_vs_exhaustive"]
     lines += [
         "",
@@ -785,6 +891,7 @@ def main() -> None:
         "cloud_gflops": cloud_speed,
         "planning_time": planning_times(profiles_cache, reference),
         "dp_vs_exhaustive": dp_vs_exhaustive(profiles_cache, cloud_speed),
+        "joint_vs_exhaustive": joint_vs_exhaustive(reference),
         "memory_bound": memory_bound(profiles_cache["minilm"], cloud_speed),
         "sweep": rows,
         "weak_edge": weak,

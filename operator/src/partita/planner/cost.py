@@ -80,10 +80,12 @@ def plan_for(
     profile: ModelProfile,
     snapshot: ClusterSnapshot,
     revision: int = 1,
+    table: RangeTable | None = None,
 ) -> Plan:
     """The plan deploying `stages`, with what the cost model predicts for it under `snapshot`."""
     stages = tuple(stages)
-    return Plan(request, stages, revision, predict_stages(request, stages, profile, snapshot))
+    prediction = predict_stages(request, stages, profile, snapshot, table)
+    return Plan(request, stages, revision, prediction)
 
 
 def predict_stages(
@@ -91,11 +93,16 @@ def predict_stages(
     stages: Sequence[Stage],
     profile: ModelProfile,
     snapshot: ClusterSnapshot,
+    table: RangeTable | None = None,
 ) -> Prediction:
-    """Latency, throughput, energy, per-stage and per-shard figures of `stages` under `snapshot`."""
-    table = RangeTable.build(
-        profile, [0, len(profile.nodes), *(p for s in stages for p in (s.start, s.end))]
-    )
+    """Latency, throughput, energy, per-stage and per-shard figures of `stages` under `snapshot`.
+
+    `table`: a range table of `profile` holding every stage boundary (built when None).
+    """
+    if table is None:
+        table = RangeTable.build(
+            profile, [0, len(profile.nodes), *(p for s in stages for p in (s.start, s.end))]
+        )
     rate = request.cascade.offload_rate if request.cascade else 1.0
     speedup = request.quantization.speedup
     overhead = float(request.runtime_overhead_bytes)

@@ -55,7 +55,7 @@ def build(prob: Problem, path: Path, revision: int = 1) -> Plan:
                 int8=option.int8,
             )
         )
-    return plan_for(prob.request, stages, profile, prob.snapshot, revision)
+    return plan_for(prob.request, stages, profile, prob.snapshot, revision, prob.table)
 
 
 def better(a: Plan, b: Plan | None) -> bool:

@@ -59,6 +59,9 @@ class RangeTable:
     _times: dict[tuple[float, ...], tuple[Array, Array]] = field(default_factory=dict)
     _peak: Array | None = None
     _index: dict[int, int] | None = None
+    _kinds: dict[tuple[int, float, float], tuple[object, tuple[float, ...]]] = field(
+        default_factory=dict
+    )
 
     @classmethod
     def build(cls, profile: ModelProfile, positions: Sequence[int]) -> RangeTable:
@@ -113,13 +116,21 @@ class RangeTable:
             raise PlannerError(f"position {position} is not a boundary of this range table")
         return self._index[position]
 
+    def kind(self, node: NodeState, int8_speedup: float = 1.0) -> tuple[float, ...]:
+        """`device_kind`, remembered per speed table (snapshots derived from one another
+        share their nodes' speed mappings); the mapping is kept so its id stays unique."""
+        key = (id(node.speed), node.op_overhead_s, int8_speedup)
+        if key not in self._kinds:
+            self._kinds[key] = (node.speed, device_kind(node, int8_speedup))
+        return self._kinds[key][1]
+
     def times(self, node: NodeState, int8_speedup: float = 1.0) -> tuple[Array, Array]:
         """Prefix (split, whole) compute seconds on `node` at each boundary.
 
         A shard holding proportion p of [a, b) is busy p·(S[b] − S[a]) + W[b] − W[a].
         Cached per device kind, not per node: a pool of identical nodes costs one product.
         """
-        kind = device_kind(node, int8_speedup)
+        kind = self.kind(node, int8_speedup)
         if kind not in self._times:
             inverse = 1.0 / np.array(kind[:-1])
             self._times[kind] = (

@@ -16,7 +16,7 @@ from .objective import better, optimize
 from .plan import RELATIVE_TOLERANCE, Plan, PlanResult, Unschedulable
 from .request import ModelRequest
 from .snapshot import ClusterSnapshot
-from .space import SearchSpace, problem
+from .space import Problem, SearchSpace, problem
 
 
 def plan_model(
@@ -35,6 +35,12 @@ def plan_model(
     needed: when no fp32 plan fits or meets the SLO. With `current`, an equally good
     current placement is kept (same revision), so re-planning does not churn.
     """
+    return plan_problem(problem(profile, request, snapshot), current, explain=explain)
+
+
+def plan_problem(prob: Problem, current: Plan | None = None, *, explain: bool = True) -> PlanResult:
+    """`plan_model` on a search space already built (see `space.problem`)."""
+    profile, request, snapshot = prob.profile, prob.request, prob.snapshot
     if not snapshot.has_pool(request.data_source):
         return Unschedulable(
             request,
@@ -43,7 +49,6 @@ def plan_model(
                 "DevicePool or fix spec.dataSource",
             ),
         )
-    prob = problem(profile, request, snapshot)
     exclusions = tuple(prob.exclusions)
     if not prob.pools:
         return Unschedulable(

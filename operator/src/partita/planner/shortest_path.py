@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from .ranges import Array, device_kind
+from .ranges import Array
 from .request import COMPRESSION_ORDER, Compression, ModelRequest, PartitioningMode
 from .space import Option, Problem, SearchSpace
 
@@ -229,7 +229,7 @@ def _stage_costs(
 
     def times(member: int, int8: bool) -> tuple[Array, Array]:
         node = prob.nodes[member]
-        key = (*device_kind(node, prob.speedup(int8)), float(int8))
+        key = (*table.kind(node, prob.speedup(int8)), float(int8))
         if key not in kinds:
             split, whole = table.times(node, prob.speedup(int8))
             kinds[key] = (split[b] - split[a], whole[b] - whole[a])

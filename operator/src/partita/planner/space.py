@@ -18,7 +18,7 @@ from partita.model.types import ModelProfile
 from .cost import node_blockers
 from .errors import PlannerError
 from .plan import Exclusion, ExclusionKind
-from .ranges import OP_CLASSES, RangeTable, device_kind
+from .ranges import OP_CLASSES, RangeTable
 from .request import ModelRequest, PartitioningMode
 from .snapshot import ClusterSnapshot, NodeState, Tier
 
@@ -64,10 +64,17 @@ class Problem:
         return self.request.quantization.speedup if int8 else 1.0
 
 
-def problem(profile: ModelProfile, request: ModelRequest, snapshot: ClusterSnapshot) -> Problem:
-    n = len(profile.nodes)
-    positions = [0, *(c.position for c in profile.cut_points if 0 < c.position < n), n]
-    out = Problem(profile, request, snapshot, RangeTable.build(profile, positions))
+def problem(
+    profile: ModelProfile,
+    request: ModelRequest,
+    snapshot: ClusterSnapshot,
+    table: RangeTable | None = None,
+) -> Problem:
+    """The search space; `table`: the profile's range table over its cut points, when
+    the caller plans the same model many times."""
+    if table is None:
+        table = cut_table(profile)
+    out = Problem(profile, request, snapshot, table)
     for pool in snapshot.pools:
         if request.pools and pool.name not in request.pools:
             out.exclusions.append(
@@ -105,6 +112,14 @@ def problem(profile: ModelProfile, request: ModelRequest, snapshot: ClusterSnaps
 
     out.pools = sorted(used_pools, key=order)
     return out
+
+
+def cut_table(profile: ModelProfile) -> RangeTable:
+    """The range table over 0, every cut point and the end."""
+    n = len(profile.nodes)
+    return RangeTable.build(
+        profile, [0, *(c.position for c in profile.cut_points if 0 < c.position < n), n]
+    )
 
 
 def options(prob: Problem, space: SearchSpace) -> list[Option]:
@@ -151,7 +166,7 @@ def _frontier(prob: Problem, members: list[int]) -> list[int]:
     # Nodes of one device kind differ only in free memory: keep the roomiest of each kind.
     kinds: dict[tuple[float, ...], int] = {}
     for i in sorted(members, key=lambda i: prob.nodes[i].name):
-        kind = device_kind(prob.nodes[i])
+        kind = prob.table.kind(prob.nodes[i])
         if kind not in kinds or prob.nodes[i].memory_free > prob.nodes[kinds[kind]].memory_free:
             kinds[kind] = i
 
