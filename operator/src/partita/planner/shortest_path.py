@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -26,6 +27,7 @@ from .request import COMPRESSION_ORDER, Compression, ModelRequest, PartitioningM
 from .space import Option, Problem, SearchSpace
 
 Index = npt.NDArray[np.int64]
+Cost = TypeVar("Cost", float, Array)
 # Upper bound on (shard × start × end) elements priced at once, to bound memory.
 CHUNK_ELEMENTS = 1 << 20
 
@@ -68,139 +70,165 @@ def shortest_path(
     """The cheapest path; elements (stage busy time, link sending time) above `cap` are barred."""
     if not options:
         return None
-    request, snapshot, table = prob.request, prob.snapshot, prob.table
-    npos, nq = table.size, len(prob.pools)
-    stages_max = max_stages(request, space)
-    counting = stages_max < nq  # else the pool order alone bounds the stage count
-    ns = stages_max + 1 if counting else 1
-    rate = request.cascade.offload_rate if request.cascade else 1.0
-    allowed = COMPRESSION_ORDER.index(request.partitioning.cut_compression)
-    comps = [c for c in COMPRESSION_ORDER if COMPRESSION_ORDER.index(c) <= allowed]
-    if not space.compression:
-        comps = [Compression.NONE]
-    pools = [snapshot.pool(p) for p in prob.pools]
-    inf = math.inf
+    programme = _Programme(prob, options, space, weights, cap)
+    for q in range(len(prob.pools)):
+        programme.finish(q)
+        if programme.stages_max > 1:
+            programme.leave(q)
+    return programme.path()
 
-    # entry[q, s, a]: best cost of arriving at boundary a ready to run stage s+1 in pool q.
-    # done[q, s, b]: best cost of having finished boundary b in pool q after s stages.
-    entry = np.full((nq, ns, npos), inf)
-    entry_from = np.full((nq, ns, npos), -1, dtype=np.int64)
-    entry_comp = np.zeros((nq, ns, npos), dtype=np.int64)
-    done = np.full((nq, ns, npos), inf)
-    done_option = np.full((nq, ns, npos), -1, dtype=np.int64)  # index into `options`
-    done_start = np.full((nq, ns, npos), -1, dtype=np.int64)
-    radio_src = snapshot.pool(request.data_source).radio_watts
-    for q, pool in enumerate(pools):
-        if request.privacy is not None and pool.tier != request.privacy:
-            continue
-        link = snapshot.link(request.data_source, pool.name)
-        if link is None:
-            continue
-        send = float(table.wire[Compression.NONE][0]) * 8.0 / link.bandwidth_bps
-        if send > cap:
-            continue
-        energy = radio_src * send if pool.name != request.data_source else 0.0
-        entry[q, 0, 0] = (
-            send
-            if weights.bottleneck
-            else weights.latency * (send + link.rtt_s) + weights.energy * energy
-        )
-    # The answer travels back through the hops (their round trips are counted on the way
-    # in), so only its bytes cost time.
-    answer_cost, answer_send = np.full(nq, inf), np.full(nq, inf)
-    for q, pool in enumerate(pools):
-        link = snapshot.link(pool.name, request.data_source)
-        if link is None:
-            continue
-        send = float(table.wire[Compression.NONE][-1]) * 8.0 / link.bandwidth_bps
-        energy = pool.radio_watts * send if pool.name != request.data_source else 0.0
-        answer_send[q] = send
-        answer_cost[q] = (
-            send if weights.bottleneck else weights.latency * send + weights.energy * energy
-        )
 
-    if stages_max == 1:
-        rows, cols = np.array([0]), np.array([npos - 1])
-    else:
-        rows, cols = np.arange(npos - 1), np.arange(1, npos)
-    for q in range(nq):
+class _Programme:
+    """The dynamic programme's tables, filled pool by pool.
+
+    entry[q, s, a]: best cost of arriving at boundary a ready to run stage s+1 in pool q.
+    done[q, s, b]: best cost of having finished boundary b in pool q after s stages.
+    (s stays 0 when the pool order alone bounds the stage count.)
+    """
+
+    def __init__(
+        self,
+        prob: Problem,
+        options: list[Option],
+        space: SearchSpace,
+        weights: Weights,
+        cap: float,
+    ) -> None:
+        request, snapshot, table = prob.request, prob.snapshot, prob.table
+        self.prob, self.options, self.weights, self.cap = prob, options, weights, cap
+        self.npos, nq = table.size, len(prob.pools)
+        self.stages_max = max_stages(request, space)
+        self.counting = self.stages_max < nq
+        self.ns = self.stages_max + 1 if self.counting else 1
+        self.rate = request.cascade.offload_rate if request.cascade else 1.0
+        allowed = COMPRESSION_ORDER.index(request.partitioning.cut_compression)
+        self.comps = [c for c in COMPRESSION_ORDER if COMPRESSION_ORDER.index(c) <= allowed]
+        if not space.compression:
+            self.comps = [Compression.NONE]
+        self.pools = [snapshot.pool(p) for p in prob.pools]
+        shape = (nq, self.ns, self.npos)
+        self.entry = np.full(shape, math.inf)
+        self.entry_from = np.full(shape, -1, dtype=np.int64)
+        self.entry_comp = np.zeros(shape, dtype=np.int64)
+        self.done = np.full(shape, math.inf)
+        self.done_option = np.full(shape, -1, dtype=np.int64)  # index into `options`
+        self.done_start = np.full(shape, -1, dtype=np.int64)
+        if self.stages_max == 1:
+            self.rows, self.cols = np.array([0]), np.array([self.npos - 1])
+        else:
+            self.rows, self.cols = np.arange(self.npos - 1), np.arange(1, self.npos)
+        radio = snapshot.pool(request.data_source).radio_watts
+        # The answer travels back through the hops (their round trips are counted on the
+        # way in), so only its bytes cost time.
+        self.answer_cost, self.answer_send = np.full(nq, math.inf), np.full(nq, math.inf)
+        for q, pool in enumerate(self.pools):
+            link = snapshot.link(request.data_source, pool.name)
+            tier_ok = request.privacy is None or pool.tier == request.privacy
+            if link is not None and tier_ok:
+                send = float(table.wire[Compression.NONE][0]) * 8.0 / link.bandwidth_bps
+                energy = radio * send if pool.name != request.data_source else 0.0
+                if send <= cap:
+                    self.entry[q, 0, 0] = self._link_cost(send, link.rtt_s, energy)
+            back = snapshot.link(pool.name, request.data_source)
+            if back is not None:
+                send = float(table.wire[Compression.NONE][-1]) * 8.0 / back.bandwidth_bps
+                energy = pool.radio_watts * send if pool.name != request.data_source else 0.0
+                self.answer_send[q] = send
+                self.answer_cost[q] = self._link_cost(send, 0.0, energy)
+
+    def _link_cost(self, send: Cost, rtt: float, energy: Cost) -> Cost:
+        w = self.weights
+        return send if w.bottleneck else w.latency * (send + rtt) + w.energy * energy
+
+    def finish(self, q: int) -> None:
+        """done[q]: every stage candidate of pool q, after every way of arriving there."""
+        options, npos, rate = self.options, self.npos, self.rate
         # Single nodes first, then groups by size: on equal cost the fewer shards win.
-        index = sorted(
-            (j for j, o in enumerate(options) if o.pool == q),
-            key=lambda j: len(options[j].members),
+        index = np.array(
+            sorted(
+                (j for j, o in enumerate(options) if o.pool == q),
+                key=lambda j: len(options[j].members),
+            ),
+            dtype=np.int64,
         )
         mine = [options[j] for j in index]
-        if mine and np.isfinite(entry[q]).any():
-            width = max(1, CHUNK_ELEMENTS // (sum(len(o.members) for o in mine) * len(rows)))
-            for lo in range(0, len(cols), width):
-                chunk = cols[lo : lo + width]
-                starts = rows[rows < chunk[-1]]
-                priced = _stage_costs(prob, mine, starts, chunk, weights, cap, rate)
-                if chunk[-1] == npos - 1:
-                    out_w = np.where(starts == 0, 1.0, rate)
-                    fits = out_w * answer_send[q] <= cap
-                    last = weights.combine(priced[:, :, -1], (out_w * answer_cost[q])[None, :])
-                    priced[:, :, -1] = np.where(fits[None, :], last, inf)
-                flat = priced.reshape(len(mine) * len(starts), len(chunk))
-                for s in range(ns):
-                    s_next = s + 1 if counting else 0
-                    if s_next >= ns or not np.isfinite(entry[q, s, starts]).any():
-                        continue
-                    total = weights.combine(np.tile(entry[q, s, starts], len(mine))[:, None], flat)
-                    pick = np.argmin(total, axis=0)
-                    val = total[pick, np.arange(len(chunk))]
-                    better = val < done[q, s_next, chunk]
-                    where = chunk[better]
-                    done[q, s_next, where] = val[better]
-                    done_option[q, s_next, where] = np.array(index)[pick[better] // len(starts)]
-                    done_start[q, s_next, where] = starts[pick[better] % len(starts)]
-        if stages_max == 1:
-            continue
-        # Leave pool q at boundary b for a later pool q2.
-        for q2 in range(q + 1, nq):
-            link = snapshot.link(pools[q].name, pools[q2].name)
+        if not mine or not np.isfinite(self.entry[q]).any():
+            return
+        rows, cols = self.rows, self.cols
+        width = max(1, CHUNK_ELEMENTS // (sum(len(o.members) for o in mine) * len(rows)))
+        for lo in range(0, len(cols), width):
+            chunk = cols[lo : lo + width]
+            starts = rows[rows < chunk[-1]]
+            priced = _stage_costs(self.prob, mine, starts, chunk, self.weights, self.cap, rate)
+            if chunk[-1] == npos - 1:
+                out_w = np.where(starts == 0, 1.0, rate)
+                fits = out_w * self.answer_send[q] <= self.cap
+                last = self.weights.combine(
+                    priced[:, :, -1], (out_w * self.answer_cost[q])[None, :]
+                )
+                priced[:, :, -1] = np.where(fits[None, :], last, math.inf)
+            flat = priced.reshape(len(mine) * len(starts), len(chunk))
+            for s in range(self.ns):
+                s_next = s + 1 if self.counting else 0
+                arriving = self.entry[q, s, starts]
+                if s_next >= self.ns or not np.isfinite(arriving).any():
+                    continue
+                total = self.weights.combine(np.tile(arriving, len(mine))[:, None], flat)
+                pick = np.argmin(total, axis=0)
+                val = total[pick, np.arange(len(chunk))]
+                better = val < self.done[q, s_next, chunk]
+                where = chunk[better]
+                self.done[q, s_next, where] = val[better]
+                self.done_option[q, s_next, where] = index[pick[better] // len(starts)]
+                self.done_start[q, s_next, where] = starts[pick[better] % len(starts)]
+
+    def leave(self, q: int) -> None:
+        """entry[q2] for every later pool q2: leave pool q at a boundary, best encoding."""
+        request, snapshot, table = self.prob.request, self.prob.snapshot, self.prob.table
+        for q2 in range(q + 1, len(self.pools)):
+            link = snapshot.link(self.pools[q].name, self.pools[q2].name)
             if link is None:
                 continue
-            hop = np.full(npos, inf)
-            hop_comp = np.zeros(npos, dtype=np.int64)
-            for comp in comps:
+            hop = np.full(self.npos, math.inf)
+            hop_comp = np.zeros(self.npos, dtype=np.int64)
+            for comp in self.comps:
                 sends = table.wire[comp] * 8.0 / link.bandwidth_bps
-                c = rate * (
-                    sends
-                    if weights.bottleneck
-                    else weights.latency * (sends + link.rtt_s)
-                    + weights.energy * pools[q].radio_watts * sends
-                )
-                c = np.where(rate * sends <= cap, c, inf)
+                energy = self.pools[q].radio_watts * sends
+                c = self.rate * self._link_cost(sends, link.rtt_s, energy)
+                c = np.where(self.rate * sends <= self.cap, c, math.inf)
                 better = c < hop
                 hop[better] = c[better]
                 hop_comp[better] = COMPRESSION_ORDER.index(comp)
-            if request.privacy is not None and pools[q2].tier != request.privacy:
-                hop[table.raw] = inf
-            hop[0] = hop[-1] = inf
-            cand = weights.combine(done[q], hop[None, :])
-            better = cand < entry[q2]
-            entry[q2][better] = cand[better]
-            entry_from[q2][better] = q
-            entry_comp[q2][better] = np.broadcast_to(hop_comp, cand.shape)[better]
+            if request.privacy is not None and self.pools[q2].tier != request.privacy:
+                hop[table.raw] = math.inf
+            hop[0] = hop[-1] = math.inf
+            cand = self.weights.combine(self.done[q], hop[None, :])
+            better = cand < self.entry[q2]
+            self.entry[q2][better] = cand[better]
+            self.entry_from[q2][better] = q
+            self.entry_comp[q2][better] = np.broadcast_to(hop_comp, cand.shape)[better]
 
-    final = done[:, :, npos - 1]
-    if not np.isfinite(final).any():
-        return None
-    q_arr, s_arr = np.unravel_index(int(np.argmin(final)), final.shape)
-    q, s, b = int(q_arr), int(s_arr), npos - 1
-    cost = float(final[q, s])
-    path: list[tuple[int, int, Option, Compression]] = []
-    while True:
-        option, a = options[int(done_option[q, s, b])], int(done_start[q, s, b])
-        s_prev = s - 1 if counting else 0
-        if a == 0:
-            path.append((0, b, option, Compression.NONE))
-            break
-        path.append((a, b, option, COMPRESSION_ORDER[int(entry_comp[q, s_prev, a])]))
-        q, s, b = int(entry_from[q, s_prev, a]), s_prev, a
-    path.reverse()
-    return Path(cost, tuple(path))
+    def path(self) -> Path | None:
+        """The cheapest finished path, read back stage by stage."""
+        final = self.done[:, :, self.npos - 1]
+        if not np.isfinite(final).any():
+            return None
+        q_arr, s_arr = np.unravel_index(int(np.argmin(final)), final.shape)
+        q, s, b = int(q_arr), int(s_arr), self.npos - 1
+        cost = float(final[q, s])
+        stages: list[tuple[int, int, Option, Compression]] = []
+        while True:
+            option = self.options[int(self.done_option[q, s, b])]
+            a = int(self.done_start[q, s, b])
+            s_prev = s - 1 if self.counting else 0
+            if a == 0:
+                stages.append((0, b, option, Compression.NONE))
+                break
+            comp = COMPRESSION_ORDER[int(self.entry_comp[q, s_prev, a])]
+            stages.append((a, b, option, comp))
+            q, s, b = int(self.entry_from[q, s_prev, a]), s_prev, a
+        stages.reverse()
+        return Path(cost, tuple(stages))
 
 
 def _stage_costs(
