@@ -21,7 +21,6 @@ small instances. With more models, the greedy placement only.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -39,6 +38,7 @@ JOINT_PLANS_PER_MODEL = 32  # plan_model calls the joint search may make, per mo
 JOINT_SQUEEZES = 3  # steps down a node's memory when pooling a model's candidates
 JOINT_ROUNDS = 4  # pool candidates along the best placement found, then combine again
 JOINT_COMBINATIONS = 100_000  # branches the combination may visit once it has an answer
+JOINT_SLACK = 0.01  # a combination must be able to gain more than this to be explored
 
 Score = tuple[tuple[int, ...], float]  # (admitted priorities, highest first; -total cost)
 
@@ -136,6 +136,10 @@ class _Joint:
         self.budget = JOINT_PLANS_PER_MODEL * len(self.models)
         self.pools = [{} for _ in self.models]
         self.alone = [self.plan(i, self.snapshot) for i in range(len(self.models))]
+        greedy = self._greedy()
+        fits_alone = [a if isinstance(a, Plan) else None for a in self.alone]
+        if _score(greedy) >= _score(fits_alone):
+            return greedy  # every model that fits alone is in, each at its best alone
         for i, own in enumerate(self.alone):
             if isinstance(own, Plan):
                 self.pools[i][own.placement] = own
@@ -146,7 +150,7 @@ class _Joint:
         self._around(best)
         best_score = _score(best)
         for _round in range(JOINT_ROUNDS):
-            combined = _combine(self.pools, self.snapshot)
+            combined = _combine(self.pools, self.snapshot, best)
             if self.budget <= 0 or not _better(_score(combined), best_score):
                 break
             best, best_score = combined, _score(combined)
@@ -164,6 +168,15 @@ class _Joint:
             prob = problem(profile, request, residual, self._tables[i])
             self._plans[key] = plan_problem(prob, explain=False)
         return self._plans[key]
+
+    def _greedy(self) -> list[Plan | None]:
+        residual, chosen = self.snapshot, []
+        for i in range(len(self.models)):
+            plan = self.plan(i, residual)
+            chosen.append(plan if isinstance(plan, Plan) else None)
+            if isinstance(plan, Plan):
+                residual = _take(residual, plan)
+        return chosen
 
     def _pool(self, i: int, residual: ClusterSnapshot) -> Plan | None:
         plan = self.plan(i, residual)
@@ -229,58 +242,62 @@ class _Joint:
                 memory = _usage([plan])[1].get(node, 0)
 
 
-def _combine(pools: Sequence[dict[object, Plan]], snapshot: ClusterSnapshot) -> list[Plan | None]:
-    """The best combination of one pooled plan (or none) per model that fits together.
+def _combine(
+    pools: Sequence[dict[object, Plan]],
+    snapshot: ClusterSnapshot,
+    incumbent: list[Plan | None],
+) -> list[Plan | None]:
+    """The best combination of one pooled plan (or none) per model that fits together,
+    `incumbent` (such a combination) unless one beats it.
 
-    Branch and bound over the models in priority order; a model's plans that another of
-    its plans beats on cost and on every node's use are left out first.
+    Branch and bound over the models in priority order, cheapest plans first; a model's
+    plans that another of its plans beats on cost and on every node's use are left out,
+    and a branch that cannot gain more than `JOINT_SLACK` on the best found is cut.
     """
     names = [n.name for n in snapshot.nodes]
     capacity = [x for n in snapshot.nodes for x in (n.cpu_free, float(n.memory_free))]
-    options: list[list[tuple[tuple[float, ...], Plan]]] = []
+    capacity = [c * (1 + RELATIVE_TOLERANCE) for c in capacity]
+    options: list[list[tuple[tuple[float, ...], float, Plan]]] = []
     for pool in pools:
-        plans = sorted(pool.values(), key=lambda p: p.prediction.cost)
-        kept: list[tuple[tuple[float, ...], Plan]] = []
-        for plan in plans:
+        kept: list[tuple[tuple[float, ...], float, Plan]] = []
+        for plan in sorted(pool.values(), key=lambda p: p.prediction.cost):
             cpu, mem = _usage([plan])
             use = tuple(x for n in names for x in (cpu.get(n, 0.0), float(mem.get(n, 0))))
-            if not any(all(a <= b for a, b in zip(u, use, strict=True)) for u, _p in kept):
-                kept.append((use, plan))
+            if not any(all(a <= b for a, b in zip(u, use, strict=True)) for u, _c, _p in kept):
+                kept.append((use, plan.prediction.cost, plan))
         options.append(kept)
-    floor = [opts[0][1].prediction.cost if opts else math.inf for opts in options]
-    priority = [opts[0][1].request.priority if opts else 0 for opts in options]
-    best: list[Plan | None] = [None] * len(pools)
-    best_score: list[Score | None] = [None]
+    # What the models from i on cost at the least, and the priorities they could add.
+    rest = [0.0] * (len(options) + 1)
+    for i in range(len(options) - 1, -1, -1):
+        rest[i] = rest[i + 1] + (options[i][0][1] if options[i] else 0.0)
+    priority = [opts[0][2].request.priority if opts else None for opts in options]
+    best: list[Plan | None] = list(incumbent)
+    best_score: list[Score | None] = [_score(incumbent)]
     visits = [0]
 
-    def fits(use: list[float]) -> bool:
-        return all(u <= c * (1 + RELATIVE_TOLERANCE) for u, c in zip(use, capacity, strict=True))
-
-    def branch(i: int, use: list[float], chosen: list[Plan | None]) -> None:
+    def branch(i: int, use: list[float], chosen: list[Plan | None], cost: float) -> None:
         visits[0] += 1
-        if i == len(options):
-            score = _score(chosen)
-            if best_score[0] is None or _better(score, best_score[0]):
-                best_score[0], best[:] = score, chosen
-            return
-        if best_score[0] is not None:
+        found = best_score[0]
+        if found is not None:
             if visits[0] > JOINT_COMBINATIONS:
                 return
             admitted = [p.request.priority for p in chosen if p is not None]
-            possible = [priority[j] for j in range(i, len(options)) if options[j]]
+            possible = [p for p in priority[i:] if p is not None]
             ceiling = tuple(sorted(admitted + possible, reverse=True))
-            if ceiling < best_score[0][0]:
+            if ceiling < found[0] or (
+                ceiling == found[0] and cost + rest[i] >= -found[1] * (1 - JOINT_SLACK)
+            ):
                 return
-            low = -_score(chosen)[1] + sum(f for f in floor[i:] if math.isfinite(f))
-            if ceiling == best_score[0][0] and low >= -best_score[0][1] * (1 - RELATIVE_TOLERANCE):
-                return
-        for need, plan in options[i]:
+        if i == len(options):
+            best_score[0], best[:] = _score(chosen), chosen
+            return
+        for need, plan_cost, plan in options[i]:
             more = [a + b for a, b in zip(use, need, strict=True)]
-            if fits(more):
-                branch(i + 1, more, [*chosen, plan])
-        branch(i + 1, use, [*chosen, None])
+            if all(m <= c for m, c in zip(more, capacity, strict=True)):
+                branch(i + 1, more, [*chosen, plan], cost + plan_cost)
+        branch(i + 1, use, [*chosen, None], cost)
 
-    branch(0, [0.0] * len(capacity), [])
+    branch(0, [0.0] * len(capacity), [], 0.0)
     return best
 
 
