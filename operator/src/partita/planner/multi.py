@@ -156,7 +156,22 @@ class _Joint:
             best, best_score = combined, _score(combined)
             self._along(best)
             self._around(best)
-        return best
+        return self._fill(best)
+
+    def _fill(self, placement: list[Plan | None]) -> list[Plan | None]:
+        """`placement` with each model left out, in priority order, placed on what is left
+        when it fits there after all."""
+        left = self.snapshot
+        for plan in placement:
+            if plan is not None:
+                left = _take(left, plan)
+        filled = list(placement)
+        for i, plan in enumerate(placement):
+            if plan is None and isinstance(self.alone[i], Plan):
+                found = self.plan(i, left)
+                if isinstance(found, Plan):
+                    filled[i], left = found, _take(left, found)
+        return filled
 
     def plan(self, i: int, residual: ClusterSnapshot) -> PlanResult:
         key = (i, *((n.name, n.cpu_used, n.memory_used) for n in residual.nodes))
@@ -316,6 +331,10 @@ def _results(
     """The chosen plans, and for each model left out why: its own reasons when it fits
     no empty cluster, else that the admitted models hold what it needs."""
     holders = [p.request.key for p in chosen if p is not None]
+    left = snapshot
+    for plan in chosen:
+        if plan is not None:
+            left = _take(left, plan)
     out: dict[str, PlanResult] = {}
     for i, ((request, profile), picked) in enumerate(zip(models, chosen, strict=True)):
         if picked is not None:
@@ -325,6 +344,9 @@ def _results(
         if isinstance(own, Unschedulable):
             out[request.key] = own
             continue
+        # What stops it on what the admitted models leave (free cpu, memory...).
+        there = plan_model(profile, request, left, explain=False)
+        why = there.reasons if isinstance(there, Unschedulable) else ()
         out[request.key] = Unschedulable(
             request,
             (
@@ -332,7 +354,8 @@ def _results(
                 + (", ".join(holders) or "none")
                 + ") hold what it needs; it fits an empty cluster, so it is dropped rather "
                 "than degrading models of its priority or higher",
+                *why,
             ),
-            own.exclusions,
+            there.exclusions,
         )
     return out
