@@ -110,8 +110,10 @@ def _greedy(
 ) -> list[Plan | None]:
     chosen: list[Plan | None] = []
     residual = snapshot
+    tables: dict[int, RangeTable] = {}  # models sharing a profile share its range table
     for request, profile in models:
-        result = plan_model(profile, request, residual, explain=False)
+        table = tables.setdefault(id(profile), cut_table(profile))
+        result = plan_problem(problem(profile, request, residual, table), explain=False)
         if isinstance(result, Plan):
             residual = _take(residual, result)
             chosen.append(result)

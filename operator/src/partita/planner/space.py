@@ -80,8 +80,10 @@ def problem(
             out.exclusions.append(
                 Exclusion(ExclusionKind.POOL, pool.name, "not in the model's allowed pools")
             )
+    declared = {pool.name for pool in snapshot.pools}
+    checked: set[int] = set()  # speed mappings already checked
     for node in snapshot.nodes:
-        if not snapshot.has_pool(node.pool):
+        if node.pool not in declared:
             out.exclusions.append(
                 Exclusion(ExclusionKind.NODE, node.name, f"pool {node.pool} is not declared")
             )
@@ -92,12 +94,15 @@ def problem(
         if blockers:
             out.exclusions.append(Exclusion(ExclusionKind.NODE, node.name, "; ".join(blockers)))
             continue
-        for c in OP_CLASSES:
-            if node.speed_of(c) <= 0:
+        if id(node.speed) not in checked:
+            speeds = table.kind(node)[:-1]
+            if min(speeds) <= 0:
+                slow = OP_CLASSES[speeds.index(min(speeds))]
                 raise PlannerError(
-                    f"node {node.name}: speed for op class {c} must be > 0 FLOP/s "
+                    f"node {node.name}: speed for op class {slow} must be > 0 FLOP/s "
                     "(set it in the DevicePool's device throughput or profile the pool)"
                 )
+            checked.add(id(node.speed))
         out.nodes.append(node)
     used_pools = {n.pool for n in out.nodes}
     for pool in snapshot.pools:
@@ -153,11 +158,15 @@ def options(prob: Problem, space: SearchSpace) -> list[Option]:
 
 def _fastest_first(prob: Problem, members: list[int], int8: bool) -> list[int]:
     """Members by whole-model time on their device kind, roomiest first on ties."""
+    seconds: dict[tuple[float, ...], float] = {}
     key = []
     for i in members:
         node = prob.nodes[i]
-        split, whole = prob.table.times(node, prob.speedup(int8))
-        key.append((float(split[-1] + whole[-1]), -node.memory_free, node.name, i))
+        kind = prob.table.kind(node, prob.speedup(int8))
+        if kind not in seconds:
+            split, whole = prob.table.times(node, prob.speedup(int8))
+            seconds[kind] = float(split[-1] + whole[-1])
+        key.append((seconds[kind], -node.memory_free, node.name, i))
     return [i for *_key, i in sorted(key)]
 
 
@@ -172,7 +181,8 @@ def _frontier(prob: Problem, members: list[int]) -> list[int]:
 
     def key(i: int) -> tuple[float, ...]:
         n = prob.nodes[i]
-        return (*(n.speed_of(c) for c in OP_CLASSES), -n.op_overhead_s, float(n.memory_free))
+        *speeds, overhead = prob.table.kind(n)
+        return (*speeds, -overhead, float(n.memory_free))
 
     keys = {i: key(i) for i in kinds.values()}
     kept = [
