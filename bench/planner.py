@@ -872,6 +872,13 @@ def main() -> None:
         metavar="REV",
         help="also time the planner of this git revision, side by side",
     )
+    parser.add_argument(
+        "--joint-instances",
+        type=int,
+        default=300,
+        metavar="N",
+        help="random instances for joint planning against exhaustive search (seeds 0..N-1)",
+    )
     args = parser.parse_args()
     reference = reference_planner(args.against) if args.against else None
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -885,13 +892,14 @@ def main() -> None:
     weak = weak_edge(profiles_cache, cloud_speed)
     result: dict[str, Any] = {
         "command": ".venv/bin/python bench/planner.py"
-        + (f" --against {args.against}" if args.against else ""),
+        + (f" --against {args.against}" if args.against else "")
+        + (f" --joint-instances {args.joint_instances}" if args.joint_instances != 300 else ""),
         "against": args.against,
         "core_gflops": core,
         "cloud_gflops": cloud_speed,
         "planning_time": planning_times(profiles_cache, reference),
         "dp_vs_exhaustive": dp_vs_exhaustive(profiles_cache, cloud_speed),
-        "joint_vs_exhaustive": joint_vs_exhaustive(reference),
+        "joint_vs_exhaustive": joint_vs_exhaustive(reference, args.joint_instances),
         "memory_bound": memory_bound(profiles_cache["minilm"], cloud_speed),
         "sweep": rows,
         "weak_edge": weak,
