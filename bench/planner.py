@@ -1,16 +1,18 @@
 """Planner benchmark: planning time at scale, and Partita's plans against the baselines.
 
-Run: `.venv/bin/python bench/planner.py` (or `make bench`). Writes bench/results/planner.json,
-planner.md and planner_*.png. Latencies and throughputs here are the planner's
-*predictions* under its cost model, for clusters built from one measured figure: the
-speed of one core of this machine running open-nsfw in onnxruntime (single thread). The
-cloud node is 8 such cores; edge devices are 8x, 80x and 400x slower than the cloud.
-Planning times are wall-clock on this (shared, noisy) machine.
+Run: `.venv/bin/python bench/planner.py [--against REV]` (or `make bench`). Writes
+bench/results/planner.json, planner.md and planner_*.png. Latencies and throughputs
+here are the planner's *predictions* under its cost model, for clusters built from one
+measured figure: the speed of one core of this machine running open-nsfw in onnxruntime
+(single thread). The cloud node is 8 such cores; edge devices are 8x, 80x and 400x
+slower than the cloud. Planning times are wall-clock on this (shared, noisy) machine;
+`--against REV` times the planner of a git revision beside the current one.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 import statistics
 import time
@@ -26,16 +28,12 @@ from partita.model.types import ModelProfile, OpClass
 from partita.planner import (
     ClusterSnapshot,
     Compression,
-    DevicePoolState,
-    LinkEstimate,
     ModelRequest,
     NodeState,
     Objective,
-    Partitioning,
     Plan,
     Tier,
     baselines,
-    plan_many,
     plan_model,
 )
 
@@ -79,28 +77,38 @@ def cluster(
     bandwidth_mbps: float,
     edge_devices: int = 1,
     edge_memory: int = 4096 * MiB,
+    api: Any = None,
 ) -> ClusterSnapshot:
+    """One edge pool and one cloud node; `api`: the planner package whose types to build."""
+    import partita.planner
+
+    api = api or partita.planner
     pools = (
-        DevicePoolState("edge", Tier.EDGE, 1.0, 5.0, 1.5, 1.0 / 8, 1e9, 0.0005),
-        DevicePoolState("cloud", Tier.CLOUD, 60.0, 250.0, 0.0, 1.0, 1e10, 0.0002),
+        api.DevicePoolState("edge", api.Tier.EDGE, 1.0, 5.0, 1.5, 1.0 / 8, 1e9, 0.0005),
+        api.DevicePoolState("cloud", api.Tier.CLOUD, 60.0, 250.0, 0.0, 1.0, 1e10, 0.0002),
     )
     edge_speed = {c: edge_gflops * 1e9 for c in OpClass}
     nodes = [
-        NodeState(f"edge-{i}", "edge", Tier.EDGE, 4.0, edge_memory, edge_speed)
+        api.NodeState(f"edge-{i}", "edge", api.Tier.EDGE, 4.0, edge_memory, edge_speed)
         for i in range(edge_devices)
     ]
     cloud_speed = {c: cloud_gflops * 1e9 for c in OpClass}
-    nodes.append(NodeState("cloud-0", "cloud", Tier.CLOUD, 32.0, 64 * 1024 * MiB, cloud_speed))
-    link = LinkEstimate("edge", "cloud", bandwidth_mbps * 1e6, RTT_S)
-    return ClusterSnapshot(nodes=tuple(nodes), pools=pools, links=(link,))
+    nodes.append(
+        api.NodeState("cloud-0", "cloud", api.Tier.CLOUD, 32.0, 64 * 1024 * MiB, cloud_speed)
+    )
+    link = api.LinkEstimate("edge", "cloud", bandwidth_mbps * 1e6, RTT_S)
+    return api.ClusterSnapshot(nodes=tuple(nodes), pools=pools, links=(link,))
 
 
-def request(objective: Objective, **kw: Any) -> ModelRequest:
-    return ModelRequest(
+def request(objective: Objective, api: Any = None, **kw: Any) -> ModelRequest:
+    import partita.planner
+
+    api = api or partita.planner
+    return api.ModelRequest(
         name="m",
         data_source="edge",
-        objective=objective,
-        partitioning=Partitioning(cut_compression=Compression.FP16),
+        objective=api.Objective(objective.value),
+        partitioning=api.Partitioning(cut_compression=api.Compression.FP16),
         **kw,
     )
 
@@ -109,8 +117,8 @@ def _fig(res: Any) -> dict[str, Any] | None:
     if not isinstance(res, Plan):
         return None
     return {
-        "latency_s": res.latency_s,
-        "throughput_rps": res.throughput_rps,
+        "latency_s": res.prediction.latency_s,
+        "throughput_rps": res.prediction.throughput_rps,
         "plan": res.describe(),
         "stages": len(res.stages),
         "pools": [s.pool for s in res.stages],
@@ -119,7 +127,11 @@ def _fig(res: Any) -> dict[str, Any] | None:
     }
 
 
-def sweep(profiles: dict[str, ModelProfile], cloud: float) -> list[dict[str, Any]]:
+def sweep(
+    profiles: dict[str, ModelProfile], cloud: float, reference: Any = None
+) -> list[dict[str, Any]]:
+    """Every model x edge slowness x bandwidth x edge devices, both objectives; with
+    `reference`, the reference planner's plan cost on the same instance beside Partita's."""
     rows = []
     for name, profile in profiles.items():
         for ratio in RATIOS:
@@ -135,11 +147,20 @@ def sweep(profiles: dict[str, ModelProfile], cloud: float) -> list[dict[str, Any
                     }
                     for objective in (Objective.LATENCY, Objective.THROUGHPUT):
                         req = request(objective)
-                        row[f"partita_{objective}"] = _fig(
-                            plan_model(profile, req, snap, explain=False)
-                        )
+                        plan = plan_model(profile, req, snap, explain=False)
+                        row[f"partita_{objective}"] = _fig(plan)
                         base = baselines(profile, req, snap)
                         row[f"baselines_{objective}"] = {k: _fig(v) for k, v in base.items()}
+                        if reference is not None:
+                            old = reference.plan_model(
+                                profile,
+                                request(objective, api=reference),
+                                cluster(edge, cloud, bw, edge_devices=devices, api=reference),
+                                explain=False,
+                            )
+                            row[f"reference_cost_{objective}"] = (
+                                _cost(old) if hasattr(old, "stages") else None
+                            )
                     rows.append(row)
     return rows
 
@@ -159,7 +180,7 @@ def weak_edge(profiles: dict[str, ModelProfile], cloud: float) -> list[dict[str,
                     "ratio": ratio,
                     "one_device": _fig(one),
                     "four_devices": _fig(four),
-                    "speedup": one.latency_s / four.latency_s
+                    "speedup": one.prediction.latency_s / four.prediction.latency_s
                     if isinstance(one, Plan) and isinstance(four, Plan)
                     else None,
                 }
@@ -184,22 +205,29 @@ def memory_bound(profile: ModelProfile, cloud: float) -> dict[str, Any]:
     }
 
 
-def big_cluster(nodes: int, seed: int = 0) -> ClusterSnapshot:
-    """`nodes` nodes in 4 pools (3 edge, 1 cloud), 2 device kinds per pool, random load."""
+def big_cluster(nodes: int, seed: int = 0, api: Any = None) -> Any:
+    """`nodes` nodes in 4 pools (3 edge, 1 cloud), 2 device kinds per pool, random load.
+
+    `api` is the planner package whose snapshot types to build (the reference planner of
+    `--against` has its own).
+    """
+    import partita.planner
+
+    api = api or partita.planner
     rng = random.Random(seed)
     spec = [
-        ("cams", Tier.EDGE, 0.4, (1.0, 2.0)),
-        ("shop", Tier.EDGE, 0.3, (5.0, 8.0)),
-        ("gw", Tier.EDGE, 0.1, (20.0, 30.0)),
-        ("cloud", Tier.CLOUD, 0.2, (100.0, 160.0)),
+        ("cams", api.Tier.EDGE, 0.4, (1.0, 2.0)),
+        ("shop", api.Tier.EDGE, 0.3, (5.0, 8.0)),
+        ("gw", api.Tier.EDGE, 0.1, (20.0, 30.0)),
+        ("cloud", api.Tier.CLOUD, 0.2, (100.0, 160.0)),
     ]
-    pools = tuple(DevicePoolState(n, t, 1.0, 10.0, 1.0) for n, t, _s, _k in spec)
+    pools = tuple(api.DevicePoolState(n, t, 1.0, 10.0, 1.0) for n, t, _s, _k in spec)
     out = []
     for name, tier, share, kinds in spec:
         for i in range(max(1, int(nodes * share))):
             g = kinds[i % 2] * 1e9
             out.append(
-                NodeState(
+                api.NodeState(
                     f"{name}-{i}",
                     name,
                     tier,
@@ -210,52 +238,232 @@ def big_cluster(nodes: int, seed: int = 0) -> ClusterSnapshot:
                     memory_used=rng.randint(0, 8 * 1024) * MiB,
                 )
             )
-    links = (
-        LinkEstimate("cams", "shop", 1e8, 0.002),
-        LinkEstimate("cams", "gw", 5e7, 0.005),
-        LinkEstimate("cams", "cloud", 1e7, 0.04),
-        LinkEstimate("shop", "gw", 1e8, 0.003),
-        LinkEstimate("shop", "cloud", 2e7, 0.03),
-        LinkEstimate("gw", "cloud", 1e8, 0.02),
+    links = tuple(
+        api.LinkEstimate(*link)
+        for link in (
+            ("cams", "shop", 1e8, 0.002),
+            ("cams", "gw", 5e7, 0.005),
+            ("cams", "cloud", 1e7, 0.04),
+            ("shop", "gw", 1e8, 0.003),
+            ("shop", "cloud", 2e7, 0.03),
+            ("gw", "cloud", 1e8, 0.02),
+        )
     )
-    return ClusterSnapshot(nodes=tuple(out), pools=pools, links=links)
+    return api.ClusterSnapshot(nodes=tuple(out), pools=pools, links=links)
+
+
+def reference_planner(revision: str) -> Any:
+    """The planner package as of git `revision`, importable beside the current one.
+
+    Its files are copied into a temporary package (`partita_reference.planner`); it
+    imports the current `partita.model`, so the revision must share the model types.
+    """
+    import importlib
+    import subprocess
+    import sys
+    import tempfile
+
+    folder = "operator/src/partita/planner"
+    names = subprocess.run(
+        ["git", "-C", str(ROOT), "ls-tree", "--name-only", f"{revision}:{folder}"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.split()
+    root = Path(tempfile.mkdtemp(prefix="partita-reference-"))
+    package = root / "partita_reference" / "planner"
+    package.mkdir(parents=True)
+    (package.parent / "__init__.py").write_text("")
+    for name in names:
+        if name.endswith(".py"):
+            text = subprocess.run(
+                ["git", "-C", str(ROOT), "show", f"{revision}:{folder}/{name}"],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+            (package / name).write_text(text)
+    sys.path.insert(0, str(root))
+    return importlib.import_module("partita_reference.planner")
 
 
 def timed(fn: Any, repeat: int) -> tuple[float, Any]:
-    best, result = [], None
+    """Median wall-clock seconds of `repeat` calls, and the last result."""
+    seconds, result = [], None
     for _ in range(repeat):
         t = time.perf_counter()
         result = fn()
-        best.append(time.perf_counter() - t)
-    return statistics.median(best), result
+        seconds.append(time.perf_counter() - t)
+    return statistics.median(seconds), result
 
 
-def planning_times(profiles: dict[str, ModelProfile]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    req = ModelRequest(name="m", data_source="cams")
-    for ops, nodes, repeat in ((1_000, 100, 5), (10_000, 1_000, 1)):
-        profile = profile_model(synthetic.chain_model(ops))
-        snap = big_cluster(nodes)
-        secs, plan = timed(lambda p=profile, s=snap: plan_model(p, req, s), repeat)
-        out[f"{ops}_ops_x_{nodes}_nodes"] = {
-            "ops": len(profile.nodes),
-            "cut_points": len(profile.cut_points),
-            "nodes": len(snap.nodes),
-            "seconds": secs,
-            "plan": plan.describe(),
-        }
-    snap = big_cluster(1_000)
-    rng = random.Random(1)
-    reals = list(profiles.values())
-    many = [
-        (replace(req, name=f"m{i:03d}", priority=rng.randint(0, 5)), reals[i % len(reals)])
-        for i in range(200)
-    ]
-    secs, results = timed(lambda: plan_many(many, snap), 1)
-    out["200_models_x_1000_nodes"] = {
-        "seconds": secs,
-        "admitted": sum(isinstance(r, Plan) for r in results.values()),
+def _cost(result: Any) -> float:
+    """A plan's objective cost, from either planner's Plan shape."""
+    return float(getattr(result, "prediction", result).cost)
+
+
+def _summary(xs: list[float]) -> dict[str, float]:
+    return {
+        "median": statistics.median(xs),
+        "p99": float(np.percentile(xs, 99)),
+        "min": min(xs),
+        "max": max(xs),
     }
+
+
+def planning_times(
+    profiles: dict[str, ModelProfile], reference: Any = None, rounds: int = 15
+) -> dict[str, Any]:
+    """Wall-clock planning time per case, and (with `reference`) the reference planner's
+    on the same inputs, rounds interleaved and their order alternated."""
+    import os
+
+    import partita.planner
+
+    apis = {"current": partita.planner}
+    if reference is not None:
+        apis["reference"] = reference
+    reals = list(profiles.values())
+    rng = random.Random(1)
+    priorities = [rng.randint(0, 5) for _ in range(200)]
+    cases: list[tuple[str, int, dict[str, Any], dict[str, Any]]] = []
+    for ops, nodes, n_rounds in ((1_000, 100, rounds), (10_000, 1_000, max(3, rounds // 3))):
+        profile = profile_model(synthetic.chain_model(ops))
+        calls: dict[str, Any] = {}
+        for label, api in apis.items():
+            req = api.ModelRequest(name="m", data_source="cams")
+            snap = big_cluster(nodes, api=api)
+            calls[label] = lambda p=profile, r=req, s=snap, a=api: a.plan_model(p, r, s)
+        info = {"ops": len(profile.nodes), "cut_points": len(profile.cut_points), "nodes": nodes}
+        cases.append((f"{ops}_ops_x_{nodes}_nodes", n_rounds, calls, info))
+    calls = {}
+    for label, api in apis.items():
+        req = api.ModelRequest(name="m", data_source="cams")
+        snap = big_cluster(1_000, api=api)
+        many = [
+            (replace(req, name=f"m{i:03d}", priority=priorities[i]), reals[i % len(reals)])
+            for i in range(200)
+        ]
+        calls[label] = lambda m=many, s=snap, a=api: a.plan_many(m, s)
+    cases.append(("200_models_x_1000_nodes", max(3, rounds // 5), calls, {}))
+    # Eight real models competing for seven nodes of 256 MiB: the joint search.
+    calls = {}
+    for label, api in apis.items():
+        req = api.ModelRequest(name="m", data_source="cams")
+        snap = big_cluster(8, api=api)
+        small = replace(
+            snap,
+            nodes=tuple(
+                replace(n, memory_allocatable=256 * MiB, memory_used=0) for n in snap.nodes
+            ),
+        )
+        few = [
+            (replace(req, name=f"m{i}", priority=priorities[i]), reals[i % len(reals)])
+            for i in range(8)
+        ]
+        calls[label] = lambda m=few, s=small, a=api: a.plan_many(m, s)
+    cases.append(("8_models_x_7_nodes_256MiB", max(3, rounds // 3), calls, {}))
+    out: dict[str, Any] = {}
+    for name, n_rounds, calls, info in cases:
+        labels = list(calls)
+        seconds: dict[str, list[float]] = {label: [] for label in labels}
+        results: dict[str, Any] = {}
+        load_before = os.getloadavg()
+        for r in range(n_rounds):
+            for label in labels if r % 2 == 0 else labels[::-1]:
+                t = time.perf_counter()
+                results[label] = calls[label]()
+                seconds[label].append(time.perf_counter() - t)
+        entry: dict[str, Any] = {
+            **info,
+            "rounds": n_rounds,
+            "load_average_before": load_before,
+            "load_average_after": os.getloadavg(),
+        }
+        for label in labels:
+            res = results[label]
+            entry[label] = {"seconds": _summary(seconds[label])}
+            if isinstance(res, dict):
+                plans = [x for x in res.values() if hasattr(x, "stages")]
+                entry[label]["admitted"] = len(plans)
+                entry[label]["total_cost"] = sum(_cost(x) for x in plans)
+            else:
+                entry[label]["plan"] = res.describe()
+                entry[label]["cost"] = _cost(res)
+        if "reference" in seconds:
+            cur, ref = seconds["current"], seconds["reference"]
+            entry["difference_of_medians_s"] = statistics.median(ref) - statistics.median(cur)
+            entry["median_of_differences_s"] = statistics.median(
+                [b - a for a, b in zip(cur, ref, strict=True)]
+            )
+            entry["speedup_of_medians"] = statistics.median(ref) / statistics.median(cur)
+        out[name] = entry
+    return out
+
+
+def _in_api(value: Any, api: Any) -> Any:
+    """`value` (built from the current planner's types) rebuilt from `api`'s types of the
+    same names; the reference planner of `--against` has its own classes."""
+    import dataclasses
+    from enum import Enum
+
+    name = type(value).__name__
+    if isinstance(value, Enum) and hasattr(api, name):
+        return getattr(api, name)(value.value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type) and hasattr(api, name):
+        fields = {f.name: _in_api(getattr(value, f.name), api) for f in dataclasses.fields(value)}
+        return getattr(api, name)(**fields)
+    if isinstance(value, tuple):
+        return tuple(_in_api(v, api) for v in value)
+    if isinstance(value, dict):
+        return {k: _in_api(v, api) for k, v in value.items()}
+    return value
+
+
+def joint_vs_exhaustive(reference: Any, instances: int = 300) -> dict[str, Any]:
+    """plan_many against an exhaustive search over every plan of every model, on random
+    small instances of 5-8 models competing for at most four nodes (the property test's
+    generator and oracle, from tests/unit/planner/planner_instances.py)."""
+    import sys
+
+    import partita.planner
+
+    sys.path.insert(0, str(ROOT / "tests" / "unit" / "planner"))
+    from planner_instances import competing_models, exhaustive_joint
+
+    apis = {"current": partita.planner}
+    if reference is not None:
+        apis["reference"] = reference
+    out: dict[str, Any] = {"instances": instances, "models": "5-8", "seeds": f"0..{instances - 1}"}
+    tallies: dict[str, dict[str, Any]] = {
+        label: {
+            "refused_a_model_that_fits": 0,
+            "over_5_percent_worse": 0,
+            "worst_ratio": 1.0,
+            "seconds": [],
+        }
+        for label in apis
+    }
+    for seed in range(instances):
+        models, snapshot = competing_models(seed, 5 + seed % 4)
+        best_admitted, best_cost = exhaustive_joint(models, snapshot)
+        for label, api in apis.items():
+            t = time.perf_counter()
+            results = api.plan_many(
+                [(_in_api(r, api), p) for r, p in models], _in_api(snapshot, api)
+            )
+            tallies[label]["seconds"].append(time.perf_counter() - t)
+            plans = [r for r in results.values() if hasattr(r, "stages")]
+            admitted = tuple(sorted((p.request.priority for p in plans), reverse=True))
+            ratio = sum(_cost(p) for p in plans) / max(-best_cost, 1e-12)
+            if admitted < best_admitted:
+                tallies[label]["refused_a_model_that_fits"] += 1
+            elif ratio > 1.05:
+                tallies[label]["over_5_percent_worse"] += 1
+                tallies[label]["worst_ratio"] = max(tallies[label]["worst_ratio"], ratio)
+    for label, tally in tallies.items():
+        seconds = tally.pop("seconds")
+        out[label] = {**tally, "seconds": _summary(seconds)}
     return out
 
 
@@ -263,7 +471,7 @@ def dp_vs_exhaustive(profiles_cache: dict[str, ModelProfile], cloud_speed: float
     """The same-run baseline for planning time: brute force on a small instance."""
     import itertools
 
-    from partita.planner import predict
+    from partita.planner import plan_for
 
     profile = profiles_cache["ocr-rec"]
     # Keep 12 cut points so brute force finishes: 4 edge devices + cloud, 3 stages max.
@@ -277,7 +485,10 @@ def dp_vs_exhaustive(profiles_cache: dict[str, ModelProfile], cloud_speed: float
     n = len(small.nodes)
     edge = [x for x in snap.nodes if x.pool == "edge"]
     from partita.planner import ShardPlacement, Stage
-    from partita.planner.cost import range_times
+
+    def split_seconds(node: NodeState, start: int, end: int) -> float:
+        ops = small.nodes[start:end]
+        return sum(op.flops / node.speed_of(op.op_class) for op in ops if op.shardable)
 
     for m in (1, 2):
         for cut in itertools.combinations([c.position for c in cuts], m - 1):
@@ -291,7 +502,7 @@ def dp_vs_exhaustive(profiles_cache: dict[str, ModelProfile], cloud_speed: float
                     for comp in itertools.product(list(Compression), repeat=m - 1):
                         stages = []
                         for i, g in enumerate(choice):
-                            s = [range_times(small, x, bounds[i], bounds[i + 1])[0] for x in g]
+                            s = [split_seconds(x, bounds[i], bounds[i + 1]) for x in g]
                             inv = [1 / v if v > 0 else 1.0 for v in s]
                             stages.append(
                                 Stage(
@@ -300,7 +511,7 @@ def dp_vs_exhaustive(profiles_cache: dict[str, ModelProfile], cloud_speed: float
                                     bounds[i],
                                     bounds[i + 1],
                                     tuple(
-                                        ShardPlacement(x.name, w / sum(inv), 0, 0)
+                                        ShardPlacement(x.name, w / sum(inv))
                                         for x, w in zip(g, inv, strict=True)
                                     ),
                                     (),
@@ -308,8 +519,7 @@ def dp_vs_exhaustive(profiles_cache: dict[str, ModelProfile], cloud_speed: float
                                     Compression.NONE if i == 0 else comp[i - 1],
                                 )
                             )
-                        cand = Plan(req, tuple(stages), 1, 0, 0, 0, 0, 0)
-                        pred = predict(cand, small, snap)
+                        pred = plan_for(req, stages, small, snap).prediction
                         count += 1
                         if pred.feasible:
                             best = min(best, pred.cost)
@@ -321,7 +531,7 @@ def dp_vs_exhaustive(profiles_cache: dict[str, ModelProfile], cloud_speed: float
         "dp_seconds": dp_s,
         "exhaustive_seconds": brute_s,
         "speedup": brute_s / dp_s,
-        "same_cost": abs(plan.cost - best) <= 1e-9 * best,
+        "same_cost": abs(plan.prediction.cost - best) <= 1e-9 * best,
     }
 
 
@@ -446,7 +656,33 @@ def summarise(rows: list[dict[str, Any]], weak: list[dict[str, Any]]) -> dict[st
             f"{r['edge_devices']} edge device(s)"
         )
 
+    same: dict[str, Any] = {}
+    for objective in ("latency", "throughput"):
+        pairs = [
+            (r[f"partita_{objective}"], r[f"reference_cost_{objective}"], r)
+            for r in rows
+            if f"reference_cost_{objective}" in r
+        ]
+        if not pairs:
+            continue
+        costs = {"latency": "latency_s", "throughput": "throughput_rps"}
+        ratios_ref = []
+        differ = 0
+        for fig, ref_cost, _r in pairs:
+            if fig is None or ref_cost is None:
+                differ += (fig is None) != (ref_cost is None)
+                continue
+            cost = fig[costs[objective]] if objective == "latency" else 1 / fig["throughput_rps"]
+            ratios_ref.append(cost / ref_cost)
+            differ += abs(cost / ref_cost - 1) > 1e-6
+        same[objective] = {
+            "configs": len(pairs),
+            "differing_cost": differ,
+            "max_cost_ratio": max(ratios_ref, default=1.0),
+            "min_cost_ratio": min(ratios_ref, default=1.0),
+        }
     return {
+        "same_plans_as_reference": same,
         "ratios": ratios,
         "aims": {
             "pipelining_throughput": {
@@ -496,18 +732,80 @@ def write_md(result: dict[str, Any]) -> str:
         "",
         "## Planning time (wall clock, shared 2-core machine)",
         "",
-        "| case | seconds | aim |",
-        "|---|---|---|",
     ]
     pt = result["planning_time"]
+    against = result.get("against")
+    if against:
+        lines += [
+            f"Side by side with the planner of `{against}` (reference), on the same inputs, "
+            "rounds interleaved and their order alternated; load average (1, 5, 15 min) "
+            "before and after each case.",
+            "",
+            "| case | rounds | median s | p99 s | reference median s | reference p99 s | "
+            "difference of medians s | median of differences s | speed-up | load | aim |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+    else:
+        lines += ["| case | rounds | median s | p99 s | load | aim |", "|---|---|---|---|---|---|"]
     for key, aim in (
         ("1000_ops_x_100_nodes", 0.1),
         ("10000_ops_x_1000_nodes", 1.0),
         ("200_models_x_1000_nodes", 10.0),
+        ("8_models_x_7_nodes_256MiB", math.nan),
     ):
         v = pt[key]
-        extra = f" ({v.get('cut_points', '?')} cut points)" if "cut_points" in v else ""
-        lines.append(f"| {key}{extra} | {v['seconds']:.3f} | <= {aim} |")
+        extra = f" ({v['cut_points']} cut points)" if "cut_points" in v else ""
+        cur = v["current"]["seconds"]
+        load = (
+            "/".join(f"{x:.2f}" for x in v["load_average_before"])
+            + " → "
+            + "/".join(f"{x:.2f}" for x in v["load_average_after"])
+        )
+        row = f"| {key}{extra} | {v['rounds']} | {cur['median']:.3f} | {cur['p99']:.3f} |"
+        if against:
+            ref = v["reference"]["seconds"]
+            row += (
+                f" {ref['median']:.3f} | {ref['p99']:.3f} | {v['difference_of_medians_s']:.3f} |"
+                f" {v['median_of_differences_s']:.3f} | {v['speedup_of_medians']:.2f}x |"
+            )
+        lines.append(row + f" {load} | " + ("-" if math.isnan(aim) else f"<= {aim}") + " |")
+    lines.append("")
+    for key in ("200_models_x_1000_nodes", "8_models_x_7_nodes_256MiB"):
+        many = pt[key]
+        admitted = (
+            f"{many['current']['admitted']} admitted, total cost "
+            f"{many['current']['total_cost']:.4f}"
+        )
+        if against:
+            admitted += (
+                f" (reference: {many['reference']['admitted']} admitted, total cost "
+                f"{many['reference']['total_cost']:.4f})"
+            )
+        lines.append(f"- {key}: {admitted}.")
+    lines.append("")
+    for objective, v in s.get("same_plans_as_reference", {}).items():
+        lines.append(
+            f"Plan cost against the reference planner over the sweep ({objective}): "
+            f"{v['differing_cost']} of {v['configs']} configurations differ by more than "
+            f"1e-6 (cost ratio {v['min_cost_ratio']:.9f} to {v['max_cost_ratio']:.9f})."
+        )
+    j = result["joint_vs_exhaustive"]
+    lines += [
+        f"Joint planning against exhaustive search, {j['instances']} random instances of "
+        f"{j['models']} models on at most four nodes (seeds {j['seeds']}):",
+        "",
+        "| planner | refused a model that fits | over 5% worse | worst ratio | median s | p99 s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label in ("current", "reference"):
+        if label in j:
+            v = j[label]
+            lines.append(
+                f"| {label} | {v['refused_a_model_that_fits']} | {v['over_5_percent_worse']} "
+                f"| {v['worst_ratio']:.2f} | {v['seconds']['median']:.3f} | "
+                f"{v['seconds']['p99']:.3f} |"
+            )
+    lines.append("")
     d = result["dp_vs_exhaustive"]
     lines += [
         "",
@@ -566,6 +864,23 @@ def write_md(result: dict[str, Any]) -> str:
 
 
 def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--against",
+        metavar="REV",
+        help="also time the planner of this git revision, side by side",
+    )
+    parser.add_argument(
+        "--joint-instances",
+        type=int,
+        default=300,
+        metavar="N",
+        help="random instances for joint planning against exhaustive search (seeds 0..N-1)",
+    )
+    args = parser.parse_args()
+    reference = reference_planner(args.against) if args.against else None
     RESULTS.mkdir(parents=True, exist_ok=True)
     profiles_cache: dict[str, ModelProfile] = {}
     core = core_gflops()
@@ -573,14 +888,18 @@ def main() -> None:
     for name in MODELS:
         profiles_cache[name] = profile_model(zoo.model_path(name), zoo.default_input_shapes(name))
     t0 = time.perf_counter()
-    rows = sweep(profiles_cache, cloud_speed)
+    rows = sweep(profiles_cache, cloud_speed, reference)
     weak = weak_edge(profiles_cache, cloud_speed)
     result: dict[str, Any] = {
-        "command": ".venv/bin/python bench/planner.py",
+        "command": ".venv/bin/python bench/planner.py"
+        + (f" --against {args.against}" if args.against else "")
+        + (f" --joint-instances {args.joint_instances}" if args.joint_instances != 300 else ""),
+        "against": args.against,
         "core_gflops": core,
         "cloud_gflops": cloud_speed,
-        "planning_time": planning_times(profiles_cache),
+        "planning_time": planning_times(profiles_cache, reference),
         "dp_vs_exhaustive": dp_vs_exhaustive(profiles_cache, cloud_speed),
+        "joint_vs_exhaustive": joint_vs_exhaustive(reference, args.joint_instances),
         "memory_bound": memory_bound(profiles_cache["minilm"], cloud_speed),
         "sweep": rows,
         "weak_edge": weak,

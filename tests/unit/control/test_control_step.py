@@ -31,12 +31,12 @@ from partita.planner import (
     LinkEstimate,
     ModelRequest,
     NodeState,
-    Plan,
     Rescheduling,
     ShardPlacement,
     Slo,
     Stage,
     Tier,
+    plan_for,
 )
 
 MiB = 2**20
@@ -246,7 +246,7 @@ def test_observed_compute_refines_the_node_speed() -> None:
     assert plan is not None
     node = plan.stages[0].shards[0].node
     # The server reports four times the predicted compute: the node is slower than profiled.
-    observed = {(0, node): plan.stages[0].compute_s * 4}
+    observed = {(0, node): plan.prediction.stages[0].compute_s * 4}
     r = run(state, inputs(FAST, {1: True}, observed_compute=observed), 100.0)
     assert r.state.speed_factors[node] < 1.0
 
@@ -258,7 +258,7 @@ def test_a_relay_stage_teaches_nothing_about_node_speed() -> None:
             pool=pool,
             start=start,
             end=end,
-            shards=(ShardPlacement(node, 1.0, 0.0, MiB),),
+            shards=(ShardPlacement(node, 1.0),),
             inputs=("x",),
             outputs=("y",),
             input_compression=Compression.NONE,
@@ -266,16 +266,8 @@ def test_a_relay_stage_teaches_nothing_about_node_speed() -> None:
 
     # Stage 0 holds none of the four operators: below LEARN_MIN_SHARE of the FLOPs.
     assert LEARN_MIN_SHARE > 0
-    plan = Plan(
-        request=REQUEST,
-        stages=(stage(0, 0, 0, "edge-1", "edge"), stage(1, 0, 4, "cloud-1", "cloud")),
-        revision=1,
-        output_transfer_s=0.0,
-        latency_s=0.2,
-        throughput_rps=5.0,
-        energy_j=1.0,
-        cost=0.2,
-    )
+    stages = (stage(0, 0, 0, "edge-1", "edge"), stage(1, 0, 4, "cloud-1", "cloud"))
+    plan = plan_for(REQUEST, stages, PROFILE, FAST)
     state = ModelState(serving=plan, revision=1, serving_since=0.0)
     observed = {(0, "edge-1"): 0.002, (1, "cloud-1"): 10.0}
     r = run(state, inputs(FAST, {1: True}, observed_compute=observed), 100.0)

@@ -13,8 +13,11 @@ from partita.planner import (
     Compression,
     ModelRequest,
     Plan,
+    Prediction,
     ShardPlacement,
+    ShardPrediction,
     Stage,
+    StagePrediction,
 )
 from partita_server.spec import StageSpec
 
@@ -43,7 +46,7 @@ def _stage(
         pool=pool,
         start=index,
         end=index + 1,
-        shards=tuple(ShardPlacement(n, share, 0.01, 2**20) for n in nodes),
+        shards=tuple(ShardPlacement(n, share) for n in nodes),
         inputs=tuple(inputs),
         outputs=tuple(outputs),
         input_compression=comp,
@@ -55,11 +58,19 @@ def _plan(*stages: Stage, revision: int = 3) -> Plan:
         request=ModelRequest(name="cam", data_source="edge-a", namespace="vision"),
         stages=stages,
         revision=revision,
-        output_transfer_s=0.0,
-        latency_s=0.1,
-        throughput_rps=10.0,
-        energy_j=1.0,
-        cost=0.1,
+        prediction=Prediction(
+            latency_s=0.1,
+            throughput_rps=10.0,
+            energy_j=1.0,
+            cost=0.1,
+            stages=tuple(
+                StagePrediction(
+                    0.01, 0.0, 0.0, 0.01, tuple(ShardPrediction(n, 0.01, 2**20) for n in s.nodes)
+                )
+                for s in stages
+            ),
+            output_transfer_s=0.0,
+        ),
     )
 
 

@@ -21,16 +21,15 @@ from partita.planner import (
     Objective,
     Partitioning,
     PartitioningMode,
-    Plan,
     ShardPlacement,
     Slo,
     Stage,
     Taint,
     Tier,
     Toleration,
-    predict,
+    plan_for,
 )
-from partita.planner.cost import boundary_tensors, range_times
+from partita.planner.cost import boundary_tensors
 from partita.planner.request import COMPRESSION_ORDER
 
 MiB = 2**20
@@ -180,7 +179,11 @@ def canonical_pools(snapshot: ClusterSnapshot, request: ModelRequest) -> list[st
 
 
 def all_plans(profile: ModelProfile, request: ModelRequest, snapshot: ClusterSnapshot):
-    """Every plan of the search space, built directly, no dynamic programming."""
+    """Every plan of the search space, built directly, no dynamic programming.
+
+    Each is priced by the reference cost model (`plan_for` → `predict`), the same one the
+    planner's search is checked against: what this enumeration checks is the search.
+    """
     n = len(profile.nodes)
     cut_positions = [c.position for c in profile.cut_points]
     mode = request.partitioning.mode
@@ -209,18 +212,24 @@ def all_plans(profile: ModelProfile, request: ModelRequest, snapshot: ClusterSna
                     per_stage.append([(g, bounds[i], bounds[i + 1]) for g in groups])
                 for choice in itertools.product(*per_stage):
                     for comp_seq in itertools.product(comps, repeat=m - 1):
-                        plan = _plan(profile, request, pool_seq, choice, comp_seq)
-                        if plan is not None:
-                            yield plan
+                        stages = _stages(profile, pool_seq, choice, comp_seq)
+                        if stages is not None:
+                            yield plan_for(request, stages, profile, snapshot)
 
 
-def _plan(profile, request, pool_seq, choice, comp_seq):
+def split_seconds(profile: ModelProfile, node: NodeState, start: int, end: int) -> float:
+    """Seconds `node` needs for the shardable ops of [start, end), op by op."""
+    ops = profile.nodes[start:end]
+    return sum(op.flops / node.speed_of(op.op_class) for op in ops if op.shardable)
+
+
+def _stages(profile, pool_seq, choice, comp_seq):
     stages = []
     for i, (group, start, end) in enumerate(choice):
         if len(group) == 1:
             props = [1.0]
         else:
-            s = [range_times(profile, node, start, end)[0] for node in group]
+            s = [split_seconds(profile, node, start, end) for node in group]
             if not all(x > 0 for x in s):
                 return None
             inv = [1 / x for x in s]
@@ -231,24 +240,22 @@ def _plan(profile, request, pool_seq, choice, comp_seq):
                 pool=pool_seq[i],
                 start=start,
                 end=end,
-                shards=tuple(
-                    ShardPlacement(x.name, p, 0.0, 0) for x, p in zip(group, props, strict=True)
-                ),
+                shards=tuple(ShardPlacement(x.name, p) for x, p in zip(group, props, strict=True)),
                 inputs=tuple(t[0] for t in boundary_tensors(profile, start)),
                 outputs=tuple(t[0] for t in boundary_tensors(profile, end)),
                 input_compression=Compression.NONE if i == 0 else comp_seq[i - 1],
             )
         )
-    return Plan(request, tuple(stages), 1, 0.0, 0.0, 0.0, 0.0, 0.0)
+    return stages
 
 
 def exhaustive_best(profile, request, snapshot):
     """(objective cost, prediction) of the best plan by brute force, or None."""
-    feasible = []
-    for plan in all_plans(profile, request, snapshot):
-        pred = predict(plan, profile, snapshot)
-        if pred.feasible:
-            feasible.append(pred)
+    feasible = [
+        plan.prediction
+        for plan in all_plans(profile, request, snapshot)
+        if plan.prediction.feasible
+    ]
     if not feasible:
         return None
     slo = request.slo
@@ -333,3 +340,94 @@ def edge_cloud(
         pools=pools,
         links=(LinkEstimate("edge", "cloud", bandwidth_bps, rtt_s),),
     )
+
+
+def _usage(plan, names):
+    """(cpu, memory) the plan's containers take on each node, in `names` order."""
+    use = dict.fromkeys(names, (0.0, 0))
+    for stage in plan.prediction.stages:
+        for shard in stage.shards:
+            cpu, mem = use[shard.node]
+            use[shard.node] = (cpu + plan.request.cpu, mem + shard.memory_bytes)
+    return tuple(x for name in names for x in use[name])
+
+
+def _frontier(profile, request, snapshot, names):
+    """(cost, use) of every plan of the model alone that no other plan beats on its cost
+    and on every node's cpu and memory."""
+    best = {}
+    for plan in all_plans(profile, request, snapshot):
+        if plan.prediction.feasible:
+            use = _usage(plan, names)
+            best[use] = min(best.get(use, math.inf), plan.prediction.cost)
+    kept = []
+    for use, cost in sorted(best.items(), key=lambda kv: kv[1]):
+        if not any(all(a <= b for a, b in zip(u, use, strict=True)) for _c, u in kept):
+            kept.append((cost, use))
+    return kept
+
+
+def exhaustive_joint(models, snapshot):
+    """The best (admitted priorities, highest first; total cost) over every combination of
+    one plan or none per model that fits every node together.
+
+    Every plan of each model's search space is enumerated by `all_plans` and priced by
+    the reference cost model; the combination is a depth-first search with bounds, its
+    own code, sharing nothing with `partita.planner.multi`.
+    """
+    names = [n.name for n in snapshot.nodes]
+    capacity = [x for n in snapshot.nodes for x in (n.cpu_free + 1e-9, n.memory_free)]
+    models = sorted(models, key=lambda rp: -rp[0].priority)
+    options = [_frontier(p, r, snapshot, names) for r, p in models]
+    priorities = [r.priority for r, _p in models]
+    cheapest = [opts[0][0] if opts else None for opts in options]
+    best = [None]
+
+    def key(admitted, cost):
+        return (tuple(sorted(admitted, reverse=True)), -cost)
+
+    def search(i, use, admitted, cost):
+        if best[0] is not None:
+            possible = [priorities[j] for j in range(i, len(models)) if options[j]]
+            ceiling = tuple(sorted(admitted + possible, reverse=True))
+            least = cost + sum(c for c in cheapest[i:] if c is not None)
+            if ceiling < best[0][0] or (ceiling == best[0][0] and -least <= best[0][1]):
+                return
+        if i == len(models):
+            best[0] = key(admitted, cost)
+            return
+        for option_cost, need in options[i]:
+            more = [a + b for a, b in zip(use, need, strict=True)]
+            if all(m <= c for m, c in zip(more, capacity, strict=True)):
+                search(i + 1, more, [*admitted, priorities[i]], cost + option_cost)
+        search(i + 1, use, admitted, cost)
+
+    search(0, [0.0] * len(capacity), [], 0.0)
+    return best[0]
+
+
+def competing_models(seed, count):
+    """Up to eight small models on at most four nodes with tight memory, so they compete."""
+    rng = random.Random(seed)
+    snapshot = random_snapshot(rng, max_nodes=4)
+    snapshot = replace(
+        snapshot,
+        nodes=tuple(
+            replace(n, memory_allocatable=rng.choice([96, 160, 256]) * MiB, memory_used=0)
+            for n in snapshot.nodes
+        ),
+    )
+    models = []
+    for i in range(count):
+        request = random_request(rng, snapshot, objectives=(Objective.LATENCY,), name=f"m{i}")
+        request = replace(
+            request,
+            slo=replace(request.slo, min_throughput_rps=None, p95_latency_s=None),
+            partitioning=replace(
+                request.partitioning,
+                max_stages=min(2, request.partitioning.max_stages),
+                max_shards=min(2, request.partitioning.max_shards),
+            ),
+        )
+        models.append((request, random_profile(rng, max_ops=6, max_cuts=3)))
+    return models, snapshot

@@ -6,10 +6,22 @@ import random
 from dataclasses import replace
 
 import pytest
-from planner_instances import chain_profile, edge_cloud
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from planner_instances import chain_profile, edge_cloud, seeds
 
 from partita.model.types import OpClass
-from partita.planner import Action, ModelRequest, Plan, Rescheduling, plan_model, reschedule
+from partita.planner import (
+    Action,
+    ClusterSnapshot,
+    ModelRequest,
+    Objective,
+    Plan,
+    Rescheduling,
+    Slo,
+    plan_model,
+    reschedule,
+)
 from partita.planner.calibration import apply_speed_factors, update_speed
 from partita.planner.errors import PlannerError
 
@@ -58,7 +70,7 @@ def test_node_loss_moves_at_once_even_in_cooldown():
     decision = reschedule(current, CNN, request(), broken, now=1.0, last_change=0.0)
     assert decision.action is Action.MOVE
     assert lost in decision.reason
-    assert isinstance(decision.plan, Plan) and lost not in decision.plan.memory_per_node
+    assert isinstance(decision.plan, Plan) and lost not in decision.plan.prediction.memory_per_node
 
 
 def test_small_gain_is_not_worth_a_move():
@@ -113,3 +125,61 @@ def test_calibration_learns_a_slower_node():
     assert update_speed(1.0, 1e9, 1.0) >= 0.05  # one outlier cannot zero a node
     with pytest.raises(PlannerError, match="alpha"):
         update_speed(1.0, 1.0, 1.0, alpha=0.0)
+
+
+def _jittered(snapshot: ClusterSnapshot, rng: random.Random) -> ClusterSnapshot:
+    """Every node speed and link figure off by up to ±20%, each independently."""
+
+    def off(value: float) -> float:
+        return value * rng.uniform(0.8, 1.2)
+
+    nodes = tuple(replace(n, speed={c: off(v) for c, v in n.speed.items()}) for n in snapshot.nodes)
+    links = tuple(
+        replace(link, bandwidth_bps=off(link.bandwidth_bps), rtt_s=off(link.rtt_s))
+        for link in snapshot.links
+    )
+    pools = tuple(
+        replace(p, lan_bandwidth_bps=off(p.lan_bandwidth_bps), lan_rtt_s=off(p.lan_rtt_s))
+        for p in snapshot.pools
+    )
+    return replace(snapshot, nodes=nodes, links=links, pools=pools)
+
+
+# Clusters near a crossover between plans (cut at the edge, all in the cloud, shards).
+CROSSOVERS = (
+    dict(edge_speed=2e9, bandwidth_bps=2.3e6),
+    dict(edge_speed=2e9, bandwidth_bps=2e6),
+    dict(edge_speed=1e10, bandwidth_bps=1e7),
+    dict(edge_nodes=2, edge_speed=3e9, bandwidth_bps=3e6),
+)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=seeds,
+    preset=st.sampled_from(CROSSOVERS),
+    slo_factor=st.floats(1.0, 1.05),
+    cooldown_s=st.sampled_from([0.0, 5.0, 30.0]),
+    objective=st.sampled_from([Objective.LATENCY, Objective.THROUGHPUT]),
+)
+def test_a_tight_slo_under_jitter_moves_at_most_once_per_cooldown_window(
+    seed, preset, slo_factor, cooldown_s, objective
+):
+    # The model runs the plan made from the true figures, with a p95 SLO at 1.0-1.05x its
+    # predicted latency; for 120 one-second steps (the clock is the step) every metric is
+    # off by up to ±20%. Cooldowns as short as none: hysteresis alone must hold, so at most
+    # one move in the whole run, hence at most one in any cooldown window.
+    rng = random.Random(seed)
+    truth = edge_cloud(**preset)
+    req = replace(request(cooldown_s=cooldown_s), objective=objective)
+    planned = deployed(truth, req)
+    req = replace(req, slo=Slo(p95_latency_s=planned.prediction.latency_s * slo_factor))
+    current = deployed(truth, req)
+    moves, last_change = [], -1e9
+    for now in range(120):
+        decision = reschedule(current, CNN, req, _jittered(truth, rng), now, last_change)
+        if decision.action is Action.MOVE:
+            assert isinstance(decision.plan, Plan)
+            moves.append((now, decision.reason))
+            current, last_change = decision.plan, float(now)
+    assert len(moves) <= 1, moves

@@ -60,9 +60,9 @@ def test_weak_edge_and_slow_link_cut_after_the_shrinking_layers():
         CNN, request(), edge_cloud(edge_speed=2e9, bandwidth_bps=2e6)
     ).items():
         assert isinstance(base, Plan), name
-        assert plan.latency_s <= base.latency_s * (1 + 1e-9), name
+        assert plan.prediction.latency_s <= base.prediction.latency_s * (1 + 1e-9), name
     assert plan.alternatives, "runner-up plans explain the choice"
-    assert all(alt.cost >= plan.cost for alt in plan.alternatives)
+    assert all(alt.prediction.cost >= plan.prediction.cost for alt in plan.alternatives)
 
 
 def test_cut_compression_is_used_only_when_allowed():
@@ -74,7 +74,7 @@ def test_cut_compression_is_used_only_when_allowed():
     assert isinstance(plain, Plan) and isinstance(squeezed, Plan)
     assert all(s.input_compression is Compression.NONE for s in plain.stages)
     assert squeezed.stages[-1].input_compression is Compression.INT8
-    assert squeezed.latency_s < plain.latency_s
+    assert squeezed.prediction.latency_s < plain.prediction.latency_s
 
 
 def test_model_too_big_for_one_edge_device_is_sharded_over_several():
@@ -89,7 +89,7 @@ def test_model_too_big_for_one_edge_device_is_sharded_over_several():
     assert isinstance(plan, Plan), plan.reasons
     assert all(s.pool == "edge" for s in plan.stages)
     assert max(len(s.shards) for s in plan.stages) >= 2
-    for node, used in plan.memory_per_node.items():
+    for node, used in plan.prediction.memory_per_node.items():
         assert used <= snap.node(node).memory_free
     none = plan_model(big, replace(req, partitioning=Partitioning(mode="none")), snap)
     assert isinstance(none, Unschedulable)
@@ -121,7 +121,7 @@ def test_untolerated_taint_excludes_a_node_and_says_why():
     snap = replace(snap, nodes=(*snap.nodes[:-1], cloud))
     plan = plan_model(CNN, request(), snap)
     assert isinstance(plan, Plan)
-    assert "cloud-0" not in plan.memory_per_node
+    assert "cloud-0" not in plan.prediction.memory_per_node
     reasons = {e.name: e.reason for e in plan.exclusions}
     assert "dedicated=batch:NoSchedule" in reasons["cloud-0"]
 
@@ -150,7 +150,7 @@ def test_cascade_weights_later_stages_by_the_offload_rate():
     cascade = plan_model(CNN, request(cascade=Cascade(0.9, 0.1)), snap)
     assert isinstance(plain, Plan) and isinstance(cascade, Plan)
     assert len(cascade.stages) == 2
-    assert cascade.latency_s < plain.latency_s
+    assert cascade.prediction.latency_s < plain.prediction.latency_s
 
 
 def test_replanning_an_unchanged_cluster_keeps_the_revision():
@@ -177,4 +177,8 @@ def test_plan_never_loses_to_a_baseline(seed):
         if isinstance(base, Plan):
             assert predict(base, profile, snapshot).feasible, name
             assert isinstance(plan, Plan), name
-            assert plan.cost <= base.cost * (1 + 1e-9), (name, plan.describe(), base.describe())
+            assert plan.prediction.cost <= base.prediction.cost * (1 + 1e-9), (
+                name,
+                plan.describe(),
+                base.describe(),
+            )

@@ -67,26 +67,27 @@ def draw_timeline(plan: Plan, out: Path, title: str = "") -> None:
     fig, ax = plt.subplots(figsize=(9, 1.2 + 0.6 * (len(plan.stages) + 1)))
     t = 0.0
     rows = []
-    for stage in plan.stages:
+    pred = plan.prediction
+    for stage, sp in zip(plan.stages, pred.stages, strict=True):
         label = f"{stage.index}: {stage.pool} ({len(stage.shards)}x)"
         rows.append(label)
         y = len(rows) - 1
         for width, color, hatch in (
-            (stage.transfer_in_s, "#9ecae1", "//"),
-            (stage.scatter_gather_s / 2, "#fdae6b", ".."),
-            (stage.compute_s, "#31a354", ""),
-            (stage.scatter_gather_s / 2, "#fdae6b", ".."),
+            (sp.transfer_in_s, "#9ecae1", "//"),
+            (sp.scatter_gather_s / 2, "#fdae6b", ".."),
+            (sp.compute_s, "#31a354", ""),
+            (sp.scatter_gather_s / 2, "#fdae6b", ".."),
         ):
             if width > 0:
                 ax.barh(y, width * 1e3, left=t * 1e3, color=color, hatch=hatch, edgecolor="k")
                 t += width
     rows.append("answer")
-    ax.barh(len(rows) - 1, plan.output_transfer_s * 1e3, left=t * 1e3, color="#9ecae1",
+    ax.barh(len(rows) - 1, pred.output_transfer_s * 1e3, left=t * 1e3, color="#9ecae1",
             hatch="//", edgecolor="k")  # fmt: skip
     ax.set_yticks(range(len(rows)), rows)
     ax.invert_yaxis()
     ax.set_xlabel("ms (blue: transfer, orange: shard scatter/gather, green: compute)")
-    ax.set_title(title or f"{plan.request.name}: {plan.latency_s * 1e3:.1f} ms predicted")
+    ax.set_title(title or f"{plan.request.name}: {pred.latency_s * 1e3:.1f} ms predicted")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
@@ -109,7 +110,8 @@ def _print(result: PlanResult, profile: ModelProfile, base: dict[str, PlanResult
         for col in ("stage", "pool", "nodes (share)", "graph nodes", "in", "transfer ms",
                     "compute ms", "memory MiB"):  # fmt: skip
             table.add_column(col)
-        for s in result.stages:
+        pred = result.prediction
+        for s, sp in zip(result.stages, pred.stages, strict=True):
             shards = ", ".join(f"{sh.node} ({sh.proportion:.0%})" for sh in s.shards)
             nbytes = _boundary_bytes(profile, s.start)
             comp = "" if s.input_compression == "none" else f" {s.input_compression}"
@@ -119,15 +121,15 @@ def _print(result: PlanResult, profile: ModelProfile, base: dict[str, PlanResult
                 shards,
                 f"{s.start}..{s.end}",
                 f"{nbytes / 1e3:.1f} kB{comp}",
-                f"{s.transfer_in_s * 1e3:.2f}",
-                f"{(s.compute_s + s.scatter_gather_s) * 1e3:.2f}",
-                f"{max(sh.memory_bytes for sh in s.shards) / 2**20:.0f}",
+                f"{sp.transfer_in_s * 1e3:.2f}",
+                f"{(sp.compute_s + sp.scatter_gather_s) * 1e3:.2f}",
+                f"{max(sh.memory_bytes for sh in sp.shards) / 2**20:.0f}",
             )
         console.print(table)
         console.print(
-            f"latency {result.latency_s * 1e3:.2f} ms (compute {result.compute_s * 1e3:.2f}, "
-            f"transfer {result.transfer_s * 1e3:.2f}, answer {result.output_transfer_s * 1e3:.2f})"
-            f", throughput {result.throughput_rps:.2f}/s, energy {result.energy_j:.3g} J/request"
+            f"latency {pred.latency_s * 1e3:.2f} ms (compute {pred.compute_s * 1e3:.2f}, "
+            f"transfer {pred.transfer_s * 1e3:.2f}, answer {pred.output_transfer_s * 1e3:.2f})"
+            f", throughput {pred.throughput_rps:.2f}/s, energy {pred.energy_j:.3g} J/request"
             + ("" if result.meets_slo else " [red](SLO missed)[/]")
         )
         for note in result.notes:
@@ -137,8 +139,9 @@ def _print(result: PlanResult, profile: ModelProfile, base: dict[str, PlanResult
             for col in ("why not", "plan", "latency ms", "throughput/s", "cost ratio"):
                 alt.add_column(col)
             for a in result.alternatives:
-                alt.add_row(a.label, a.summary, f"{a.latency_s * 1e3:.2f}",
-                            f"{a.throughput_rps:.2f}", f"{a.cost / result.cost:.2f}x")  # fmt: skip
+                ap = a.prediction
+                alt.add_row(a.label, a.summary, f"{ap.latency_s * 1e3:.2f}",
+                            f"{ap.throughput_rps:.2f}", f"{ap.cost / pred.cost:.2f}x")  # fmt: skip
             console.print(alt)
     exclusions = result.exclusions
     if exclusions:
@@ -155,9 +158,10 @@ def _print(result: PlanResult, profile: ModelProfile, base: dict[str, PlanResult
             bt.add_column(col)
         for name, b in base.items():
             if isinstance(b, Plan):
-                ratio = b.cost / result.cost if isinstance(result, Plan) else math.nan
-                bt.add_row(name, b.describe(), f"{b.latency_s * 1e3:.2f}",
-                           f"{b.throughput_rps:.2f}", f"{ratio:.2f}x")  # fmt: skip
+                bp = b.prediction
+                ratio = bp.cost / result.prediction.cost if isinstance(result, Plan) else math.nan
+                bt.add_row(name, b.describe(), f"{bp.latency_s * 1e3:.2f}",
+                           f"{bp.throughput_rps:.2f}", f"{ratio:.2f}x")  # fmt: skip
             else:
                 bt.add_row(name, "unschedulable: " + b.reasons[0], "-", "-", "-")
         console.print(bt)

@@ -34,9 +34,9 @@ from partita.planner import (
     PlannerError,
     ShardPlacement,
     Stage,
+    plan_for,
 )
 from partita.planner.cost import boundary_tensors
-from partita.planner.search import with_prediction
 
 MAX_LISTED_TENSORS = 16
 MAX_REASONS = 8
@@ -72,12 +72,12 @@ def plan_status(plan: Plan, since: float, observed_p95_s: float | None = None) -
                 outputs=list(s.outputs)[:MAX_LISTED_TENSORS],
                 compression=ApiCompression(s.input_compression.value),
                 int8=s.int8,
-                predicted_compute_ms=_ms(s.compute_s),
-                predicted_transfer_ms=_ms(s.transfer_in_s),
+                predicted_compute_ms=_ms(sp.compute_s),
+                predicted_transfer_ms=_ms(sp.transfer_in_s),
             )
-            for s in plan.stages
+            for s, sp in zip(plan.stages, plan.prediction.stages, strict=True)
         ],
-        predicted_p95_ms=_ms(plan.latency_s),
+        predicted_p95_ms=_ms(plan.prediction.latency_s),
         observed_p95_ms=_ms(observed_p95_s),
         reasons=[plan.describe(), *plan.notes][:MAX_REASONS],
     )
@@ -175,7 +175,7 @@ def plan_from_status(
                     pool=s.pool,
                     start=s.start,
                     end=s.end,
-                    shards=tuple(ShardPlacement(p.node, p.proportion, 0.0, 0) for p in s.shards),
+                    shards=tuple(ShardPlacement(p.node, p.proportion) for p in s.shards),
                     inputs=tuple(t[0] for t in boundary_tensors(profile, s.start)),
                     outputs=tuple(t[0] for t in boundary_tensors(profile, s.end)),
                     input_compression=Compression(s.compression.value),
@@ -186,8 +186,7 @@ def plan_from_status(
         return None
     if not stages:
         return None
-    draft = Plan(request, tuple(stages), status.revision, 0.0, 0.0, 0.0, 0.0, 0.0)
-    return with_prediction(draft, profile, snapshot)
+    return plan_for(request, stages, profile, snapshot, status.revision)
 
 
 def state_from_status(

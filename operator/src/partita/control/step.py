@@ -248,7 +248,7 @@ def _follow_rollout(turn: _Turn) -> StepResult | None:
         readiness = Readiness(False, f"revision {plan.revision}: its objects are being created")
     if not readiness.ready:
         ready_nodes = {n.name for n in inputs.snapshot.nodes if n.ready}
-        lost = sorted(set(plan.memory_per_node) - ready_nodes)
+        lost = sorted(set(plan.prediction.memory_per_node) - ready_nodes)
         deadline = rollout.since + turn.timing.deploy_timeout_s
         if not lost and now < deadline:
             turn.wake.append(deadline)
@@ -405,7 +405,8 @@ def _preempt(turn: _Turn, result: Unschedulable) -> StepResult:
 
 
 def _deploy_message(plan: Plan, why: str) -> str:
-    msg = f"revision {plan.revision}: {plan.describe()}; predicted {plan.latency_s * 1000:.1f} ms"
+    predicted = plan.prediction.latency_s * 1000
+    msg = f"revision {plan.revision}: {plan.describe()}; predicted {predicted:.1f} ms"
     return f"{msg}; because {why}" if why else msg
 
 

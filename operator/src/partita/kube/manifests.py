@@ -214,9 +214,9 @@ def render_revision(
         objects += _server_objects(
             ref, name, object_labels, node, min(cpu, 0.5), 256 * 2**20, specs[name]
         )
-    for stage in plan.stages:
+    for stage, predicted in zip(plan.stages, plan.prediction.stages, strict=True):
         names = _shard_names(ref, plan, stage)
-        for k, (name, placement) in enumerate(zip(names, stage.shards, strict=True)):
+        for k, (name, placement) in enumerate(zip(names, predicted.shards, strict=True)):
             object_labels = _labels(ref, plan.revision, stage.index, k if len(names) > 1 else None)
             if specs[name]["entry"]:
                 object_labels[labels.ENTRY] = "true"

@@ -7,7 +7,7 @@ answer a frozen plan (or `Unschedulable`) carrying its reasons.
 from __future__ import annotations
 
 from .baselines import baselines
-from .cost import predict
+from .cost import plan_for, predict
 from .errors import PlannerError
 from .multi import plan_many
 from .plan import (
@@ -20,9 +20,11 @@ from .plan import (
     PlanResult,
     Prediction,
     ShardPlacement,
+    ShardPrediction,
     Stage,
     StagePrediction,
     Unschedulable,
+    meets_slo,
 )
 from .request import (
     Cascade,
@@ -37,8 +39,9 @@ from .request import (
     Toleration,
 )
 from .reschedule import reschedule
-from .search import SearchSpace, plan_model
+from .search import plan_model
 from .snapshot import ClusterSnapshot, DevicePoolState, LinkEstimate, NodeState, Taint, Tier
+from .space import SearchSpace
 
 __all__ = [
     "Action",
@@ -64,6 +67,7 @@ __all__ = [
     "Rescheduling",
     "SearchSpace",
     "ShardPlacement",
+    "ShardPrediction",
     "Slo",
     "Stage",
     "StagePrediction",
@@ -72,6 +76,8 @@ __all__ = [
     "Toleration",
     "Unschedulable",
     "baselines",
+    "meets_slo",
+    "plan_for",
     "plan_many",
     "plan_model",
     "predict",

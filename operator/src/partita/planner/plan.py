@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import StrEnum
 
-from .request import Compression, ModelRequest
+from .request import Compression, ModelRequest, Slo
+
+# Slack for floating-point comparisons of costs and SLO bounds (relative).
+RELATIVE_TOLERANCE = 1e-9
 
 
 @dataclass(frozen=True)
@@ -16,8 +19,6 @@ class ShardPlacement:
 
     node: str
     proportion: float  # of the stage's shardable work (1.0 when the stage is not split)
-    compute_s: float  # predicted busy time of this shard per request
-    memory_bytes: int  # params + peak activations + runtime overhead on this node
 
 
 @dataclass(frozen=True)
@@ -33,10 +34,6 @@ class Stage:
     outputs: tuple[str, ...]  # tensors this stage sends on (or the model outputs)
     input_compression: Compression  # encoding of `inputs` on the link into this stage
     int8: bool = False  # the stage runs an int8-quantized slice
-    # Predictions per request (already weighted by the cascade offload rate).
-    compute_s: float = 0.0
-    transfer_in_s: float = 0.0  # from the previous stage (or the data source)
-    scatter_gather_s: float = 0.0  # shard fan-out and gather over the pool's LAN
 
     @property
     def nodes(self) -> tuple[str, ...]:
@@ -48,51 +45,41 @@ class Stage:
 
 
 @dataclass(frozen=True)
-class Alternative:
-    """A runner-up plan and its predicted cost, so users see what was turned down."""
+class ShardPrediction:
+    """One container's predicted busy time per request it serves, and the memory it holds."""
 
-    label: str
-    summary: str
-    latency_s: float
-    throughput_rps: float
-    energy_j: float
-    cost: float
-
-
-class ExclusionKind(StrEnum):
-    POOL = "pool"
-    NODE = "node"
+    node: str
+    compute_s: float  # not weighted by the cascade offload rate (inf when the node is lost)
+    memory_bytes: int  # params + peak activations + runtime overhead
 
 
 @dataclass(frozen=True)
-class Exclusion:
-    kind: ExclusionKind
-    name: str
-    reason: str
+class StagePrediction:
+    """One stage's predicted times per request, weighted by the cascade offload rate."""
+
+    compute_s: float  # the slowest shard
+    transfer_in_s: float  # from the previous stage (or the data source)
+    scatter_gather_s: float  # shard fan-out and gather over the pool's LAN
+    busy_s: float  # what limits pipelined throughput at this stage
+    shards: tuple[ShardPrediction, ...]
 
 
 @dataclass(frozen=True)
-class Plan:
-    request: ModelRequest
-    stages: tuple[Stage, ...]
-    revision: int
-    output_transfer_s: float  # last stage back to the data source
+class Prediction:
+    """A plan's predicted behaviour under some snapshot, and what (if anything) breaks it."""
+
     latency_s: float
     throughput_rps: float
     energy_j: float
     cost: float  # the objective: latency s, energy J, or bottleneck s (1/throughput)
-    meets_slo: bool = True
-    alternatives: tuple[Alternative, ...] = ()
-    exclusions: tuple[Exclusion, ...] = ()
-    notes: tuple[str, ...] = ()
+    stages: tuple[StagePrediction, ...]
+    output_transfer_s: float  # last stage back to the data source
+    violations: tuple[str, ...] = ()
+    lost_nodes: tuple[str, ...] = ()  # nodes of the plan missing or not Ready
 
     @property
-    def placement(self) -> tuple[tuple[str, int, int, tuple[str, ...], str, bool], ...]:
-        """What would be deployed; two plans with the same placement are the same plan."""
-        return tuple(
-            (s.pool, s.start, s.end, s.nodes, s.input_compression.value, s.int8)
-            for s in self.stages
-        )
+    def feasible(self) -> bool:
+        return not self.violations
 
     @property
     def memory_per_node(self) -> Mapping[str, int]:
@@ -109,6 +96,72 @@ class Plan:
     @property
     def transfer_s(self) -> float:
         return sum(s.transfer_in_s for s in self.stages) + self.output_transfer_s
+
+
+def meets_slo(prediction: Prediction, slo: Slo, margin: float = 0.0) -> bool:
+    """Whether a feasible prediction keeps the p95 latency and minimum throughput asked for.
+
+    With `margin` m, by that relative margin: latency at most (1 - m) × the p95 target,
+    throughput at least the minimum / (1 - m).
+    """
+    keep = 1.0 - margin
+    return (
+        prediction.feasible
+        and (
+            slo.p95_latency_s is None
+            or prediction.latency_s <= keep * slo.p95_latency_s * (1 + RELATIVE_TOLERANCE)
+        )
+        and (
+            slo.min_throughput_rps is None
+            or keep * prediction.throughput_rps >= slo.min_throughput_rps * (1 - RELATIVE_TOLERANCE)
+        )
+    )
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """A runner-up plan and its prediction, so users see what was turned down."""
+
+    label: str
+    summary: str
+    prediction: Prediction
+
+
+class ExclusionKind(StrEnum):
+    POOL = "pool"
+    NODE = "node"
+
+
+@dataclass(frozen=True)
+class Exclusion:
+    kind: ExclusionKind
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Stages to deploy and what the cost model predicts for them under the snapshot planned on."""
+
+    request: ModelRequest
+    stages: tuple[Stage, ...]
+    revision: int
+    prediction: Prediction
+    alternatives: tuple[Alternative, ...] = ()
+    exclusions: tuple[Exclusion, ...] = ()
+    notes: tuple[str, ...] = ()
+
+    @property
+    def placement(self) -> tuple[tuple[str, int, int, tuple[str, ...], str, bool], ...]:
+        """What would be deployed; two plans with the same placement are the same plan."""
+        return tuple(
+            (s.pool, s.start, s.end, s.nodes, s.input_compression.value, s.int8)
+            for s in self.stages
+        )
+
+    @property
+    def meets_slo(self) -> bool:
+        return meets_slo(self.prediction, self.request.slo)
 
     def describe(self) -> str:
         parts = []
@@ -132,41 +185,6 @@ class Unschedulable:
 PlanResult = Plan | Unschedulable
 
 
-@dataclass(frozen=True)
-class StagePrediction:
-    compute_s: float
-    transfer_in_s: float
-    scatter_gather_s: float
-    busy_s: float  # what limits pipelined throughput at this stage
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """A plan's predicted behaviour under some snapshot, and what (if anything) breaks it."""
-
-    latency_s: float
-    throughput_rps: float
-    energy_j: float
-    cost: float
-    stages: tuple[StagePrediction, ...]
-    output_transfer_s: float
-    memory_per_node: Mapping[str, int]
-    violations: tuple[str, ...] = ()
-    lost_nodes: tuple[str, ...] = ()  # nodes of the plan missing or not Ready
-
-    @property
-    def feasible(self) -> bool:
-        return not self.violations
-
-    @property
-    def compute_s(self) -> float:
-        return sum(s.compute_s + s.scatter_gather_s for s in self.stages)
-
-    @property
-    def transfer_s(self) -> float:
-        return sum(s.transfer_in_s for s in self.stages) + self.output_transfer_s
-
-
 class Action(StrEnum):
     KEEP = "keep"
     MOVE = "move"
@@ -182,7 +200,6 @@ class Decision:
     current_cost: float
     best_cost: float
     improvement: float  # (current - best) / |current|; 0 when not comparable
-    notes: tuple[str, ...] = field(default_factory=tuple)
 
 
 def _plain(value: object) -> object:
@@ -205,6 +222,7 @@ def result_to_dict(result: PlanResult) -> dict[str, object]:
     assert isinstance(out, dict)
     out["kind"] = type(result).__name__
     if isinstance(result, Plan):
-        out["memory_per_node"] = dict(result.memory_per_node)
+        out["memory_per_node"] = dict(result.prediction.memory_per_node)
+        out["meets_slo"] = result.meets_slo
         out["summary"] = result.describe()
     return out

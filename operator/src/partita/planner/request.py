@@ -1,6 +1,6 @@
 """What a user asked for: the planner's view of an EdgeModel spec.
 
-Field names follow the EdgeModel API (DESIGN.md): `dataSource`, `pools`,
+Field names follow the EdgeModel API (`partita.api.edgemodel`): `dataSource`, `pools`,
 `partitioning`, `objective`, `slo`, `privacy`, `cascade`, `quantization`,
 `priority`, `rescheduling`.
 """
