@@ -1,4 +1,5 @@
-"""`partita-server`: run one stage server under uvicorn (uvloop + httptools)."""
+"""`partita-server`: run one stage server: v2 REST under uvicorn (uvloop + httptools) and v2
+gRPC on the same event loop and data plane."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ def serve(
     source: Annotated[str | None, typer.Option(help="model URI (file://, http(s)://)")] = None,
     sha256: Annotated[str | None, typer.Option(help="digest of the model bytes")] = None,
     host: Annotated[str, typer.Option(help="address to bind")] = "0.0.0.0",
-    port: Annotated[int, typer.Option(help="port to bind")] = 8080,
+    port: Annotated[int, typer.Option(help="port of v2 REST")] = 8080,
+    grpc_port: Annotated[int, typer.Option(help="port of v2 gRPC; 0: no gRPC")] = 8081,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "warning",
 ) -> None:
     """Serve the stage the spec describes on HOST:PORT."""
@@ -39,7 +41,8 @@ def serve(
     if source is not None:
         overrides["source"] = {"uri": source, "sha256": sha256}
     try:
-        app = create_app(load_spec(spec, overrides=overrides))
+        grpc_address = f"{host}:{grpc_port}" if grpc_port else None
+        app = create_app(load_spec(spec, overrides=overrides), grpc_address=grpc_address)
     except StageSpecError as exc:
         typer.echo(f"partita-server: {exc.message}", err=True)
         raise typer.Exit(2) from exc

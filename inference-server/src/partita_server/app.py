@@ -1,4 +1,6 @@
-"""The HTTP adapter: FastAPI routes of the v2 REST protocol over a `DataPlane`.
+"""The app factory and the HTTP adapter: FastAPI routes of the v2 REST protocol over a
+`DataPlane`, and the gRPC service (`partita_server.grpc_service`) on the same plane and
+event loop when a gRPC address is given.
 
 Routes only move bytes and headers; every decision is the data plane's. Errors leave as
 `{"error": "..."}` with the status of their `ServerError` class.
@@ -7,6 +9,7 @@ Routes only move bytes and headers; every decision is the data plane's. Errors l
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -18,12 +21,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from partita_server.chaining import SERVER_SECONDS_HEADER
 from partita_server.dataplane import DataPlane
 from partita_server.errors import InvalidInput, PayloadTooLarge, ServerError, StageSpecError
 from partita_server.metrics import CONTENT_TYPE_LATEST, ServerMetrics
-from partita_server.protocol import HEADER_LENGTH, decode_request, encode_response
-from partita_server.spec import StageSpec, cpu_limit, internal_token
+from partita_server.protocol import (
+    HEADER_LENGTH,
+    SERVER_SECONDS_HEADER,
+    TIMEOUT_HEADER,
+    decode_request,
+    encode_response,
+)
+from partita_server.spec import OrtSizing, StageSpec, StageTokens, cpu_cores
 from partita_server.stage import load_stage
 
 __all__ = ["create_app", "create_dataplane"]
@@ -93,18 +101,22 @@ def _error(status: int, message: str) -> Response:
 def create_dataplane(
     spec: StageSpec,
     *,
-    token: str | None = None,
-    intra_op_threads: int | None = None,
+    tokens: StageTokens | None = None,
+    sizing: OrtSizing | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> DataPlane:
-    """Load the stage (fetch, digest, cut, ORT session) and wrap it in a data plane."""
-    if not spec.entry and not token:
+    """Load the stage (fetch, digest, cut, ORT session) and wrap it in a data plane.
+
+    `tokens` default to the environment's, `sizing` to the container's CPU limit.
+    """
+    tokens = StageTokens.from_env() if tokens is None else tokens
+    if not spec.entry and not tokens:
         raise StageSpecError(
             f"stage {spec.stage} is internal (entry: false) but has no token; set "
             "PARTITA_INTERNAL_TOKEN or PARTITA_INTERNAL_TOKEN_FILE"
         )
-    threads = intra_op_threads if intra_op_threads is not None else cpu_limit()
-    stage = load_stage(spec, intra_op_threads=threads)
+    sizing = OrtSizing.for_cores(cpu_cores()) if sizing is None else sizing
+    stage = load_stage(spec, sizing=sizing)
     outputs = {t.name for t in stage.session.outputs}
     if spec.cascade is not None and spec.cascade.output not in outputs:
         raise StageSpecError(
@@ -112,7 +124,7 @@ def create_dataplane(
             f"outputs are {sorted(outputs)}"
         )
     metrics = ServerMetrics(spec.model, spec.stage)
-    return DataPlane(spec, stage, token=token, metrics=metrics, clock=clock)
+    return DataPlane(spec, stage, tokens=tokens, metrics=metrics, sizing=sizing, clock=clock)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -129,28 +141,53 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
+def _timeout_header(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds) or seconds < 0:
+        raise InvalidInput(f"{TIMEOUT_HEADER} must be seconds (a number >= 0), got {value!r}")
+    return seconds
+
+
 def create_app(
     spec: StageSpec | None = None,
     *,
     dataplane: DataPlane | None = None,
-    token: str | None = None,
+    tokens: StageTokens | None = None,
+    grpc_address: str | None = None,
     clock: Callable[[], float] = time.perf_counter,
 ) -> FastAPI:
-    """The ASGI app of one stage server; pass a spec, or a data plane built beforehand."""
+    """The ASGI app of one stage server; pass a spec, or a data plane built beforehand.
+
+    With `grpc_address` (host:port) the app's lifespan also serves the v2 gRPC service on
+    the same data plane; `app.state.grpc_port` then says which port it bound.
+    """
     if dataplane is None:
         if spec is None:
             raise TypeError("create_app needs a spec or a dataplane")
-        dataplane = create_dataplane(spec, token=token or internal_token(), clock=clock)
+        dataplane = create_dataplane(spec, tokens=tokens, clock=clock)
     plane = dataplane
     metrics: ServerMetrics = plane.metrics
-    limit = plane.spec.max_body_bytes
+    limit = plane.spec.limits.max_body_bytes
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await plane.start()
+        grpc_server = None
         try:
+            if grpc_address is not None:
+                from partita_server.grpc_service import create_grpc_server
+
+                grpc_server, app.state.grpc_port = create_grpc_server(plane, grpc_address)
+                await grpc_server.start()
             yield
         finally:
+            if grpc_server is not None:
+                await grpc_server.stop(grace=2.0)
             await plane.stop()
 
     app = FastAPI(
@@ -206,12 +243,15 @@ def create_app(
         try:
             plane.authorize(request.headers.get("authorization"))
             plane.check_model(name, version)
+            deadline = plane.deadline(_timeout_header(request.headers.get(TIMEOUT_HEADER)))
             body = await _read_body(request, limit)
             length = request.headers.get(HEADER_LENGTH)
-            if length is not None and not length.isdigit():
+            if length is not None and not (length.isdigit() and len(length) < 20):
                 raise InvalidInput(f"{HEADER_LENGTH} must be an integer, got {length!r}")
-            decoded = decode_request(body, int(length) if length is not None else None)
-            answer = await plane.infer(name, decoded, version)
+            decoded = decode_request(
+                body, int(length) if length is not None else None, plane.spec.limits
+            )
+            answer = await plane.infer(name, decoded, version, deadline=deadline)
             if decoded.outputs is not None:
                 binary = {o.name: o.binary for o in decoded.outputs}
             else:

@@ -1,169 +1,388 @@
-"""Forwarding to the next stages: binary v2 requests over keep-alive HTTP, every hop measured.
+"""Forwarding to the next stages: binary v2 requests over keep-alive HTTP or gRPC, every hop
+measured, every call bounded by the request's deadline.
 
 A chain hop hands tensors to the next stage and its answer becomes ours; it tries the next
 endpoint when one is down and reports 503 when all are, 504 (naming the stage) on a timeout.
 A fan-out hop sends the same tensors to every shard of the next stage at once and gathers
 their parts with the layout the shards report.
+
+The wire is a `Transport` per endpoint scheme (`http://`: REST with binary tensors,
+`grpc://`: the v2 gRPC service). A transport makes one call and reports what happened as a
+`ServerError`; the `HopClient` decides what to do about it (which endpoint next, fan-out,
+gather). Retry policies, or other exchanges between servers, go in the `HopClient` and reuse
+the transports unchanged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import urlsplit
 
+import grpc
 import httpx
 import numpy as np
 import orjson
 
 from partita.model.errors import ModelError
 from partita.model.shard import gather
-from partita_server.errors import BadGateway, ServerError, StageTimeout, StageUnavailable
+from partita_server.errors import (
+    BadGateway,
+    InvalidInput,
+    ServerError,
+    StageTimeout,
+    StageUnavailable,
+)
+from partita_server.grpc_codec import decode_infer_response, encode_infer_request, http_status
 from partita_server.metrics import ServerMetrics
+from partita_server.proto import open_inference_pb2 as pb
+from partita_server.proto import open_inference_pb2_grpc as pb_grpc
 from partita_server.protocol import (
     HEADER_LENGTH,
+    LAYOUT_PARAMETER,
+    SERVER_SECONDS_HEADER,
+    TIMEOUT_HEADER,
     InferResponse,
     compress,
     decode_response,
     decompress,
     encode_request,
 )
-from partita_server.spec import Hop
+from partita_server.spec import Hop, StageTokens
 from partita_server.stage import layout_from_json
 
-__all__ = ["LAYOUT_PARAMETER", "SERVER_SECONDS_HEADER", "HopClient", "gather_parts"]
+__all__ = ["HopClient", "Reply", "Transport", "gather_parts"]
 
-SERVER_SECONDS_HEADER = "partita-server-seconds"
-LAYOUT_PARAMETER = "partita_layout"
+CONNECT_TIMEOUT_S = 2.0
 
 
 def gather_parts(layout_raw: object, parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Rebuild the stage outputs from the shards' parts with `partita.model.shard.gather`."""
+    if isinstance(layout_raw, str):  # gRPC carries structured parameters as JSON text
+        layout_raw = orjson.loads(layout_raw)
     layout = layout_from_json(layout_raw)
     return dict(gather(layout, parts))
 
 
+@dataclass(frozen=True)
+class Reply:
+    """One successful call: the answer, bytes sent, and the next server's own time."""
+
+    response: InferResponse
+    sent_bytes: int
+    server_seconds: float
+
+
+class Transport(Protocol):
+    """One way of calling a next-stage endpoint. Failures are raised as `ServerError`:
+    `StageUnavailable` means "try another endpoint", anything else is final."""
+
+    async def infer(
+        self,
+        hop: Hop,
+        endpoint: str,
+        model: str,
+        tensors: Mapping[str, np.ndarray],
+        parameters: Mapping[str, Mapping[str, Any]],
+        timeout_s: float,
+    ) -> Reply: ...
+
+    async def metadata(
+        self, hop: Hop, endpoint: str, model: str, timeout_s: float
+    ) -> dict[str, Any] | None: ...
+
+    async def close(self) -> None: ...
+
+
+def _where(hop: Hop, endpoint: str) -> str:
+    return f"next stage {hop.stage!r} at {endpoint}"
+
+
+class HttpTransport:
+    """v2 REST with binary tensors over one keep-alive connection pool."""
+
+    def __init__(self, tokens: StageTokens) -> None:
+        self._tokens = tokens
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
+        self._client = httpx.AsyncClient(limits=limits)
+
+    def _headers(self, extra: Mapping[str, str]) -> dict[str, str]:
+        token = self._tokens.current
+        return {**extra, **({"authorization": f"Bearer {token}"} if token else {})}
+
+    async def infer(
+        self,
+        hop: Hop,
+        endpoint: str,
+        model: str,
+        tensors: Mapping[str, np.ndarray],
+        parameters: Mapping[str, Mapping[str, Any]],
+        timeout_s: float,
+    ) -> Reply:
+        body, header_length = encode_request(tensors, input_parameters=parameters)
+        headers = {"content-type": "application/octet-stream", TIMEOUT_HEADER: f"{timeout_s:.6f}"}
+        if header_length is not None:
+            headers[HEADER_LENGTH] = str(header_length)
+        timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, CONNECT_TIMEOUT_S))
+        try:
+            reply = await self._client.post(
+                f"{endpoint}/v2/models/{model}/infer",
+                content=body,
+                headers=self._headers(headers),
+                timeout=timeout,
+            )
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
+            raise StageUnavailable(
+                f"{_where(hop, endpoint)} is unreachable ({type(exc).__name__})"
+            ) from exc
+        except httpx.TimeoutException as exc:
+            raise StageTimeout(
+                f"{_where(hop, endpoint)} did not answer within {timeout_s:.3f} s"
+            ) from exc
+        except httpx.HTTPError as exc:
+            raise StageUnavailable(f"{_where(hop, endpoint)}: {exc}") from exc
+        if reply.status_code != 200:
+            raise _downstream_error(hop, endpoint, reply.status_code, _error_text(reply))
+        try:
+            server_seconds = float(reply.headers.get(SERVER_SECONDS_HEADER, 0.0))
+        except ValueError:
+            server_seconds = 0.0
+        length = reply.headers.get(HEADER_LENGTH)
+        response = decode_response(
+            reply.content, int(length) if length and length.isdigit() else None, stage=hop.stage
+        )
+        return Reply(response, len(body), server_seconds)
+
+    async def metadata(
+        self, hop: Hop, endpoint: str, model: str, timeout_s: float
+    ) -> dict[str, Any] | None:
+        try:
+            reply = await self._client.get(
+                f"{endpoint}/v2/models/{model}", headers=self._headers({}), timeout=timeout_s
+            )
+        except httpx.HTTPError:
+            return None
+        if reply.status_code != 200:
+            return None
+        meta: dict[str, Any] = orjson.loads(reply.content)
+        return meta
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+
+class GrpcTransport:
+    """The v2 gRPC service, one channel per endpoint (HTTP/2 multiplexes the calls)."""
+
+    def __init__(self, tokens: StageTokens) -> None:
+        self._tokens = tokens
+        self._stubs: dict[str, tuple[grpc.aio.Channel, pb_grpc.GRPCInferenceServiceStub]] = {}
+
+    def _stub(self, endpoint: str) -> pb_grpc.GRPCInferenceServiceStub:
+        if endpoint not in self._stubs:
+            url = urlsplit(endpoint)
+            channel = grpc.aio.insecure_channel(
+                f"{url.hostname}:{url.port or 80}",
+                options=[
+                    ("grpc.max_receive_message_length", -1),
+                    ("grpc.max_send_message_length", -1),
+                ],
+            )
+            self._stubs[endpoint] = (channel, pb_grpc.GRPCInferenceServiceStub(channel))
+        return self._stubs[endpoint][1]
+
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        token = self._tokens.current
+        return (("authorization", f"Bearer {token}"),) if token else ()
+
+    async def infer(
+        self,
+        hop: Hop,
+        endpoint: str,
+        model: str,
+        tensors: Mapping[str, np.ndarray],
+        parameters: Mapping[str, Mapping[str, Any]],
+        timeout_s: float,
+    ) -> Reply:
+        request = encode_infer_request(model, tensors, parameters)
+        call = self._stub(endpoint).ModelInfer(
+            request, timeout=timeout_s, metadata=self._metadata()
+        )
+        try:
+            message = await call
+            trailers = await call.trailing_metadata()
+        except grpc.aio.AioRpcError as exc:
+            code, detail = exc.code(), exc.details() or ""
+            if code is grpc.StatusCode.DEADLINE_EXCEEDED and detail == "Deadline Exceeded":
+                raise StageTimeout(  # our own timeout, not an error the next stage reported
+                    f"{_where(hop, endpoint)} did not answer within {timeout_s:.3f} s"
+                ) from exc
+            if code is grpc.StatusCode.UNAVAILABLE:
+                raise StageUnavailable(f"{_where(hop, endpoint)}: {detail}") from exc
+            raise _downstream_error(hop, endpoint, http_status(code), detail) from exc
+        server_seconds = 0.0
+        for item in trailers or ():
+            if item.key == SERVER_SECONDS_HEADER:
+                with contextlib.suppress(ValueError):
+                    server_seconds = float(item.value)
+        try:
+            response = decode_infer_response(message)
+        except InvalidInput as exc:
+            raise BadGateway(
+                f"stage {hop.stage!r} sent an unusable response: {exc.message}"
+            ) from exc
+        return Reply(response, request.ByteSize(), server_seconds)
+
+    async def metadata(
+        self, hop: Hop, endpoint: str, model: str, timeout_s: float
+    ) -> dict[str, Any] | None:
+        try:
+            meta = await self._stub(endpoint).ModelMetadata(
+                pb.ModelMetadataRequest(name=model), timeout=timeout_s, metadata=self._metadata()
+            )
+        except grpc.aio.AioRpcError:
+            return None
+        tensors = lambda ts: [  # noqa: E731
+            {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)} for t in ts
+        ]
+        return {"name": meta.name, "inputs": tensors(meta.inputs), "outputs": tensors(meta.outputs)}
+
+    async def close(self) -> None:
+        for channel, _ in self._stubs.values():
+            await channel.close()
+        self._stubs.clear()
+
+
 class HopClient:
-    """Sends a stage's tensors down the hops of its spec; one keep-alive pool for all."""
+    """Sends a stage's tensors down the hops of its spec, within the request's deadline."""
 
     def __init__(
         self,
         hops: tuple[Hop, ...],
         *,
         model: str,
-        token: str | None,
+        tokens: StageTokens,
         metrics: ServerMetrics,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self._hops, self._model, self._metrics, self._clock = hops, model, metrics, clock
-        self._headers = {"authorization": f"Bearer {token}"} if token else {}
-        self._client: httpx.AsyncClient | None = None
+        self._tokens = tokens
+        self._transports: dict[str, Transport] = {}
         self._turn = itertools.count()
 
     async def start(self) -> None:
-        limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
-        self._client = httpx.AsyncClient(limits=limits, headers=self._headers)
+        schemes = {urlsplit(e).scheme for hop in self._hops for e in hop.endpoints}
+        if "http" in schemes:
+            self._transports["http"] = HttpTransport(self._tokens)
+        if "grpc" in schemes:
+            self._transports["grpc"] = GrpcTransport(self._tokens)
 
     async def stop(self) -> None:
-        if self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        for transport in self._transports.values():
+            await transport.close()
+        self._transports.clear()
 
-    async def forward(self, tensors: Mapping[str, np.ndarray]) -> InferResponse:
-        """Run the tensors through every hop; the last hop's answer is returned."""
+    def _transport(self, endpoint: str) -> Transport:
+        transport = self._transports.get(urlsplit(endpoint).scheme)
+        assert transport is not None, "HopClient.start() was not awaited"
+        return transport
+
+    async def forward(self, tensors: Mapping[str, np.ndarray], deadline: float) -> InferResponse:
+        """Run the tensors through every hop by `deadline`; the last hop's answer is returned."""
         current = dict(tensors)
         response = InferResponse(current)
         for hop in self._hops:
             response = await (
-                self._fan_out(hop, current) if hop.fan_out else self._chain(hop, current)
+                self._fan_out(hop, current, deadline)
+                if hop.fan_out
+                else self._chain(hop, current, deadline)
             )
             current = response.outputs
         return response
 
-    async def metadata(self) -> dict[str, Any] | None:
+    async def metadata(self, deadline: float) -> dict[str, Any] | None:
         """The model metadata of the last chain hop, to tell clients the final outputs."""
         hop = self._hops[-1]
-        if hop.fan_out or self._client is None:
+        if hop.fan_out or not self._transports:
             return None
         for endpoint in hop.endpoints:
-            try:
-                reply = await self._client.get(
-                    f"{endpoint}/v2/models/{hop.model or self._model}", timeout=hop.timeout_s
-                )
-            except httpx.HTTPError:
-                continue
-            if reply.status_code == 200:
-                meta: dict[str, Any] = orjson.loads(reply.content)
+            timeout = min(hop.timeout_s, max(deadline - self._clock(), 0.001))
+            meta = await self._transport(endpoint).metadata(
+                hop, endpoint, hop.model or self._model, timeout
+            )
+            if meta is not None:
                 return meta
         return None
 
-    def _encode(self, hop: Hop, tensors: Mapping[str, np.ndarray]) -> tuple[bytes, dict[str, str]]:
+    def _timeout(self, hop: Hop, deadline: float) -> float:
+        left = deadline - self._clock()
+        if left <= 0:
+            raise StageTimeout(
+                f"the request's deadline passed before it could go on to stage {hop.stage!r}"
+            )
+        return min(hop.timeout_s, left)
+
+    def _wire(
+        self, hop: Hop, tensors: Mapping[str, np.ndarray]
+    ) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]]]:
         wire: dict[str, np.ndarray] = {}
         params: dict[str, dict[str, Any]] = {}
         for name, array in tensors.items():
             wire[name], p = compress(array, hop.compression)
             if p:
                 params[name] = p
-        body, header_length = encode_request(wire, input_parameters=params)
-        headers = {"content-type": "application/octet-stream"}
-        if header_length is not None:
-            headers[HEADER_LENGTH] = str(header_length)
-        return body, headers
+        return wire, params
 
-    async def _post(
-        self, hop: Hop, endpoint: str, body: bytes, headers: dict[str, str]
+    async def _call(
+        self,
+        hop: Hop,
+        endpoint: str,
+        wire: Mapping[str, np.ndarray],
+        params: Mapping[str, Mapping[str, Any]],
+        deadline: float,
     ) -> InferResponse:
-        """One call; raises StageUnavailable (try another endpoint) or a final ServerError."""
-        assert self._client is not None, "HopClient.start() was not awaited"
-        url = f"{endpoint}/v2/models/{hop.model or self._model}/infer"
-        timeout = httpx.Timeout(hop.timeout_s, connect=min(hop.timeout_s, 2.0))
+        """One call, measured; raises StageUnavailable (try another endpoint) or a final error."""
+        timeout = self._timeout(hop, deadline)
         started = self._clock()
         try:
-            reply = await self._client.post(url, content=body, headers=headers, timeout=timeout)
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
-            self._metrics.observe_hop_error(hop.stage, endpoint, "unreachable")
-            raise StageUnavailable(
-                f"next stage {hop.stage!r} at {endpoint} is unreachable ({type(exc).__name__})"
-            ) from exc
-        except httpx.TimeoutException as exc:
+            reply = await self._transport(endpoint).infer(
+                hop, endpoint, hop.model or self._model, wire, params, timeout
+            )
+        except StageTimeout:
             self._metrics.observe_hop_error(hop.stage, endpoint, "timeout")
-            raise StageTimeout(
-                f"next stage {hop.stage!r} at {endpoint} did not answer within {hop.timeout_s} s"
-            ) from exc
-        except httpx.HTTPError as exc:
-            self._metrics.observe_hop_error(hop.stage, endpoint, "transport")
-            raise StageUnavailable(f"next stage {hop.stage!r} at {endpoint}: {exc}") from exc
+            raise
+        except StageUnavailable:
+            self._metrics.observe_hop_error(hop.stage, endpoint, "unreachable")
+            raise
+        except ServerError as exc:
+            self._metrics.observe_hop_error(hop.stage, endpoint, str(exc.status))
+            raise
         elapsed = self._clock() - started
-        if reply.status_code != 200:
-            self._metrics.observe_hop_error(hop.stage, endpoint, str(reply.status_code))
-            raise _downstream_error(hop, endpoint, reply)
-        try:
-            server_seconds = float(reply.headers.get(SERVER_SECONDS_HEADER, 0.0))
-        except ValueError:
-            server_seconds = 0.0
         self._metrics.observe_hop(
-            hop.stage, endpoint, len(body), max(elapsed - server_seconds, 0.0)
+            hop.stage, endpoint, reply.sent_bytes, max(elapsed - reply.server_seconds, 0.0)
         )
-        length = reply.headers.get(HEADER_LENGTH)
-        response = decode_response(
-            reply.content, int(length) if length and length.isdigit() else None, stage=hop.stage
-        )
+        response = reply.response
         outputs = {
             n: decompress(a, response.output_parameters.get(n, {}), name=n)
             for n, a in response.outputs.items()
         }
         return InferResponse(outputs, {}, response.parameters, response.model_name)
 
-    async def _chain(self, hop: Hop, tensors: Mapping[str, np.ndarray]) -> InferResponse:
-        body, headers = self._encode(hop, tensors)
+    async def _chain(
+        self, hop: Hop, tensors: Mapping[str, np.ndarray], deadline: float
+    ) -> InferResponse:
+        wire, params = self._wire(hop, tensors)
         first = next(self._turn) % len(hop.endpoints)
         order = hop.endpoints[first:] + hop.endpoints[:first]
         failures: list[str] = []
         for endpoint in order:
             try:
-                return await self._post(hop, endpoint, body, headers)
+                return await self._call(hop, endpoint, wire, params, deadline)
             except StageUnavailable as exc:
                 failures.append(exc.message)
         raise StageUnavailable(
@@ -171,14 +390,15 @@ class HopClient:
             + "; ".join(failures)
         )
 
-    async def _fan_out(self, hop: Hop, tensors: Mapping[str, np.ndarray]) -> InferResponse:
-        body, headers = self._encode(hop, tensors)
+    async def _fan_out(
+        self, hop: Hop, tensors: Mapping[str, np.ndarray], deadline: float
+    ) -> InferResponse:
+        wire, params = self._wire(hop, tensors)
         replies = await asyncio.gather(
-            *(self._post(hop, e, body, headers) for e in hop.endpoints), return_exceptions=True
+            *(self._call(hop, e, wire, params, deadline) for e in hop.endpoints),
+            return_exceptions=True,
         )
         for reply in replies:
-            if isinstance(reply, ServerError):
-                raise reply
             if isinstance(reply, BaseException):
                 raise reply
         responses = [r for r in replies if isinstance(r, InferResponse)]
@@ -195,14 +415,17 @@ class HopClient:
         return InferResponse(gathered)
 
 
-def _downstream_error(hop: Hop, endpoint: str, reply: httpx.Response) -> ServerError:
+def _error_text(reply: httpx.Response) -> str:
     try:
-        detail = str(orjson.loads(reply.content).get("error", ""))
+        return str(orjson.loads(reply.content).get("error", ""))
     except (orjson.JSONDecodeError, AttributeError):
-        detail = reply.text[:200]
-    where = f"next stage {hop.stage!r} at {endpoint}"
-    if reply.status_code == 504:
+        return reply.text[:200]
+
+
+def _downstream_error(hop: Hop, endpoint: str, status: int, detail: str) -> ServerError:
+    where = _where(hop, endpoint)
+    if status == 504:
         return StageTimeout(f"{where}: {detail}")
-    if reply.status_code == 503:
+    if status == 503:
         return StageUnavailable(f"{where}: {detail}")
-    return BadGateway(f"{where} answered {reply.status_code}: {detail}")
+    return BadGateway(f"{where} answered {status}: {detail}")

@@ -7,8 +7,6 @@ asked for. The HTTP app only adapts requests and errors to this.
 
 from __future__ import annotations
 
-import asyncio
-import hmac
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -17,12 +15,18 @@ from typing import Any
 import numpy as np
 
 from partita.runtime import RunError, TensorSpec, run_checked
-from partita_server.batching import Batcher
+from partita_server.batching import RunQueue
 from partita_server.chaining import LAYOUT_PARAMETER, HopClient
-from partita_server.errors import InvalidInput, ModelNotFound, Unauthorized
+from partita_server.errors import (
+    InvalidInput,
+    ModelNotFound,
+    PayloadTooLarge,
+    StageTimeout,
+    Unauthorized,
+)
 from partita_server.metrics import ServerMetrics
 from partita_server.protocol import InferRequest, InferResponse, datatype_of, decompress
-from partita_server.spec import StageSpec
+from partita_server.spec import OrtSizing, StageSpec, StageTokens
 from partita_server.stage import LoadedStage, layout_to_json
 
 __all__ = ["SERVER_NAME", "DataPlane"]
@@ -40,36 +44,38 @@ def _tensor_metadata(spec: TensorSpec) -> dict[str, Any]:
 
 
 class DataPlane:
-    """One stage (or shard) of one model, behind the v2 protocol's operations."""
+    """One stage (or shard) of one model, behind the v2 protocol's operations.
+
+    ORT runs go through one `RunQueue` on `sizing.workers` threads; `clock` is the one
+    the request deadlines are on.
+    """
 
     def __init__(
         self,
         spec: StageSpec,
         stage: LoadedStage,
         *,
-        token: str | None,
+        tokens: StageTokens,
         metrics: ServerMetrics,
+        sizing: OrtSizing,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.spec, self.stage, self.metrics, self._clock = spec, stage, metrics, clock
-        self._token = token
+        self.sizing = sizing
+        self._tokens = tokens
         self._inputs = {t.name: t for t in stage.session.inputs}
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ort")
+        self._executor = ThreadPoolExecutor(max_workers=sizing.workers, thread_name_prefix="ort")
         self._hops = (
-            HopClient(spec.next, model=spec.model, token=token, metrics=metrics, clock=clock)
+            HopClient(spec.next, model=spec.model, tokens=tokens, metrics=metrics, clock=clock)
             if spec.next
             else None
         )
-        self._batcher = (
-            Batcher(
-                self._run,
-                max_batch_size=spec.batching.max_batch_size,
-                max_delay_s=spec.batching.max_delay_ms / 1000.0,
-                executor=self._executor,
-                metrics=metrics,
-            )
-            if spec.batching is not None
-            else None
+        self._queue = RunQueue(
+            self._run,
+            workers=sizing.workers,
+            max_rows=spec.batching.max_batch_size if spec.batching is not None else 1,
+            executor=self._executor,
+            metrics=metrics,
         )
         self._layout = layout_to_json(stage.layout) if stage.layout is not None else None
         self._final_metadata: dict[str, Any] | None = None
@@ -78,17 +84,23 @@ class DataPlane:
     async def start(self) -> None:
         if self._hops is not None:
             await self._hops.start()
-        if self._batcher is not None:
-            self._batcher.start()
+        self._queue.start()
         self._ready = True
 
     async def stop(self) -> None:
         self._ready = False
-        if self._batcher is not None:
-            await self._batcher.stop()
+        await self._queue.stop()
         if self._hops is not None:
             await self._hops.stop()
         self._executor.shutdown(wait=True)
+
+    def deadline(self, caller_timeout_s: float | None = None) -> float:
+        """When a request arriving now must be answered: the spec's budget, or the caller's
+        shorter one (a gRPC deadline, the `partita-timeout` header a previous stage sends)."""
+        budget = self.spec.deadline_s
+        if caller_timeout_s is not None and caller_timeout_s < budget:
+            budget = max(caller_timeout_s, 0.0)
+        return self._clock() + budget
 
     # -- health and metadata ---------------------------------------------------------------
 
@@ -118,10 +130,10 @@ class DataPlane:
         if self.spec.entry:
             return
         presented = (authorization or "").removeprefix("Bearer ").strip()
-        if not self._token or not hmac.compare_digest(presented.encode(), self._token.encode()):
+        if not self._tokens.accepts(presented):
             raise Unauthorized(
                 f"stage {self.spec.stage!r} is internal: send 'Authorization: Bearer <token>' "
-                "with the token of PARTITA_INTERNAL_TOKEN"
+                "with the token of PARTITA_INTERNAL_TOKEN (or PARTITA_INTERNAL_TOKEN_FILE)"
             )
 
     async def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
@@ -129,7 +141,7 @@ class DataPlane:
         outputs = [_tensor_metadata(t) for t in self.stage.session.outputs]
         if self._hops is not None and self.spec.cascade is None:
             if self._final_metadata is None:
-                self._final_metadata = await self._hops.metadata()
+                self._final_metadata = await self._hops.metadata(self.deadline())
             if self._final_metadata is not None:
                 outputs = self._final_metadata.get("outputs", outputs)
         return {
@@ -166,11 +178,17 @@ class DataPlane:
                     f"tensor {name!r}: shape {list(array.shape)}, the model takes {want} "
                     "(-1: any size)"
                 )
+            limit = self.spec.limits.max_batch
+            if want and want[0] < 0 and array.shape[0] > limit:
+                raise PayloadTooLarge(
+                    f"tensor {name!r}: batch of {array.shape[0]} rows, over the server's "
+                    f"limit of {limit} (limits.max_batch); send smaller batches"
+                )
             feeds[name] = array
         missing = sorted(set(self._inputs) - set(feeds))
         if missing:
             raise InvalidInput(f"tensor {missing[0]!r} is missing; the model needs {missing}")
-        if self._batcher is not None:
+        if self.spec.batching is not None:
             rows = {a.shape[0] for a in feeds.values()}
             if len(rows) != 1 or 0 in rows:
                 raise InvalidInput(
@@ -190,14 +208,7 @@ class DataPlane:
 
     async def _compute(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         try:
-            if self._batcher is not None:
-                return await self._batcher.submit(feeds)
-            self.metrics.queue.inc()
-            try:
-                loop = asyncio.get_running_loop()
-                return await loop.run_in_executor(self._executor, self._run, feeds)
-            finally:
-                self.metrics.queue.dec()
+            return await self._queue.submit(feeds)
         except RunError as exc:
             raise InvalidInput(f"the model cannot run on these inputs: {exc}") from exc
 
@@ -215,21 +226,33 @@ class DataPlane:
         return bool(np.all(rows.max(axis=1) >= self.spec.cascade.threshold))
 
     async def infer(
-        self, name: str, request: InferRequest, version: str | None = None
+        self,
+        name: str,
+        request: InferRequest,
+        version: str | None = None,
+        *,
+        deadline: float | None = None,
     ) -> InferResponse:
-        """Answer one request: compute here, then forward or answer as the spec says."""
+        """Answer one request by `deadline` (on this plane's clock): compute here, then
+        forward or answer as the spec says."""
         self.check_model(name, version)
+        deadline = self.deadline() if deadline is None else deadline
         feeds = self._validate(request)
         outputs = await self._compute(feeds)
         parameters: dict[str, Any] = {}
         if self._hops is not None:
+            if self._clock() >= deadline:
+                raise StageTimeout(
+                    f"stage {self.spec.stage!r}: the request's deadline passed before it could "
+                    "go on to the next stage"
+                )
             if self.spec.cascade is None:
-                outputs = (await self._hops.forward(outputs)).outputs
+                outputs = (await self._hops.forward(outputs, deadline)).outputs
             else:
                 forwarded = not self._confident(outputs)
                 self.metrics.observe_cascade(forwarded)
                 if forwarded:
-                    outputs = (await self._hops.forward(feeds)).outputs
+                    outputs = (await self._hops.forward(feeds, deadline)).outputs
                 parameters["partita_cascade"] = "forwarded" if forwarded else "local"
         if self._layout is not None:
             parameters[LAYOUT_PARAMETER] = self._layout

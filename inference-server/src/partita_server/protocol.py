@@ -16,12 +16,15 @@ from typing import Any
 import numpy as np
 import orjson
 
-from partita_server.errors import BadGateway, InvalidInput
-from partita_server.spec import Compression
+from partita_server.errors import BadGateway, InvalidInput, PayloadTooLarge
+from partita_server.spec import Compression, Limits
 
 __all__ = [
     "DATATYPES",
     "HEADER_LENGTH",
+    "LAYOUT_PARAMETER",
+    "SERVER_SECONDS_HEADER",
+    "TIMEOUT_HEADER",
     "InferRequest",
     "InferResponse",
     "RequestedOutput",
@@ -35,6 +38,13 @@ __all__ = [
 ]
 
 HEADER_LENGTH = "inference-header-content-length"
+# The server's own time for a request (REST header, gRPC trailer): the caller subtracts it
+# from its round trip to get the network time of the hop.
+SERVER_SECONDS_HEADER = "partita-server-seconds"
+# The time left for a request, in seconds, as a stage tells the next one (REST header).
+TIMEOUT_HEADER = "partita-timeout"
+# A shard server's layout, in its response parameters, so the stage before it can gather.
+LAYOUT_PARAMETER = "partita_layout"
 CODEC = "partita_codec"
 SCALE = "partita_scale"
 ZERO_POINT = "partita_zero_point"
@@ -54,6 +64,10 @@ DATATYPES: dict[str, np.dtype[Any]] = {
     "FP64": np.dtype("<f8"),
 }
 _BY_NUMPY = {dt.name: name for name, dt in DATATYPES.items()}
+_NO_LIMITS = Limits(
+    max_body_bytes=2**31, max_json_bytes=2**31, max_elements=1 << 31, max_batch=1 << 20
+)
+MAX_DIM = 2**31 - 1
 
 
 def datatype_of(dtype: np.dtype[Any] | str) -> str:
@@ -96,13 +110,24 @@ class InferResponse:
     id: str | None = None
 
 
-def _header(body: bytes, header_length: int | None) -> tuple[Any, int]:
+def _header(body: bytes, header_length: int | None, limits: Limits) -> tuple[Any, int]:
     if header_length is None:
         header_length = len(body)
     elif not 0 < header_length <= len(body):
         raise InvalidInput(
             f"Inference-Header-Content-Length {header_length} does not fit the {len(body)}-byte"
             " body; send the length of the JSON header in bytes"
+        )
+    if header_length > limits.max_json_bytes:
+        raise PayloadTooLarge(
+            f"JSON part of the request is {header_length} bytes, over the server's "
+            f"{limits.max_json_bytes}-byte limit for JSON; send tensors in binary"
+        )
+    # Every JSON number but the last of an array is followed by a comma: bound the Python
+    # objects orjson would create before it creates them.
+    if body.count(b",", 0, header_length) > limits.max_elements + 4096:
+        raise PayloadTooLarge(
+            f"the JSON request holds more than the server's {limits.max_elements} elements"
         )
     try:
         return orjson.loads(memoryview(body)[:header_length]), header_length
@@ -119,10 +144,15 @@ def _mapping(value: Any, where: str) -> dict[str, Any]:
 
 
 def _shape(value: Any, where: str) -> tuple[int, ...]:
-    if not isinstance(value, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**62 for d in value
-    ):
-        raise InvalidInput(f"{where}: shape must be a list of non-negative integers")
+    if (
+        not isinstance(value, list)
+        or len(value) > 32
+        or not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d <= MAX_DIM
+                   for d in value)
+    ):  # fmt: skip
+        raise InvalidInput(
+            f"{where}: shape must be a list of at most 32 integers in [0, {MAX_DIM}]"
+        )
     return tuple(value)
 
 
@@ -134,62 +164,111 @@ def _dtype(value: Any, where: str) -> np.dtype[Any]:
     return DATATYPES[value]
 
 
+def _json_data(data: Any, dtype: np.dtype[Any], count: int, where: str) -> np.ndarray:
+    """JSON numbers (flat or nested lists) as an array of `dtype`, refusing what would not
+    survive the conversion: strings, ragged lists, integers out of the type's range."""
+    try:
+        array = np.asarray(data)
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InvalidInput(f"{where}: data is not a (nested) list of numbers ({exc})") from exc
+    if array.size != count:
+        raise InvalidInput(f"{where}: data has {array.size} elements, its shape needs {count}")
+    if array.size == 0:
+        return np.empty(0, dtype)
+    kind = array.dtype.kind
+    if dtype.kind == "b":
+        if kind != "b":
+            raise InvalidInput(f"{where}: BOOL data must be true/false")
+    elif kind not in "biu" and not (kind == "f" and dtype.kind == "f"):
+        wanted = "numbers" if dtype.kind == "f" else "integers"
+        raise InvalidInput(f"{where}: data must be {wanted} for {datatype_of(dtype)}")
+    if dtype.kind in "iu" and kind in "iu":
+        info = np.iinfo(dtype)
+        if array.min() < info.min or array.max() > info.max:
+            raise InvalidInput(
+                f"{where}: data outside [{info.min}, {info.max}] of {datatype_of(dtype)}"
+            )
+    return array.astype(dtype, copy=False)
+
+
 def _tensor(
-    entry: Any, where: str, body: bytes, offset: int
+    entry: Any, where: str, body: bytes, offset: int, end: int, budget: int
 ) -> tuple[str, np.ndarray, dict[str, Any], int]:
-    """Decode one tensor entry; returns (name, array, parameters, next binary offset)."""
+    """Decode one tensor entry; returns (name, array, parameters, next binary offset).
+
+    `end` is where the binary section ends, `budget` the elements this tensor may hold.
+    """
     if not isinstance(entry, dict):
         raise InvalidInput(f"{where} must be a JSON object")
     name = entry.get("name")
-    if not isinstance(name, str) or not name:
-        raise InvalidInput(f"{where}: 'name' must be a non-empty string")
+    if not isinstance(name, str) or not name or len(name) > 1024:
+        raise InvalidInput(f"{where}: 'name' must be a non-empty string (at most 1024 chars)")
     where = f"tensor {name!r}"
     dtype = _dtype(entry.get("datatype"), where)
     shape = _shape(entry.get("shape"), where)
     params = _mapping(entry.get("parameters"), f"{where}: parameters")
     count = math.prod(shape)
+    if count > budget:
+        raise PayloadTooLarge(
+            f"{where}: shape {list(shape)} has {count} elements, over the {budget} the request "
+            "may still hold (server limit max_elements)"
+        )
     size = params.get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise InvalidInput(f"{where}: binary_data_size must be a non-negative integer")
+        if "data" in entry:
+            raise InvalidInput(f"{where}: give 'data' or parameters.binary_data_size, not both")
         if size != count * dtype.itemsize:
             raise InvalidInput(
                 f"{where}: binary_data_size {size} != {count} elements x {dtype.itemsize} bytes"
                 f" for shape {list(shape)}"
             )
-        if offset + size > len(body):
-            raise InvalidInput(f"{where}: binary data runs past the end of the body")
+        if offset + size > end:
+            raise InvalidInput(
+                f"{where}: binary data runs past the end of the body ({end - offset} bytes "
+                f"left, {size} declared)"
+            )
         if count == 0:
             return name, np.empty(shape, dtype=dtype), params, offset
         array = np.frombuffer(body, dtype=dtype, count=count, offset=offset).reshape(shape)
         return name, array, params, offset + size
     if "data" not in entry:
         raise InvalidInput(f"{where}: give 'data' or parameters.binary_data_size")
-    try:
-        array = np.asarray(entry["data"], dtype=dtype)
-    except (ValueError, TypeError, OverflowError) as exc:
-        raise InvalidInput(f"{where}: data does not hold {dtype.name} values ({exc})") from exc
-    if array.size != count:
-        raise InvalidInput(
-            f"{where}: data has {array.size} elements, shape {list(shape)} needs {count}"
+    return name, _json_data(entry["data"], dtype, count, where).reshape(shape), params, offset
+
+
+def decode_request(
+    body: bytes, header_length: int | None = None, limits: Limits | None = None
+) -> InferRequest:
+    """Decode a v2 infer request body (JSON, or JSON header + binary tensors).
+
+    Every refusal is an `InvalidInput` (400) or `PayloadTooLarge` (413) naming the tensor;
+    nothing is allocated beyond what `limits` allow.
+    """
+    limits = limits or _NO_LIMITS
+    if len(body) > limits.max_body_bytes:
+        raise PayloadTooLarge(
+            f"request body of {len(body)} bytes exceeds the {limits.max_body_bytes}-byte limit"
         )
-    return name, array.reshape(shape), params, offset
-
-
-def decode_request(body: bytes, header_length: int | None = None) -> InferRequest:
-    """Decode a v2 infer request body (JSON, or JSON header + binary tensors)."""
-    header, offset = _header(body, header_length)
+    header, offset = _header(body, header_length, limits)
     if not isinstance(header, dict):
         raise InvalidInput("request must be a JSON object with 'inputs'")
     entries = header.get("inputs")
     if not isinstance(entries, list) or not entries:
         raise InvalidInput("request 'inputs' must be a non-empty list of tensors")
+    if len(entries) > 256:
+        raise InvalidInput(f"request has {len(entries)} inputs; at most 256 are accepted")
     inputs: dict[str, np.ndarray] = {}
     input_parameters: dict[str, dict[str, Any]] = {}
+    budget = limits.max_elements
     for i, entry in enumerate(entries):
-        name, array, params, offset = _tensor(entry, f"inputs[{i}]", body, offset)
+        name, array, params, offset = _tensor(
+            entry, f"inputs[{i}]", body, offset, len(body), budget
+        )
         if name in inputs:
             raise InvalidInput(f"tensor {name!r} is given twice")
+        budget -= array.size
         inputs[name] = array
         if params:
             input_parameters[name] = params
@@ -211,13 +290,15 @@ def _requested_outputs(value: Any) -> tuple[RequestedOutput, ...] | None:
         return None
     if not isinstance(value, list):
         raise InvalidInput("request 'outputs' must be a list")
-    requested = []
+    requested: dict[str, RequestedOutput] = {}
     for i, entry in enumerate(value):
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise InvalidInput(f"outputs[{i}] must be an object with a string 'name'")
         params = _mapping(entry.get("parameters"), f"outputs[{i}].parameters")
-        requested.append(RequestedOutput(entry["name"], params.get("binary_data") is True))
-    return tuple(requested)
+        if entry["name"] in requested:
+            raise InvalidInput(f"output {entry['name']!r} is requested twice")
+        requested[entry["name"]] = RequestedOutput(entry["name"], params.get("binary_data") is True)
+    return tuple(requested.values())
 
 
 def _tensor_json(name: str, array: np.ndarray, params: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -246,8 +327,9 @@ def _assemble(
             blob = memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
             entry.setdefault("parameters", {})["binary_data_size"] = blob.nbytes
             blobs.append(blob)
-        else:
-            entry["data"] = np.ascontiguousarray(array).ravel()
+        else:  # orjson writes numpy arrays natively, except float16
+            flat = np.ascontiguousarray(array).ravel()
+            entry["data"] = flat.astype(np.float32) if flat.dtype == np.float16 else flat
         entries.append(entry)
     header[key] = entries
     head = orjson.dumps(header, option=orjson.OPT_SERIALIZE_NUMPY)
@@ -287,18 +369,20 @@ def encode_request(
 def decode_response(body: bytes, header_length: int | None, *, stage: str) -> InferResponse:
     """Decode the next stage's response; anything malformed is that stage's fault (502)."""
     try:
-        header, offset = _header(body, header_length)
+        header, offset = _header(body, header_length, _NO_LIMITS)
         if not isinstance(header, dict) or not isinstance(header.get("outputs"), list):
             raise InvalidInput("response has no 'outputs' list")
         outputs: dict[str, np.ndarray] = {}
         output_parameters: dict[str, dict[str, Any]] = {}
         for i, entry in enumerate(header["outputs"]):
-            name, array, params, offset = _tensor(entry, f"outputs[{i}]", body, offset)
+            name, array, params, offset = _tensor(
+                entry, f"outputs[{i}]", body, offset, len(body), 1 << 31
+            )
             outputs[name] = array
             if params:
                 output_parameters[name] = params
         parameters = _mapping(header.get("parameters"), "response parameters")
-    except InvalidInput as exc:
+    except (InvalidInput, PayloadTooLarge) as exc:
         raise BadGateway(f"stage {stage!r} sent an unusable response: {exc.message}") from exc
     return InferResponse(
         outputs,

