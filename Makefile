@@ -11,7 +11,7 @@ export UV_PROJECT_ENVIRONMENT := $(abspath $(VENV))
 export UV_PYTHON := $(shell command -v $(PY))
 export PARTITA_CACHE := $(CACHE)
 
-.PHONY: install system-deps venv testbed-bin test lint typecheck crds crds-check dashboards dashboards-check unit integration e2e demo bench clean
+.PHONY: install system-deps venv testbed-bin test lint typecheck crds crds-check dashboards dashboards-check protos unit integration e2e demo bench clean
 
 install: system-deps venv testbed-bin
 
@@ -60,6 +60,13 @@ dashboards: venv
 dashboards-check: venv
 	@echo "==> checking that the chart's Grafana dashboards are regenerated"
 	$(BIN)/partita dashboards --check --out charts/partita/dashboards
+
+# The v2 gRPC stubs of the inference server, generated from its .proto (checked in;
+# tests/unit/server checks they match what protoc writes today).
+PROTO_SRC := inference-server/src
+protos: venv
+	$(BIN)/python -m grpc_tools.protoc -I $(PROTO_SRC) --python_out=$(PROTO_SRC) \
+	  --pyi_out=$(PROTO_SRC) partita_server/proto/open_inference.proto
 
 unit: venv
 	$(BIN)/pytest tests/unit -q

@@ -38,10 +38,14 @@ from partita_server.errors import (
     StageTimeout,
     StageUnavailable,
 )
-from partita_server.grpc_codec import decode_infer_response, encode_infer_request, http_status
+from partita_server.grpc_codec import (
+    SERVICE,
+    decode_infer_response,
+    encode_infer_request,
+    http_status,
+)
 from partita_server.metrics import ServerMetrics
 from partita_server.proto import open_inference_pb2 as pb
-from partita_server.proto import open_inference_pb2_grpc as pb_grpc
 from partita_server.protocol import (
     HEADER_LENGTH,
     LAYOUT_PARAMETER,
@@ -176,14 +180,21 @@ class HttpTransport:
         await self._client.aclose()
 
 
+@dataclass(frozen=True)
+class _Stub:
+    channel: grpc.aio.Channel
+    infer: Any  # grpc.aio.UnaryUnaryMultiCallable
+    metadata: Any
+
+
 class GrpcTransport:
     """The v2 gRPC service, one channel per endpoint (HTTP/2 multiplexes the calls)."""
 
     def __init__(self, tokens: StageTokens) -> None:
         self._tokens = tokens
-        self._stubs: dict[str, tuple[grpc.aio.Channel, pb_grpc.GRPCInferenceServiceStub]] = {}
+        self._stubs: dict[str, _Stub] = {}
 
-    def _stub(self, endpoint: str) -> pb_grpc.GRPCInferenceServiceStub:
+    def _stub(self, endpoint: str) -> _Stub:
         if endpoint not in self._stubs:
             url = urlsplit(endpoint)
             channel = grpc.aio.insecure_channel(
@@ -193,8 +204,20 @@ class GrpcTransport:
                     ("grpc.max_send_message_length", -1),
                 ],
             )
-            self._stubs[endpoint] = (channel, pb_grpc.GRPCInferenceServiceStub(channel))
-        return self._stubs[endpoint][1]
+            self._stubs[endpoint] = _Stub(
+                channel,
+                channel.unary_unary(
+                    f"/{SERVICE}/ModelInfer",
+                    request_serializer=pb.ModelInferRequest.SerializeToString,
+                    response_deserializer=pb.ModelInferResponse.FromString,
+                ),
+                channel.unary_unary(
+                    f"/{SERVICE}/ModelMetadata",
+                    request_serializer=pb.ModelMetadataRequest.SerializeToString,
+                    response_deserializer=pb.ModelMetadataResponse.FromString,
+                ),
+            )
+        return self._stubs[endpoint]
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:
         token = self._tokens.current
@@ -210,9 +233,7 @@ class GrpcTransport:
         timeout_s: float,
     ) -> Reply:
         request = encode_infer_request(model, tensors, parameters)
-        call = self._stub(endpoint).ModelInfer(
-            request, timeout=timeout_s, metadata=self._metadata()
-        )
+        call = self._stub(endpoint).infer(request, timeout=timeout_s, metadata=self._metadata())
         try:
             message = await call
             trailers = await call.trailing_metadata()
@@ -226,10 +247,10 @@ class GrpcTransport:
                 raise StageUnavailable(f"{_where(hop, endpoint)}: {detail}") from exc
             raise _downstream_error(hop, endpoint, http_status(code), detail) from exc
         server_seconds = 0.0
-        for item in trailers or ():
-            if item.key == SERVER_SECONDS_HEADER:
+        for key, value in trailers or ():
+            if key == SERVER_SECONDS_HEADER:
                 with contextlib.suppress(ValueError):
-                    server_seconds = float(item.value)
+                    server_seconds = float(value)
         try:
             response = decode_infer_response(message)
         except InvalidInput as exc:
@@ -242,7 +263,7 @@ class GrpcTransport:
         self, hop: Hop, endpoint: str, model: str, timeout_s: float
     ) -> dict[str, Any] | None:
         try:
-            meta = await self._stub(endpoint).ModelMetadata(
+            meta = await self._stub(endpoint).metadata(
                 pb.ModelMetadataRequest(name=model), timeout=timeout_s, metadata=self._metadata()
             )
         except grpc.aio.AioRpcError:
@@ -253,8 +274,8 @@ class GrpcTransport:
         return {"name": meta.name, "inputs": tensors(meta.inputs), "outputs": tensors(meta.outputs)}
 
     async def close(self) -> None:
-        for channel, _ in self._stubs.values():
-            await channel.close()
+        for stub in self._stubs.values():
+            await stub.channel.close()
         self._stubs.clear()
 
 

@@ -27,6 +27,7 @@ from partita_server.protocol import (
 from partita_server.spec import Limits
 
 __all__ = [
+    "SERVICE",
     "decode_infer_request",
     "decode_infer_response",
     "encode_infer_request",
@@ -35,6 +36,9 @@ __all__ = [
     "parameter_map",
     "status_code",
 ]
+
+# The v2 service's name on the wire: method paths are /inference.GRPCInferenceService/NAME.
+SERVICE = "inference.GRPCInferenceService"
 
 _CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,

@@ -10,33 +10,47 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
 from partita_server.dataplane import DataPlane
 from partita_server.errors import ServerError
-from partita_server.grpc_codec import decode_infer_request, encode_infer_response, status_code
+from partita_server.grpc_codec import (
+    SERVICE,
+    decode_infer_request,
+    encode_infer_response,
+    status_code,
+)
 from partita_server.proto import open_inference_pb2 as pb
-from partita_server.proto import open_inference_pb2_grpc as pb_grpc
 from partita_server.protocol import SERVER_SECONDS_HEADER
 
 __all__ = ["InferenceService", "create_grpc_server"]
+
+# Each operation of the service: (request, response) message classes.
+OPERATIONS: dict[str, tuple[type[Any], type[Any]]] = {
+    "ServerLive": (pb.ServerLiveRequest, pb.ServerLiveResponse),
+    "ServerReady": (pb.ServerReadyRequest, pb.ServerReadyResponse),
+    "ModelReady": (pb.ModelReadyRequest, pb.ModelReadyResponse),
+    "ServerMetadata": (pb.ServerMetadataRequest, pb.ServerMetadataResponse),
+    "ModelMetadata": (pb.ModelMetadataRequest, pb.ModelMetadataResponse),
+    "ModelInfer": (pb.ModelInferRequest, pb.ModelInferResponse),
+}
 
 log = logging.getLogger("partita_server")
 
 
 def _metadata(context: grpc.aio.ServicerContext, key: str) -> str | None:
-    for item in context.invocation_metadata() or ():
-        if item.key == key:
-            return str(item.value)
+    for name, value in context.invocation_metadata() or ():
+        if name == key:
+            return str(value)
     return None
 
 
 Reply = TypeVar("Reply")
 
 
-class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
+class InferenceService:
     """The six v2 operations; each converts and calls the data plane."""
 
     def __init__(self, plane: DataPlane, clock: Callable[[], float] = time.perf_counter) -> None:
@@ -140,7 +154,16 @@ def create_grpc_server(plane: DataPlane, address: str) -> tuple[grpc.aio.Server,
             ("grpc.so_reuseport", 0),
         ]
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(plane), server)
+    service = InferenceService(plane)
+    handlers = {
+        name: grpc.unary_unary_rpc_method_handler(
+            getattr(service, name),
+            request_deserializer=request.FromString,
+            response_serializer=response.SerializeToString,
+        )
+        for name, (request, response) in OPERATIONS.items()
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     port = server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot bind the gRPC server to {address}")

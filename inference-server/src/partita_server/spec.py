@@ -312,7 +312,6 @@ class StageTokens:
         self._tokens = tuple(t for t in tokens if t)
         self._file, self._recheck_s, self._clock = file, recheck_s, clock
         self._checked = -math.inf
-        self._stamp: tuple[int, int] | None = None
         if file is not None:
             self._reload(force=True)
 
@@ -331,11 +330,7 @@ class StageTokens:
         if not force and now - self._checked < self._recheck_s:
             return
         self._checked = now
-        try:
-            stat = self._file.stat()
-            stamp = (stat.st_mtime_ns, stat.st_ino)
-            if stamp == self._stamp:
-                return
+        try:  # a few bytes: read them again rather than trust mtimes of quick rewrites
             lines = self._file.read_text().splitlines()
         except OSError as exc:
             if force:
@@ -345,7 +340,7 @@ class StageTokens:
             return  # keep the tokens we have while the file is being replaced
         tokens = tuple(line.strip() for line in lines if line.strip())
         if tokens or force:
-            self._tokens, self._stamp = tokens, stamp
+            self._tokens = tokens
 
     @property
     def current(self) -> str | None:

