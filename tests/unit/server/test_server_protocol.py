@@ -168,3 +168,82 @@ def test_limits_refuse_before_the_json_becomes_python_objects() -> None:
         decode_request(two, None, limits)
     with pytest.raises(PayloadTooLarge, match="JSON"):
         decode_request(two, None, Limits(max_json_bytes=1024))
+
+
+_tensor_entries = st.fixed_dictionaries(
+    {
+        "name": st.sampled_from(["a", "b", ""]),
+        "datatype": st.sampled_from([*sorted(DATATYPES), "BYTES", "FP8"]),
+        "shape": st.lists(st.integers(-1, 2**31), max_size=4),
+    },
+    optional={
+        "data": st.recursive(
+            st.integers(-300, 300) | st.floats() | st.booleans() | st.text(max_size=2),
+            lambda inner: st.lists(inner, max_size=5), max_leaves=20),
+        "parameters": st.fixed_dictionaries({}, optional={
+            "binary_data_size": st.integers(-1, 64) | st.booleans() | st.text(max_size=2)}),
+    },
+)  # fmt: skip
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    entries=st.lists(_tensor_entries, min_size=1, max_size=3),
+    tail=st.binary(max_size=64),
+    lie=st.integers(-8, 8),
+)
+def test_structured_requests_decode_to_their_shapes_or_a_4xx(
+    entries: list[dict[str, object]], tail: bytes, lie: int
+) -> None:
+    """Near-valid requests with lying sizes, shapes and datatypes: either every tensor has the
+    shape it declared within the element limit, or the refusal is a 4xx, nothing else."""
+    from partita_server.errors import PayloadTooLarge
+    from partita_server.spec import Limits
+
+    limits = Limits(max_elements=4096, max_json_bytes=1 << 16)
+    head = orjson.dumps({"inputs": entries})
+    for body, length in ((head, None), (head + tail, len(head) + lie)):
+        try:
+            decoded = decode_request(body, length, limits)
+        except (InvalidInput, PayloadTooLarge):
+            continue
+        total = 0
+        for entry in entries:
+            array = decoded.inputs[str(entry["name"])]
+            assert list(array.shape) == entry["shape"]
+            assert array.dtype == DATATYPES[str(entry["datatype"])]
+            total += array.size
+        assert total <= limits.max_elements
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    entries=st.lists(
+        st.tuples(st.sampled_from(["a", "b", ""]), st.sampled_from([*DATATYPES, "BYTES"]),
+                  st.lists(st.integers(0, 2**31), max_size=3), st.binary(max_size=24) | st.none(),
+                  st.lists(st.integers(-(2**31), 2**31 - 1), max_size=6)),
+        min_size=0, max_size=3),
+    extra_raw=st.booleans(),
+)  # fmt: skip
+def test_grpc_requests_decode_to_their_shapes_or_a_4xx(
+    entries: list[tuple[str, str, list[int], bytes | None, list[int]]], extra_raw: bool
+) -> None:
+    from partita_server.errors import PayloadTooLarge
+    from partita_server.grpc_codec import decode_infer_request
+    from partita_server.proto import open_inference_pb2 as pb
+    from partita_server.spec import Limits
+
+    request = pb.ModelInferRequest(model_name="m")
+    raws = [raw for *_, raw, _ in entries if raw is not None]
+    for name, datatype, shape, _, ints in entries:
+        tensor = request.inputs.add(name=name, datatype=datatype, shape=shape)
+        tensor.contents.int_contents.extend(ints)
+    if len(raws) == len(entries) or extra_raw:
+        request.raw_input_contents.extend(raws)
+    try:
+        decoded = decode_infer_request(request, Limits(max_elements=4096))
+    except (InvalidInput, PayloadTooLarge):
+        return
+    for name, datatype, shape, *_ in entries:
+        assert list(decoded.inputs[name].shape) == shape
+        assert decoded.inputs[name].dtype == DATATYPES[datatype]

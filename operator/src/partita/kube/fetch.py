@@ -194,7 +194,9 @@ class ModelFetcher:
             for info in infos:
                 sources.check_address(str(info[4][0]), allow_link_local=self.allow_link_local)
         except sources.SourceRefused as exc:
-            raise FetchError(FetchReason.FORBIDDEN, f"source.uri {uri!r}: {exc}") from None
+            raise FetchError(
+                FetchReason.FORBIDDEN, f"source.uri (or its redirect) {uri!r}: {exc}"
+            ) from None
         except (OSError, ValueError) as exc:
             raise FetchError(
                 FetchReason.UNREACHABLE, f"source.uri {uri!r}: cannot resolve the host ({exc})"
