@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from partita.api.meta import CONDITIONS, OBJECT, Condition, ObjectMeta, Tier
-from partita.api.quantity import BYTES_PATTERN
+from partita.api.meta import (
+    CONDITIONS,
+    LABEL_KEY,
+    OBJECT,
+    Condition,
+    LabelValue,
+    ObjectMeta,
+    Tier,
+    is_label_key,
+)
+from partita.api.quantity import BYTES_PATTERN, byte_count
 from partita.api.rules import ApiModel, CelRule, StatusModel, parse_manifest
-
-LabelValue = Annotated[str, Field(max_length=63)]
 
 
 class DeviceKind(StrEnum):
@@ -32,6 +39,15 @@ class DeviceHints(ApiModel):
     """Declared speed of one stage container in GFLOP/s; when absent Partita profiles it."""
     speed_factor: float = Field(1.0, gt=0, le=1000)
     """Speed relative to the profiling reference (0.25 = four times slower)."""
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(
+            rule="!has(self.memory) || !self.memory.matches('^0+([.]0+)?[A-Za-z]*$')",
+            message="device.memory must be more than zero bytes (e.g. 2Gi)",
+            holds=lambda d: d.memory is None or byte_count(d.memory) > 0,
+            field_path=".memory",
+        ),
+    )
 
 
 class NetworkDefaults(ApiModel):
@@ -69,6 +85,17 @@ class Power(ApiModel):
 
 class DevicePoolSpec(ApiModel):
     """Which nodes form the pool and what Partita should assume about them."""
+
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(
+            rule=f"self.nodeSelector.all(k, k.matches('{LABEL_KEY}') && (k.indexOf('/') <= 253))",
+            message="nodeSelector keys must be label keys: an optional DNS-subdomain prefix "
+            "and '/', then at most 63 letters, digits, '-', '_' or '.' starting and ending "
+            "with a letter or digit (e.g. partita.dev/pool)",
+            holds=lambda s: all(is_label_key(k) for k in s.node_selector),
+            field_path=".nodeSelector",
+        ),
+    )
 
     tier: Tier
     """edge or cloud: stages that keep raw input private stay in their tier."""

@@ -9,14 +9,36 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from partita.api.meta import CONDITIONS, OBJECT, Condition, DnsName, ObjectMeta, Tier
+from partita.api.meta import (
+    CONDITIONS,
+    DNS_LABEL,
+    DNS_SUBDOMAIN,
+    LABEL_KEY,
+    OBJECT,
+    Condition,
+    DnsName,
+    LabelValue,
+    ObjectMeta,
+    Tier,
+    is_label_key,
+)
 from partita.api.rules import ApiModel, CelRule, StatusModel, parse_manifest, unique
 
+# URI characters (RFC 3986 unreserved, sub-delims, ':', '@', '%'), without the quote that
+# would end the CEL string; no spaces, controls, backslashes or fragments.
+_PATH = "[-A-Za-z0-9._~%!$&()*+,;=:@/]"
+# A host name (any case) or an IPv4 address; IPv6 literals are not taken: name the host.
+_HOST_LABEL = "[A-Za-z0-9]([-A-Za-z0-9]{0,61}[A-Za-z0-9])?"
+_HOST = f"({_HOST_LABEL}([.]{_HOST_LABEL})*|[0-9]{{1,3}}([.][0-9]{{1,3}}){{3}})"
+_PORT = "(:(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}))?"
 SOURCE_URI = (
-    r"^(file:///[^ ]+"
-    r"|https?://[^/ ]+(/[^ ]*)?"
-    r"|configmap://[a-z0-9]([-a-z0-9]*[a-z0-9])?/[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[-._a-zA-Z0-9]+)$"
+    f"^(file:///{_PATH}+"
+    f"|https?://{_HOST}{_PORT}(/{_PATH}*)?([?]{_PATH.replace('/]', '/?]')}*)?"
+    f"|configmap://{DNS_LABEL.strip('^$')}/{DNS_SUBDOMAIN}/[-._a-zA-Z0-9]{{1,253}})$"
 )
+# A `..` segment in a file path, and the keys Kubernetes refuses for a ConfigMap.
+DOT_SEGMENT = "^file://.*/[.][.](/.*)?$"
+DOT_KEY = "^configmap://.*/[.][.]?$"
 SHA256 = r"^[a-f0-9]{64}$"
 # Stage objects are named `<model>-r<revision>-s<stage>-<shard>`: keep that under 63.
 MAX_NAME_LENGTH = 40
@@ -38,9 +60,19 @@ class ModelSourceSpec(ApiModel):
     cel_rules: ClassVar[tuple[CelRule, ...]] = (
         CelRule(
             rule=f"self.uri.matches('{SOURCE_URI}')",
-            message="source.uri must be file:///PATH, http(s)://HOST/PATH or "
-            "configmap://NAMESPACE/NAME/KEY",
+            message="source.uri must be file:///PATH, http(s)://HOST[:PORT]/PATH (no "
+            "credentials, spaces or fragment) or configmap://NAMESPACE/NAME/KEY with "
+            "Kubernetes names",
             holds=lambda s: re.search(SOURCE_URI, s.uri) is not None,
+            field_path=".uri",
+        ),
+        CelRule(
+            rule=f"!self.uri.matches('{DOT_SEGMENT}') && !self.uri.matches('{DOT_KEY}')",
+            message="source.uri must not climb out of its directory ('..') or name the "
+            "ConfigMap key '.' or '..'",
+            holds=lambda s: (
+                re.search(DOT_SEGMENT, s.uri) is None and re.search(DOT_KEY, s.uri) is None
+            ),
             field_path=".uri",
         ),
         CelRule(
@@ -180,16 +212,22 @@ class TaintEffect(StrEnum):
 class Toleration(ApiModel):
     """A node taint the model's stages tolerate (as in a Pod spec)."""
 
-    key: str = Field(min_length=1, max_length=316)
-    """Taint key."""
+    key: str = Field(min_length=1, max_length=317, pattern=LABEL_KEY)
+    """Taint key (a label key, e.g. partita.dev/dedicated)."""
     operator: TolerationOperator = TolerationOperator.EQUAL
     """Equal: the value must match; Exists: any value."""
-    value: str | None = Field(None, max_length=63)
-    """Taint value, for operator Equal."""
+    value: LabelValue | None = None
+    """Taint value (a label value), for operator Equal."""
     effect: TaintEffect | None = None
     """Taint effect to tolerate; empty: all effects."""
 
     cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(
+            rule="self.key.indexOf('/') <= 253",
+            message="tolerations[].key: the prefix before '/' must be at most 253 characters",
+            holds=lambda t: is_label_key(t.key),
+            field_path=".key",
+        ),
         CelRule(
             rule="self.operator != 'Exists' || !has(self.value)",
             message="tolerations[].value must be empty when tolerations[].operator is Exists",
@@ -211,9 +249,11 @@ class EdgeModelSpec(ApiModel):
 
     source: ModelSourceSpec
     """The ONNX file."""
-    input_shapes: dict[str, list[Dim]] = Field(default_factory=dict, max_length=16)
+    input_shapes: dict[str, Annotated[list[Dim], Field(min_length=1, max_length=16)]] = Field(
+        default_factory=dict, max_length=16
+    )
     """Concrete shapes for inputs with symbolic dimensions, by input name
-    (e.g. input_0: [1, 224, 224, 3])."""
+    (e.g. input_0: [1, 224, 224, 3]); at most 16 dimensions each."""
     data_source: DnsName
     """DevicePool where requests enter and answers return."""
     pools: Annotated[list[DnsName], AfterValidator(unique)] = Field(
@@ -254,6 +294,12 @@ class EdgeModelSpec(ApiModel):
     """Requests of each stage container."""
 
     cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(
+            rule="self.inputShapes.all(k, size(k) >= 1 && size(k) <= 256)",
+            message="inputShapes keys are input names of 1 to 256 characters",
+            holds=lambda s: all(1 <= len(k) <= 256 for k in s.input_shapes),
+            field_path=".inputShapes",
+        ),
         CelRule(
             rule="!has(self.privacy) || !has(self.tiers) || size(self.tiers) == 0 || "
             "self.privacy.rawInputTier in self.tiers",

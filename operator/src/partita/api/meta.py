@@ -22,9 +22,30 @@ CONDITIONS: dict[str, Any] = {
 # Defaults an absent nested object to {}, so the apiserver fills in its fields' defaults.
 OBJECT: dict[str, Any] = {"default": {}}
 
-# Names of pools, nodes and Kubernetes objects (RFC 1123 subdomain, the common subset).
-DNS_NAME = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+# The rules Kubernetes applies to names and labels (k8s.io/apimachinery validation), written
+# so that Python's re, pydantic's Rust regex and the apiserver's RE2 read them alike: no
+# backslashes (a CEL string literal would need them doubled), dots as [.].
+_LABEL = "[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?"
+# An RFC 1123 subdomain: names of pools, nodes and most Kubernetes objects.
+DNS_SUBDOMAIN = f"{_LABEL}([.]{_LABEL})*"
+DNS_NAME = f"^{DNS_SUBDOMAIN}$"
+# An RFC 1123 label: namespaces.
+DNS_LABEL = f"^{_LABEL}$"
 DnsName = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_NAME)]
+# A label key: an optional DNS-subdomain prefix and '/', then a name of at most 63
+# characters; and a label value: empty, or such a name.
+_QUALIFIED = "[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+LABEL_KEY = f"^({DNS_SUBDOMAIN}/)?{_QUALIFIED}$"
+LABEL_VALUE = f"^({_QUALIFIED})?$"
+LabelValue = Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]
+
+
+def is_label_key(key: str) -> bool:
+    """What the apiserver accepts as a label key (prefix at most 253 characters)."""
+    import re
+
+    prefix, _, _ = key.rpartition("/")
+    return re.fullmatch(LABEL_KEY.strip("^$"), key) is not None and len(prefix) <= 253
 
 
 class Tier(StrEnum):
