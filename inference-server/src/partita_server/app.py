@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, NamedTuple
+from urllib.parse import unquote
 
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from partita_server.dataplane import DataPlane
 from partita_server.errors import InvalidInput, PayloadTooLarge, ServerError, StageSpecError
@@ -34,7 +37,7 @@ from partita_server.protocol import (
 from partita_server.spec import OrtSizing, StageSpec, StageTokens, cpu_cores
 from partita_server.stage import load_stage
 
-__all__ = ["create_app", "create_dataplane"]
+__all__ = ["InferFastPath", "create_app", "create_dataplane"]
 
 log = logging.getLogger("partita_server")
 
@@ -96,6 +99,72 @@ def _json(content: object, status: int = 200) -> Response:
 
 def _error(status: int, message: str) -> Response:
     return _json({"error": message}, status)
+
+
+class Reply(NamedTuple):
+    status: int
+    media_type: str
+    headers: dict[str, str]
+    payload: bytes
+
+
+def _error_reply(status: int, message: str) -> Reply:
+    return Reply(status, "application/json", {}, orjson.dumps({"error": message}))
+
+
+InferFn = Callable[[str, str | None, Mapping[str, str], Callable[[], Awaitable[bytes]]],
+                   Awaitable[Reply]]  # fmt: skip
+_INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
+
+
+class InferFastPath:
+    """The ASGI app: infer calls go straight to the data plane, the rest to FastAPI.
+
+    FastAPI's routing and request object cost about as much per call as a hop may cost in
+    all; inference takes the short way, with the same `infer` function (and so the same
+    errors, limits and metrics) the documented FastAPI routes use.
+    """
+
+    def __init__(self, api: FastAPI, infer: InferFn, limit: int) -> None:
+        self.api, self._infer, self._limit = api, infer, limit
+        self.state = api.state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        match = (
+            _INFER_PATH.fullmatch(scope["path"])
+            if scope["type"] == "http" and scope["method"] == "POST"
+            else None
+        )
+        if match is None:
+            await self.api(scope, receive, send)
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+
+        async def read_body() -> bytes:
+            declared = headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > self._limit:
+                raise PayloadTooLarge(
+                    f"request body of {declared} bytes exceeds the {self._limit}-byte limit"
+                )
+            chunks: list[bytes] = []
+            size = 0
+            while True:
+                message = await receive()
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                if size > self._limit:
+                    raise PayloadTooLarge(f"request body exceeds the {self._limit}-byte limit")
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+        name, version = unquote(match[1]), unquote(match[2]) if match[2] else None
+        reply = await self._infer(name, version, headers, read_body)
+        raw = [(b"content-type", reply.media_type.encode()),
+               (b"content-length", str(len(reply.payload)).encode()),
+               *((k.encode(), v.encode()) for k, v in reply.headers.items())]  # fmt: skip
+        await send({"type": "http.response.start", "status": reply.status, "headers": raw})
+        await send({"type": "http.response.body", "body": reply.payload})
 
 
 def create_dataplane(
@@ -160,7 +229,7 @@ def create_app(
     tokens: StageTokens | None = None,
     grpc_address: str | None = None,
     clock: Callable[[], float] = time.perf_counter,
-) -> FastAPI:
+) -> InferFastPath:
     """The ASGI app of one stage server; pass a spec, or a data plane built beforehand.
 
     With `grpc_address` (host:port) the app's lifespan also serves the v2 gRPC service on
@@ -237,15 +306,21 @@ def create_app(
         plane.check_model(name)
         return _json({"name": name, "ready": plane.ready()}, 200 if plane.ready() else 503)
 
-    async def infer(name: str, version: str | None, request: Request) -> Response:
+    async def infer(
+        name: str,
+        version: str | None,
+        headers: Mapping[str, str],
+        read_body: Callable[[], Awaitable[bytes]],
+    ) -> Reply:
+        """One infer call, whatever delivered it (the FastAPI route or the ASGI fast path)."""
         started = clock()
         code = 200
         try:
-            plane.authorize(request.headers.get("authorization"))
+            plane.authorize(headers.get("authorization"))
             plane.check_model(name, version)
-            deadline = plane.deadline(_timeout_header(request.headers.get(TIMEOUT_HEADER)))
-            body = await _read_body(request, limit)
-            length = request.headers.get(HEADER_LENGTH)
+            deadline = plane.deadline(_timeout_header(headers.get(TIMEOUT_HEADER)))
+            body = await read_body()
+            length = headers.get(HEADER_LENGTH)
             if length is not None and not (length.isdigit() and len(length) < 20):
                 raise InvalidInput(f"{HEADER_LENGTH} must be an integer, got {length!r}")
             decoded = decode_request(
@@ -259,31 +334,35 @@ def create_app(
             payload, header_length = encode_response(answer, binary)
         except ServerError as exc:
             code = exc.status
-            return _error(exc.status, exc.message)
+            return _error_reply(exc.status, exc.message)
         except Exception:
             code = 500
             log.exception("unexpected error serving %s", name)
-            return _error(500, "internal server error; see the server log")
+            return _error_reply(500, "internal server error; see the server log")
         finally:
             metrics.observe_request(code, clock() - started)
-        headers = {SERVER_SECONDS_HEADER: f"{clock() - started:.6f}"}
+        extra = {SERVER_SECONDS_HEADER: f"{clock() - started:.6f}"}
         if header_length is None:
-            return Response(payload, 200, headers=headers, media_type="application/json")
-        headers[HEADER_LENGTH] = str(header_length)
-        return Response(payload, 200, headers=headers, media_type="application/octet-stream")
+            return Reply(200, "application/json", extra, payload)
+        extra[HEADER_LENGTH] = str(header_length)
+        return Reply(200, "application/octet-stream", extra, payload)
+
+    async def route(name: str, version: str | None, request: Request) -> Response:
+        reply = await infer(name, version, request.headers, lambda: _read_body(request, limit))
+        return Response(reply.payload, reply.status, reply.headers, media_type=reply.media_type)
 
     @app.post("/v2/models/{name}/infer", openapi_extra={"requestBody": _INFER_BODY},
               responses=_ERRORS)  # fmt: skip
     async def model_infer(name: str, request: Request) -> Response:
-        return await infer(name, None, request)
+        return await route(name, None, request)
 
     @app.post("/v2/models/{name}/versions/{version}/infer",
               openapi_extra={"requestBody": _INFER_BODY}, responses=_ERRORS)  # fmt: skip
     async def model_version_infer(name: str, version: str, request: Request) -> Response:
-        return await infer(name, version, request)
+        return await route(name, version, request)
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    return app
+    return InferFastPath(app, infer, limit)

@@ -1,7 +1,7 @@
 """The run queue: every request's ORT run goes through it, batched when the stage allows.
 
-One owner task takes requests off the queue whenever a runtime worker is free. A request
-that finds a worker free runs at once and alone: there is no waiting for company, so an idle
+Requests are taken off the queue whenever a runtime worker is free. A request that finds a
+worker free runs at once and alone: there is no waiting for company, so an idle
 server answers as fast as it can. Requests that arrive while every worker is busy queue up,
 and the next free worker takes all of them that fit (same non-batch dims and dtypes, rows up
 to `max_rows`) in one run. Batches grow exactly when the server is saturated, which is when
@@ -11,6 +11,7 @@ they pay.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
@@ -40,7 +41,10 @@ class _Pending:
 class RunQueue:
     """Runs requests on `workers` executor threads, merging queued ones up to `max_rows`.
 
-    `max_rows=1` never merges (batching off): requests still run `workers` at a time.
+    `max_rows=1` never merges (batching off): requests still run `workers` at a time. All
+    state is touched on the event loop's thread only (submit, and the runs' completion
+    callbacks), so it needs no lock; a request that finds a worker free starts in the same
+    loop step it arrived in.
     """
 
     def __init__(
@@ -53,35 +57,30 @@ class RunQueue:
         metrics: ServerMetrics,
     ) -> None:
         self._run, self._executor, self._metrics = run, executor, metrics
-        self._workers, self._max_rows = workers, max_rows
+        self._free, self._max_rows = workers, max_rows
         self._pending: deque[_Pending] = deque()
-        self._arrived = asyncio.Event()
-        self._free: asyncio.Semaphore | None = None
-        self._owner: asyncio.Task[None] | None = None
-        self._running: set[asyncio.Task[None]] = set()
+        self._running: set[asyncio.Future[list[dict[str, np.ndarray]]]] = set()
+        self._open = False
 
     def start(self) -> None:
-        self._free = asyncio.Semaphore(self._workers)
-        self._owner = asyncio.get_running_loop().create_task(self._loop(), name="run-queue")
+        self._open = True
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._owner, *self._running) if t is not None]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        self._owner = None
+        self._open = False
         for item in self._pending:
-            if not item.future.done():
-                item.future.cancel()
+            item.future.cancel()
         self._pending.clear()
+        if self._running:
+            await asyncio.gather(*self._running, return_exceptions=True)
 
     async def submit(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Queue one request (its own rows) and wait for its rows of the outputs."""
+        if not self._open:
+            raise RuntimeError("RunQueue.start() was not called, or it was stopped")
         rows = next(iter(feeds.values())).shape[0] if feeds else 0
         future = asyncio.get_running_loop().create_future()
         self._pending.append(_Pending(feeds, rows, future))
-        self._metrics.queue.set(len(self._pending))
-        self._arrived.set()
+        self._pump()
         return await future
 
     def _take(self) -> list[_Pending]:
@@ -101,39 +100,38 @@ class RunQueue:
             else:
                 left.append(item)
         self._pending = left
-        self._metrics.queue.set(len(left))
         return batch
 
-    async def _loop(self) -> None:
-        assert self._free is not None
+    def _pump(self) -> None:
+        """Start runs while workers are free and requests wait."""
         loop = asyncio.get_running_loop()
-        while True:
-            await self._free.acquire()
-            batch: list[_Pending] = []
-            while not batch:
-                if not self._pending:
-                    self._arrived.clear()
-                    await self._arrived.wait()
-                batch = self._take()
-            task = loop.create_task(self._dispatch(batch))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+        while self._free and self._pending:
+            batch = self._take()
+            if not batch:
+                break
+            self._free -= 1
+            run = loop.run_in_executor(self._executor, self._run_batch, batch)
+            self._running.add(run)
+            run.add_done_callback(functools.partial(self._finished, batch=batch))
+        self._metrics.queue.set(len(self._pending))
 
-    async def _dispatch(self, batch: list[_Pending]) -> None:
-        assert self._free is not None
-        loop = asyncio.get_running_loop()
-        try:
-            outputs = await loop.run_in_executor(self._executor, self._run_batch, batch)
-        except Exception as exc:
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(exc)
-        else:
-            for item, out in zip(batch, outputs, strict=True):
-                if not item.future.done():
-                    item.future.set_result(out)
-        finally:
-            self._free.release()
+    def _finished(
+        self, run: asyncio.Future[list[dict[str, np.ndarray]]], *, batch: list[_Pending]
+    ) -> None:
+        self._running.discard(run)
+        self._free += 1
+        error = None if run.cancelled() else run.exception()
+        for i, item in enumerate(batch):
+            if item.future.done():
+                continue
+            if run.cancelled():
+                item.future.cancel()
+            elif error is not None:
+                item.future.set_exception(error)
+            else:
+                item.future.set_result(run.result()[i])
+        if self._open:
+            self._pump()
 
     def _run_batch(self, batch: list[_Pending]) -> list[dict[str, np.ndarray]]:
         if len(batch) == 1:

@@ -25,7 +25,6 @@ from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import grpc
-import httpx
 import numpy as np
 import orjson
 
@@ -44,6 +43,7 @@ from partita_server.grpc_codec import (
     encode_infer_request,
     http_status,
 )
+from partita_server.http1 import Http1Error, Http1Pool, Http1Response
 from partita_server.metrics import ServerMetrics
 from partita_server.proto import open_inference_pb2 as pb
 from partita_server.protocol import (
@@ -108,16 +108,32 @@ def _where(hop: Hop, endpoint: str) -> str:
 
 
 class HttpTransport:
-    """v2 REST with binary tensors over one keep-alive connection pool."""
+    """v2 REST with binary tensors over keep-alive connections (`partita_server.http1`)."""
 
     def __init__(self, tokens: StageTokens) -> None:
         self._tokens = tokens
-        limits = httpx.Limits(max_connections=64, max_keepalive_connections=32)
-        self._client = httpx.AsyncClient(limits=limits)
+        self._pool = Http1Pool()
 
     def _headers(self, extra: Mapping[str, str]) -> dict[str, str]:
         token = self._tokens.current
         return {**extra, **({"authorization": f"Bearer {token}"} if token else {})}
+
+    async def _request(
+        self, hop: Hop, endpoint: str, method: str, path: str, headers: Mapping[str, str],
+        body: bytes, timeout_s: float,
+    ) -> Http1Response:  # fmt: skip
+        url = urlsplit(endpoint)
+        try:
+            return await self._pool.request(
+                url.hostname or "", url.port or 80, method, path, self._headers(headers), body,
+                timeout_s=timeout_s, connect_timeout_s=min(timeout_s, CONNECT_TIMEOUT_S),
+            )  # fmt: skip
+        except Http1Error as exc:
+            if exc.kind == "timeout":
+                raise StageTimeout(
+                    f"{_where(hop, endpoint)} did not answer within {timeout_s:.3f} s"
+                ) from exc
+            raise StageUnavailable(f"{_where(hop, endpoint)} is unreachable ({exc})") from exc
 
     async def infer(
         self,
@@ -132,33 +148,18 @@ class HttpTransport:
         headers = {"content-type": "application/octet-stream", TIMEOUT_HEADER: f"{timeout_s:.6f}"}
         if header_length is not None:
             headers[HEADER_LENGTH] = str(header_length)
-        timeout = httpx.Timeout(timeout_s, connect=min(timeout_s, CONNECT_TIMEOUT_S))
-        try:
-            reply = await self._client.post(
-                f"{endpoint}/v2/models/{model}/infer",
-                content=body,
-                headers=self._headers(headers),
-                timeout=timeout,
-            )
-        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError) as exc:
-            raise StageUnavailable(
-                f"{_where(hop, endpoint)} is unreachable ({type(exc).__name__})"
-            ) from exc
-        except httpx.TimeoutException as exc:
-            raise StageTimeout(
-                f"{_where(hop, endpoint)} did not answer within {timeout_s:.3f} s"
-            ) from exc
-        except httpx.HTTPError as exc:
-            raise StageUnavailable(f"{_where(hop, endpoint)}: {exc}") from exc
-        if reply.status_code != 200:
-            raise _downstream_error(hop, endpoint, reply.status_code, _error_text(reply))
+        reply = await self._request(
+            hop, endpoint, "POST", f"/v2/models/{model}/infer", headers, body, timeout_s
+        )
+        if reply.status != 200:
+            raise _downstream_error(hop, endpoint, reply.status, _error_text(reply.body))
         try:
             server_seconds = float(reply.headers.get(SERVER_SECONDS_HEADER, 0.0))
         except ValueError:
             server_seconds = 0.0
         length = reply.headers.get(HEADER_LENGTH)
         response = decode_response(
-            reply.content, int(length) if length and length.isdigit() else None, stage=hop.stage
+            reply.body, int(length) if length and length.isdigit() else None, stage=hop.stage
         )
         return Reply(response, len(body), server_seconds)
 
@@ -166,18 +167,18 @@ class HttpTransport:
         self, hop: Hop, endpoint: str, model: str, timeout_s: float
     ) -> dict[str, Any] | None:
         try:
-            reply = await self._client.get(
-                f"{endpoint}/v2/models/{model}", headers=self._headers({}), timeout=timeout_s
+            reply = await self._request(
+                hop, endpoint, "GET", f"/v2/models/{model}", {}, b"", timeout_s
             )
-        except httpx.HTTPError:
+            if reply.status != 200:
+                return None
+            meta: dict[str, Any] = orjson.loads(reply.body)
+        except (ServerError, orjson.JSONDecodeError):
             return None
-        if reply.status_code != 200:
-            return None
-        meta: dict[str, Any] = orjson.loads(reply.content)
         return meta
 
     async def close(self) -> None:
-        await self._client.aclose()
+        await self._pool.close()
 
 
 @dataclass(frozen=True)
@@ -436,11 +437,11 @@ class HopClient:
         return InferResponse(gathered)
 
 
-def _error_text(reply: httpx.Response) -> str:
+def _error_text(body: bytes) -> str:
     try:
-        return str(orjson.loads(reply.content).get("error", ""))
+        return str(orjson.loads(body).get("error", ""))
     except (orjson.JSONDecodeError, AttributeError):
-        return reply.text[:200]
+        return body[:200].decode(errors="replace")
 
 
 def _downstream_error(hop: Hop, endpoint: str, status: int, detail: str) -> ServerError:
