@@ -2,16 +2,17 @@
 bench/server.py measures Partita's inference server against.
 
 Runs only in a separate venv that has `kserve` (heavy, kept out of Partita's install);
-bench/server.py starts it with `--kserve-python`:
+bench/server.py creates that venv under ~/.cache/partita/bench/ and starts this script with it:
 
-    /tmp/kserve-venv/bin/python bench/kserve_onnx_model.py --onnx M.onnx --name nsfw \\
-        --port 8080 --threads 2
+    ~/.cache/partita/bench/kserve-venv/bin/python bench/kserve_onnx_model.py \\
+        --onnx M.onnx --name nsfw --port 8080 --threads 2
 
 Stock KServe throughout (its ModelServer, FastAPI app, v2 REST decode and encode), with a
-synchronous `predict` as in KServe's own custom-model examples, so one ORT call runs at a time
-as in Partita's server. Two deviations, both in KServe's favour or neutral: gRPC and the
-per-request latency log line are off, and the REST server is rebound from KServe's hard-coded
-0.0.0.0 to 127.0.0.1 (this project listens on loopback only).
+synchronous `predict` as in KServe's own custom-model examples; ORT gets the session options
+Partita's servers use (intra-op threads as given, spinning off). Two deviations, both in
+KServe's favour or neutral: gRPC and the per-request latency log line are off, and the REST
+server is rebound from KServe's hard-coded 0.0.0.0 to 127.0.0.1 (this project listens on
+loopback only).
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ class OnnxModel(kserve.Model):
         options = ort.SessionOptions()
         options.intra_op_num_threads = self._threads
         options.inter_op_num_threads = 1
+        # the session options Partita's servers use (see partita.runtime.Session)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._session = ort.InferenceSession(
             str(self._path), options, providers=["CPUExecutionProvider"]
         )

@@ -27,7 +27,9 @@ def serve(
     sha256: Annotated[str | None, typer.Option(help="digest of the model bytes")] = None,
     host: Annotated[str, typer.Option(help="address to bind")] = "0.0.0.0",
     port: Annotated[int, typer.Option(help="port of v2 REST")] = 8080,
-    grpc_port: Annotated[int, typer.Option(help="port of v2 gRPC; 0: no gRPC")] = 8081,
+    grpc_port: Annotated[
+        int, typer.Option(help="port of v2 gRPC on HOST (e.g. 8081); 0: REST only")
+    ] = 0,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "warning",
 ) -> None:
     """Serve the stage the spec describes on HOST:PORT."""

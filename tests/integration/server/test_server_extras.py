@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 import pytest
 import schemathesis
+import tritonclient.grpc as triton_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
@@ -172,10 +173,11 @@ def test_remote_source_is_fetched_checked_and_cached(tmp_path: Path, model_host:
 def test_console_script_serves_the_spec_from_the_environment(tmp_path: Path) -> None:
     spec = tmp_path / "stage.yaml"
     spec.write_text(f"model: cls\nsource:\n  uri: {CLS.as_uri()}\ncache_dir: {tmp_path}\n")
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     script = Path(sys.executable).with_name("partita-server")
     env = {**os.environ, "PARTITA_STAGE_SPEC": str(spec), "PARTITA_CPU_LIMIT": "1"}
-    proc = subprocess.Popen([script, "--host", "127.0.0.1", "--port", str(port)], env=env)
+    command = [script, "--host", "127.0.0.1", "--port", str(port), "--grpc-port", str(grpc_port)]
+    proc = subprocess.Popen(command, env=env)
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -189,6 +191,8 @@ def test_console_script_serves_the_spec_from_the_environment(tmp_path: Path) -> 
         x = np.zeros((1, 3, 8, 8), np.float32)
         reply = httpx.post(f"http://127.0.0.1:{port}/v2/models/cls/infer", json=_body(x))
         assert reply.status_code == 200
+        grpc_client = triton_grpc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        assert grpc_client.is_model_ready("cls")  # the same process serves v2 gRPC
     finally:
         proc.terminate()
         proc.wait(timeout=10)
