@@ -521,8 +521,7 @@ def batch_limit_section(results: dict[str, Any]) -> None:
                 one: list[float] = []
                 four: list[float] = []
                 for rows in abba(["1", "4"]):
-                    k = N // ROUNDS // (4 if rows == "1" else 1)
-                    got = raw.ask(op="run", n=k, rows=int(rows))["samples"]
+                    got = raw.ask(op="run", n=N // ROUNDS, rows=int(rows))["samples"]
                     (one if rows == "1" else four).extend(got)
             finally:
                 raw.close()
