@@ -112,7 +112,7 @@ class HttpTransport:
 
     def __init__(self, tokens: StageTokens) -> None:
         self._tokens = tokens
-        self._pool = Http1Pool()
+        self._pool = Http1Pool.from_env()
 
     def _headers(self, extra: Mapping[str, str]) -> dict[str, str]:
         token = self._tokens.current

@@ -1,5 +1,7 @@
 """A lean HTTP/1.1 client for calls between stage servers: keep-alive connections per
-endpoint, Content-Length or chunked bodies, one deadline per call.
+endpoint, Content-Length or chunked bodies, one deadline per call, and a forward proxy when
+`HTTP_PROXY` names one (as general clients do; the test bed routes and shapes stage traffic
+through one), minus the hosts `NO_PROXY` lists.
 
 General clients spend about a millisecond of Python per request on what a hop between two
 known servers does not need (cookies, redirects, proxies, auth flows, header models); a hop's
@@ -12,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 __all__ = ["Http1Error", "Http1Pool", "Http1Response"]
 
@@ -36,12 +40,47 @@ class Http1Response:
 _Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
 
-class Http1Pool:
-    """Idle keep-alive connections by (host, port); a connection serves one call at a time."""
+def _bypass(host: str, no_proxy: str) -> bool:
+    """Whether `host` is one `NO_PROXY` exempts: `*`, the host itself, or a domain of it."""
+    host = host.lower().rstrip(".")
+    for entry in (e.strip().lower().rstrip(".") for e in no_proxy.split(",")):
+        if entry == "*" or (entry and (host == entry.lstrip(".") or
+                                       host.endswith("." + entry.lstrip(".")))):  # fmt: skip
+            return True
+    return False
 
-    def __init__(self, max_idle_per_host: int = 32) -> None:
+
+class Http1Pool:
+    """Idle keep-alive connections by (host, port); a connection serves one call at a time.
+
+    `proxy` (http://HOST:PORT) receives every request whose host `no_proxy` does not exempt,
+    in absolute form; `from_env` reads both from `HTTP_PROXY`/`http_proxy` and `NO_PROXY`.
+    """
+
+    def __init__(
+        self, max_idle_per_host: int = 32, *, proxy: str | None = None, no_proxy: str = ""
+    ) -> None:
         self._idle: dict[tuple[str, int], list[_Connection]] = {}
         self._max_idle = max_idle_per_host
+        self._proxy: tuple[str, int] | None = None
+        if proxy:
+            url = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+            if url.scheme != "http" or not url.hostname:
+                raise ValueError(f"proxy {proxy!r}: only http://HOST:PORT proxies are supported")
+            self._proxy = (url.hostname, url.port or 80)
+        self._no_proxy = no_proxy
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Http1Pool:
+        env = os.environ if env is None else env
+        proxy = env.get("HTTP_PROXY") or env.get("http_proxy") or None
+        return cls(proxy=proxy, no_proxy=env.get("NO_PROXY") or env.get("no_proxy") or "")
+
+    def _route(self, host: str, port: int, path: str) -> tuple[tuple[str, int], str]:
+        """Where to connect, and the request target to send there."""
+        if self._proxy is None or _bypass(host, self._no_proxy):
+            return (host, port), path
+        return self._proxy, f"http://{host}:{port}{path}"
 
     async def request(
         self,
@@ -55,17 +94,17 @@ class Http1Pool:
         timeout_s: float,
         connect_timeout_s: float,
     ) -> Http1Response:
-        head = [f"{method} {path} HTTP/1.1", f"host: {host}:{port}",
+        key, target = self._route(host, port, path)
+        head = [f"{method} {target} HTTP/1.1", f"host: {host}:{port}",
                 f"content-length: {len(body)}"]  # fmt: skip
         head += [f"{k}: {v}" for k, v in headers.items()]
         request = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
-        key = (host, port)
         try:
             async with asyncio.timeout(timeout_s):
                 for attempt in range(2):
                     connection, reused = self._take(key), True
                     if connection is None:
-                        connection, reused = await self._connect(host, port, connect_timeout_s)
+                        connection, reused = await self._connect(*key, connect_timeout_s)
                     reader, writer = connection
                     try:
                         writer.write(request + body if len(body) < 65536 else request)

@@ -100,7 +100,11 @@ class Hop(_Frozen):
         description="base URLs of the next stage's servers: http://host:port (v2 REST, binary "
         "tensors) or grpc://host:port (v2 gRPC)",
     )
-    model: str | None = Field(default=None, description="model name there; default: ours")
+    model: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$",
+        description="model name there; default: ours",
+    )
     fan_out: bool = Field(
         default=False,
         description="endpoints are the shards of one stage: send to all, gather their parts",

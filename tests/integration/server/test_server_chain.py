@@ -6,6 +6,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -75,7 +76,11 @@ def _hop_bytes(url: str) -> float:
 
 
 def test_sharded_stage_equals_the_whole_model(serve: Serve) -> None:
-    s2 = serve(NSFW, "nsfw", stage="s2", inputs=[CUT_B], outputs=["4195"], **INTERNAL)
+    """Shards and cut stages with batching on (their batch dimension freed and checked row
+    for row at start-up); concurrent requests come back each with its own answer."""
+    batching = {"batching": {"max_batch_size": 4}}
+    s2 = serve(NSFW, "nsfw", stage="s2", inputs=[CUT_B], outputs=["4195"], **INTERNAL,
+               **batching)  # fmt: skip
     shards = [
         serve(
             NSFW,
@@ -85,17 +90,21 @@ def test_sharded_stage_equals_the_whole_model(serve: Serve) -> None:
             outputs=[CUT_B],
             shard={"index": i, "proportions": [0.6, 0.4]},
             **INTERNAL,
+            **batching,
         )
         for i in range(2)
     ]
     s0 = serve(
         NSFW, "nsfw", stage="s0", token=TOKEN, inputs=["input_0"], outputs=[CUT_A],
         input_shapes=SHAPES, next=[_hop("s1", *shards, fan_out=True), _hop("s2", s2)],
+        **batching,
     )  # fmt: skip
-    x = np.random.default_rng(8).random((1, 224, 224, 3), dtype=np.float32)
-    np.testing.assert_allclose(
-        _infer(s0, "nsfw", "input_0", x).as_numpy("4195"), _whole(x), rtol=1e-4, atol=1e-5
-    )
+    xs = [np.random.default_rng(8 + i).random((1, 224, 224, 3), dtype=np.float32)
+          for i in range(4)]  # fmt: skip
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda x: _infer(s0, "nsfw", "input_0", x).as_numpy("4195"), xs))
+    for x, answer in zip(xs, answers, strict=True):
+        np.testing.assert_allclose(answer, _whole(x), rtol=1e-4, atol=1e-5)
 
 
 def _cls_call(url: str) -> triton.InferResult:

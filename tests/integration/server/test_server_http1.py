@@ -81,3 +81,42 @@ def test_chunked_bodies_timeouts_and_refused_connections() -> None:
         silent.close()
 
     asyncio.run(scenario())
+
+
+def test_requests_go_through_the_proxy_http_proxy_names_except_no_proxy_hosts() -> None:
+    """As the test bed routes stage traffic: absolute-form requests to a forward proxy."""
+
+    async def scenario() -> tuple[list[bytes], bytes]:
+        seen: list[bytes] = []
+
+        async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            while True:
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError:
+                    break
+                seen.append(head.split(b"\r\n")[0])
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nproxy")
+                await writer.drain()
+            writer.close()
+
+        server = await asyncio.start_server(proxy, "127.0.0.1", 0)
+        direct, direct_port, _ = await _serve(b"HTTP/1.1 200 OK\r\ncontent-length: 6\r\n\r\ndirect",
+                                              close_after=False)  # fmt: skip
+        env = {"HTTP_PROXY": f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}",
+               "NO_PROXY": "127.0.0.1,localhost"}  # fmt: skip
+        pool = Http1Pool.from_env(env)
+        for _ in range(2):  # the second call reuses the proxy connection
+            reply = await pool.request("s1.team.svc", 8080, "GET", "/v2/models/m", {},
+                                       timeout_s=5, connect_timeout_s=1)  # fmt: skip
+            assert reply.body == b"proxy"
+        bypassed = await pool.request("127.0.0.1", direct_port, "GET", "/", {}, timeout_s=5,
+                                      connect_timeout_s=1)  # fmt: skip
+        await pool.close()
+        server.close()
+        direct.close()
+        return seen, bypassed.body
+
+    seen, bypassed = asyncio.run(scenario())
+    assert seen == [b"GET http://s1.team.svc:8080/v2/models/m HTTP/1.1"] * 2
+    assert bypassed == b"direct"
