@@ -4,14 +4,20 @@ Requests are taken off the queue whenever a runtime worker is free. A request th
 worker free runs at once and alone: there is no waiting for company, so an idle
 server answers as fast as it can. Requests that arrive while every worker is busy queue up,
 and the next free worker takes all of them that fit (same non-batch dims and dtypes, rows up
-to `max_rows`) in one run. Batches grow exactly when the server is saturated, which is when
-they pay.
+to `max_rows`) in one run. Batches grow exactly when the server is saturated.
+
+Whether a batch pays depends on the model and on the machine (on a busy core a big batch can
+cost more per row than single runs): the queue keeps a moving average of each run size's
+time per row and merges only up to the size that has been cheapest per row, trying the
+largest size again every `probe_every` runs. So batching on costs at most those probes when
+merging does not pay, and takes what it gains when it does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
@@ -55,11 +61,15 @@ class RunQueue:
         max_rows: int,
         executor: Executor,
         metrics: ServerMetrics,
+        clock: Callable[[], float] = time.perf_counter,
+        probe_every: int = 32,
     ) -> None:
         self._run, self._executor, self._metrics = run, executor, metrics
-        self._free, self._max_rows = workers, max_rows
+        self._free, self._max_rows, self._clock = workers, max_rows, clock
+        self._cap, self._probe_every, self._runs = max_rows, probe_every, 0
+        self._per_row: dict[int, float] = {}  # moving average of seconds per row, by rows
         self._pending: deque[_Pending] = deque()
-        self._running: set[asyncio.Future[list[dict[str, np.ndarray]]]] = set()
+        self._running: set[asyncio.Future[tuple[list[dict[str, np.ndarray]], int, float]]] = set()
         self._open = False
 
     def start(self) -> None:
@@ -94,7 +104,7 @@ class RunQueue:
                 continue
             if not batch:
                 batch, rows = [item], item.rows
-            elif item.signature == batch[0].signature and rows + item.rows <= self._max_rows:
+            elif item.signature == batch[0].signature and rows + item.rows <= self._cap:
                 batch.append(item)
                 rows += item.rows
             else:
@@ -115,12 +125,36 @@ class RunQueue:
             run.add_done_callback(functools.partial(self._finished, batch=batch))
         self._metrics.queue.set(len(self._pending))
 
+    @property
+    def cap(self) -> int:
+        """The most rows the next run may merge."""
+        return self._cap
+
+    def _learn(self, rows: int, seconds: float) -> None:
+        """Fold one run into the per-row averages and choose the next cap."""
+        if self._max_rows == 1 or rows < 1:
+            return
+        per_row = seconds / rows
+        old = self._per_row.get(rows)
+        self._per_row[rows] = per_row if old is None else 0.8 * old + 0.2 * per_row
+        self._runs += 1
+        if self._runs % self._probe_every == 0:
+            self._cap = self._max_rows  # try the large batches again
+        elif len(self._per_row) > 1:
+            self._cap = min(self._per_row, key=lambda r: (self._per_row[r], -r))
+
     def _finished(
-        self, run: asyncio.Future[list[dict[str, np.ndarray]]], *, batch: list[_Pending]
+        self,
+        run: asyncio.Future[tuple[list[dict[str, np.ndarray]], int, float]],
+        *,
+        batch: list[_Pending],
     ) -> None:
         self._running.discard(run)
         self._free += 1
         error = None if run.cancelled() else run.exception()
+        if not run.cancelled() and error is None:
+            outputs, rows, seconds = run.result()
+            self._learn(rows, seconds)
         for i, item in enumerate(batch):
             if item.future.done():
                 continue
@@ -129,16 +163,23 @@ class RunQueue:
             elif error is not None:
                 item.future.set_exception(error)
             else:
-                item.future.set_result(run.result()[i])
+                item.future.set_result(outputs[i])
         if self._open:
             self._pump()
 
-    def _run_batch(self, batch: list[_Pending]) -> list[dict[str, np.ndarray]]:
+    def _run_batch(self, batch: list[_Pending]) -> tuple[list[dict[str, np.ndarray]], int, float]:
+        """On a worker thread: one run for the batch; its outputs by request, rows, seconds."""
+        rows = sum(p.rows for p in batch)
         if len(batch) == 1:
-            return [self._run(batch[0].feeds)]
+            started = self._clock()
+            outputs = [self._run(batch[0].feeds)]
+            return outputs, rows, self._clock() - started
         names = list(batch[0].feeds)
         feeds = {n: np.concatenate([p.feeds[n] for p in batch]) for n in names}
+        started = self._clock()
         merged = self._run(feeds)
+        seconds = self._clock() - started
         bounds = np.cumsum([p.rows for p in batch])[:-1]
         per_output = {n: np.split(v, bounds) for n, v in merged.items()}
-        return [{n: parts[i] for n, parts in per_output.items()} for i in range(len(batch))]
+        split = [{n: parts[i] for n, parts in per_output.items()} for i in range(len(batch))]
+        return split, rows, seconds

@@ -76,6 +76,7 @@ class DataPlane:
             max_rows=spec.batching.max_batch_size if spec.batching is not None else 1,
             executor=self._executor,
             metrics=metrics,
+            clock=clock,
         )
         self._layout = layout_to_json(stage.layout) if stage.layout is not None else None
         self._final_metadata: dict[str, Any] | None = None

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -132,3 +132,49 @@ def test_a_failed_run_fails_every_request_in_it_and_the_queue_goes_on() -> None:
     bad, good = asyncio.run(scenario())
     assert isinstance(bad, ValueError)
     np.testing.assert_array_equal(good["y"], _x(1))
+
+
+def _learning_queue(cost: Callable[[int], float], runs: int) -> tuple[list[int], int]:
+    """Saturate a one-worker queue (batching up to 4) for `runs` runs whose time, on an
+    injected clock, is `cost(rows)`; returns every run's rows and the final cap."""
+    now = [0.0]
+    sizes: list[int] = []
+
+    def run(feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = feeds["x"].shape[0]
+        sizes.append(rows)
+        now[0] += cost(rows)
+        return {"y": feeds["x"]}
+
+    async def scenario() -> int:
+        with ThreadPoolExecutor(1) as pool:
+            queue = RunQueue(run, workers=1, max_rows=4, executor=pool,
+                             metrics=ServerMetrics("m", "s"), clock=lambda: now[0],
+                             probe_every=10)  # fmt: skip
+            queue.start()
+
+            async def caller() -> None:
+                while len(sizes) < runs:
+                    await queue.submit({"x": _x(1)})
+
+            try:
+                await asyncio.wait_for(asyncio.gather(*(caller() for _ in range(8))), 30)
+                return queue.cap
+            finally:
+                await queue.stop()
+
+    cap = asyncio.run(scenario())
+    return sizes, cap
+
+
+def test_batches_stop_growing_when_they_cost_more_per_row() -> None:
+    """Rows cost 1.5x in a batch (a busy core, a cache-bound model): after the first runs
+    the queue runs requests alone, but for a probe of large batches every 10 runs."""
+    sizes, _ = _learning_queue(lambda rows: 1.0 if rows == 1 else 1.5 * rows, 60)
+    late = sizes[20:]
+    assert sum(1 for s in late if s > 1) <= len(late) // 10 + 1  # the probes only
+
+
+def test_batches_stay_large_when_they_pay() -> None:
+    sizes, cap = _learning_queue(lambda rows: 1.0 + 0.25 * rows, 60)
+    assert cap == 4 and sum(1 for s in sizes[10:] if s == 4) >= 0.8 * len(sizes[10:])
