@@ -5,8 +5,9 @@ spec that shape the piece, so a restarted pod (or a second replica on the node) 
 without re-slicing.
 
 Sources are confined (`partita.api.sources`): file paths inside `$PARTITA_MODEL_STORE` when
-set, ONNX external data inside the model's directory, http(s) through the operator's
-`ModelFetcher` (no metadata or link-local addresses, size-limited while streaming).
+set, ONNX external data inside the model's directory, http(s) through the server's
+own fetch (`partita_server.fetch`: no metadata or link-local addresses, size-limited while
+streaming).
 
 Cut pieces are specialised to the profiled input shapes, batch 1 included. For batching,
 `batched_piece` turns a piece's batch-1 leading dimension back into a free one and keeps the
@@ -29,7 +30,6 @@ import onnx
 from onnx import external_data_helper, numpy_helper
 
 from partita.api import sources
-from partita.kube.fetch import FetchError, ModelFetcher
 from partita.model.errors import ModelError
 from partita.model.load import load_model
 from partita.model.shard import shard_stage
@@ -37,6 +37,7 @@ from partita.model.slice import extract_stage
 from partita.model.types import GatherMode, GatherSpec, ShardLayout
 from partita.runtime import RunError, Session, TensorSpec, run_checked
 from partita_server.errors import StageSpecError
+from partita_server.fetch import download
 from partita_server.spec import ModelSource, OrtSizing, StageSpec
 
 log = logging.getLogger("partita_server")
@@ -93,11 +94,10 @@ def fetch_model(source: ModelSource, cache_dir: Path, *, timeout_s: float = 300.
             )
         return path
     assert source.sha256 is not None  # the spec requires it for remote sources
-    fetcher = ModelFetcher(cache_dir / "sources", timeout_s=timeout_s)
-    try:
-        return fetcher.fetch(source.uri, source.sha256).path
-    except FetchError as exc:
-        raise StageSpecError(str(exc).replace("the operator's", "the server's")) from exc
+    path = cache_dir / "sources" / f"{source.sha256}.onnx"
+    if path.is_file():
+        return path
+    return download(source.uri, source.sha256, path, timeout_s=timeout_s)
 
 
 def check_external_data(path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Model sources confined, through the code both the operator and the stage servers fetch with:
+"""Model sources confined, by the operator's fetch and by the stage servers' own:
 file paths inside the model store, external data inside the model's directory, http(s) never
 to metadata or link-local addresses (also not by a redirect), sizes limited while streaming.
 
@@ -20,6 +20,7 @@ from stage_servers import CLS, spec_for
 
 from partita.kube.fetch import FetchError, FetchReason, ModelFetcher
 from partita_server.errors import StageSpecError
+from partita_server.fetch import download
 from partita_server.spec import ModelSource, OrtSizing
 from partita_server.stage import load_stage
 
@@ -135,6 +136,14 @@ def test_the_stage_server_applies_the_same_rules(
     remote = spec.model_copy(update={"source": ModelSource(uri=redirect, sha256=DIGEST)})
     with pytest.raises(StageSpecError, match="may not reach"):
         load_stage(remote, sizing=ONE)
+    for path in ("/model", "/chunked"):
+        with pytest.raises(StageSpecError, match="larger than the server's limit"):
+            download(f"{site}{path}", DIGEST, tmp_path / "d" / "m.onnx", max_bytes=100_000)
+    assert list((tmp_path / "d").iterdir()) == []
+    with pytest.raises(StageSpecError, match="sha256 is"):
+        download(f"{site}/model", "0" * 64, tmp_path / "d" / "m.onnx")
+    assert download(f"{site}/redirect-to?url={site}/chunked", DIGEST,
+                    tmp_path / "d" / "m.onnx").read_bytes() == CLS.read_bytes()  # fmt: skip
 
 
 def test_external_data_outside_the_model_directory_is_refused(tmp_path: Path) -> None:

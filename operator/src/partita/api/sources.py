@@ -11,7 +11,8 @@ both apply before reading a byte.
 - ONNX external data (weights in files next to the model) must be plain relative paths
   inside the model's own directory.
 
-Pure: no network, no file reads except `resolve()`.
+Pure: no network, no file reads except `resolve()`; callers resolve names and pass the
+addresses (`check_resolved`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ __all__ = [
     "check_address",
     "check_external_location",
     "check_host",
+    "check_resolved",
     "confined_path",
     "link_local_allowed",
     "model_store",
@@ -99,6 +101,15 @@ def check_address(address: str, *, allow_link_local: bool) -> None:
             f"address {ip} is link-local (where metadata services and node agents listen); a "
             "model source may not reach it (chart value modelSources.allowLinkLocal allows it)"
         )
+
+
+def check_resolved(host: str, addresses: list[str], *, allow_link_local: bool) -> None:
+    """`host` and every address it resolved to may be reached by a model source."""
+    check_host(host, allow_link_local=allow_link_local)
+    if not addresses:
+        raise SourceRefused(f"host {host!r} resolves to no address")
+    for address in addresses:
+        check_address(address, allow_link_local=allow_link_local)
 
 
 def check_external_location(location: str, tensor: str, model_dir: Path) -> Path:

@@ -6,7 +6,7 @@ size-limited, never to metadata or link-local addresses unless allowed, see
 The cache is content-addressed, so a model fetched once is never fetched again whatever URI
 names it, and a file only enters the cache after its digest matched.
 
-The stage servers fetch http(s) sources with the same `ModelFetcher`.
+The stage servers apply the same rules in their own fetch (`partita_server.fetch`).
 """
 
 from __future__ import annotations
@@ -187,12 +187,14 @@ class ModelFetcher:
         parts = urlsplit(uri)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise FetchError(FetchReason.BAD_SOURCE, f"source.uri {uri!r}: not an http(s) URL")
+        port = parts.port or (443 if parts.scheme == "https" else 80)
         try:
             sources.check_host(parts.hostname, allow_link_local=self.allow_link_local)
-            port = parts.port or (443 if parts.scheme == "https" else 80)
             infos = socket.getaddrinfo(parts.hostname, port, proto=socket.IPPROTO_TCP)
-            for info in infos:
-                sources.check_address(str(info[4][0]), allow_link_local=self.allow_link_local)
+            addresses = [str(info[4][0]) for info in infos]
+            sources.check_resolved(
+                parts.hostname, addresses, allow_link_local=self.allow_link_local
+            )
         except sources.SourceRefused as exc:
             raise FetchError(
                 FetchReason.FORBIDDEN, f"source.uri (or its redirect) {uri!r}: {exc}"
