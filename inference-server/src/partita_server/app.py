@@ -117,6 +117,24 @@ InferFn = Callable[[str, str | None, Mapping[str, str], Callable[[], Awaitable[b
 _INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
 
 
+async def read_limited(receive: Receive, headers: Mapping[str, str], limit: int) -> bytes:
+    """The request body from ASGI `receive`, refused (413) as soon as it passes `limit`."""
+    declared = headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the {limit}-byte limit")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
 class InferFastPath:
     """The ASGI app: infer calls go straight to the data plane, the rest to FastAPI.
 
@@ -141,22 +159,7 @@ class InferFastPath:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
 
         async def read_body() -> bytes:
-            declared = headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > self._limit:
-                raise PayloadTooLarge(
-                    f"request body of {declared} bytes exceeds the {self._limit}-byte limit"
-                )
-            chunks: list[bytes] = []
-            size = 0
-            while True:
-                message = await receive()
-                chunk = message.get("body", b"")
-                size += len(chunk)
-                if size > self._limit:
-                    raise PayloadTooLarge(f"request body exceeds the {self._limit}-byte limit")
-                chunks.append(chunk)
-                if not message.get("more_body", False):
-                    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            return await read_limited(receive, headers, self._limit)
 
         name, version = unquote(match[1]), unquote(match[2]) if match[2] else None
         reply = await self._infer(name, version, headers, read_body)
@@ -194,20 +197,6 @@ def create_dataplane(
         )
     metrics = ServerMetrics(spec.model, spec.stage)
     return DataPlane(spec, stage, tokens=tokens, metrics=metrics, sizing=sizing, clock=clock)
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"request body of {declared} bytes exceeds the {limit}-byte limit")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit")
-        chunks.append(chunk)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def _timeout_header(value: str | None) -> float | None:
@@ -348,7 +337,8 @@ def create_app(
         return Reply(200, "application/octet-stream", extra, payload)
 
     async def route(name: str, version: str | None, request: Request) -> Response:
-        reply = await infer(name, version, request.headers, lambda: _read_body(request, limit))
+        body = lambda: read_limited(request.receive, request.headers, limit)  # noqa: E731
+        reply = await infer(name, version, request.headers, body)
         return Response(reply.payload, reply.status, reply.headers, media_type=reply.media_type)
 
     @app.post("/v2/models/{name}/infer", openapi_extra={"requestBody": _INFER_BODY},

@@ -62,6 +62,28 @@ def test_template_accepted_by_apiserver(crds: Any, extra: list[str]) -> None:
     assert {"Deployment", "ServiceAccount", "ClusterRole", "NetworkPolicy"} <= kinds
 
 
+def test_model_source_values_reach_the_operator_as_its_fetch_reads_them(crds: Any) -> None:
+    """modelSources.allowLinkLocal and modelStore become the env `ModelFetcher` defaults from."""
+    from partita.kube.fetch import ModelFetcher
+
+    for extra, allow, store in (
+        ([], False, None),
+        (["--set", "modelSources.allowLinkLocal=true", "--set", "modelStore.existingClaim=m"],
+         True, "/var/lib/partita/models"),
+    ):  # fmt: skip
+        rendered = crds.helm("template", RELEASE, str(CHART), "-n", "default", *extra).stdout
+        deployment = next(d for d in yaml.safe_load_all(rendered)
+                          if d and d["kind"] == "Deployment")  # fmt: skip
+        env = {
+            e["name"]: e["value"]
+            for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+            if "value" in e
+        }
+        fetcher = ModelFetcher(Path("/nonexistent"), env=env)
+        assert fetcher.allow_link_local is allow
+        assert fetcher.model_store == (Path(store) if store else None)
+
+
 @pytest.fixture(scope="module")
 def release(crds: Any) -> Iterator[Any]:
     """The chart installed into a namespace that enforces the restricted Pod Security level."""

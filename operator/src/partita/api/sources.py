@@ -78,7 +78,7 @@ def check_host(host: str, *, allow_link_local: bool) -> None:
     if not allow_link_local and name in METADATA_NAMES:
         raise SourceRefused(
             f"host {host!r} is a cloud metadata service; a model source may not reach it "
-            "(chart value modelSources.allowLinkLocal allows it)"
+            "(PARTITA_ALLOW_LINK_LOCAL_SOURCES=true on the operator and the servers allows it)"
         )
 
 
@@ -94,12 +94,13 @@ def check_address(address: str, *, allow_link_local: bool) -> None:
     if ip in METADATA_ADDRESSES:
         raise SourceRefused(
             f"address {ip} is a cloud metadata service; a model source may not reach it "
-            "(chart value modelSources.allowLinkLocal allows it)"
+            "(PARTITA_ALLOW_LINK_LOCAL_SOURCES=true on the operator and the servers allows it)"
         )
     if ip.is_link_local:
         raise SourceRefused(
             f"address {ip} is link-local (where metadata services and node agents listen); a "
-            "model source may not reach it (chart value modelSources.allowLinkLocal allows it)"
+            "model source may not reach it (PARTITA_ALLOW_LINK_LOCAL_SOURCES=true on the "
+            "operator and the servers allows it)"
         )
 
 

@@ -70,7 +70,7 @@ class ModelFetcher:
     operator must not read other tenants' ConfigMaps on anyone's behalf). `model_store`
     (default `$PARTITA_MODEL_STORE`) confines file sources; `allow_link_local` (default
     `$PARTITA_ALLOW_LINK_LOCAL_SOURCES`) lets http(s) sources reach link-local and
-    metadata addresses.
+    metadata addresses; `env` stands in for the process environment.
     """
 
     def __init__(
@@ -82,14 +82,15 @@ class ModelFetcher:
         read_configmap: ConfigMapReader | None = None,
         model_store: Path | None = None,
         allow_link_local: bool | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.cache_dir = cache_dir
         self.max_bytes = max_bytes
         self.timeout_s = timeout_s
         self.read_configmap = read_configmap
-        self.model_store = model_store if model_store is not None else sources.model_store()
+        self.model_store = model_store if model_store is not None else sources.model_store(env)
         self.allow_link_local = (
-            sources.link_local_allowed() if allow_link_local is None else allow_link_local
+            sources.link_local_allowed(env) if allow_link_local is None else allow_link_local
         )
 
     def cached(self, sha256: str) -> Path:
