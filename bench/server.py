@@ -11,8 +11,8 @@ Sections:
 - batch_limit: what raw ORT gains from one batch-4 run over four batch-1 runs, per model.
 - latency: one caller; raw ORT, Partita REST binary, REST JSON, gRPC (tritonclient.grpc),
   KServe REST binary.
-- throughput: 4 and 8 concurrent callers; raw ORT (threads on one session), Partita REST and
-  gRPC, KServe.
+- throughput: 4 and 8 concurrent callers; raw ORT driven the same way (that many threads on
+  one session) and one call at a time, Partita REST and gRPC, KServe.
 - batching: 8 callers (saturation), Partita with batching off and on, per model.
 - hop: a two-stage chain (ocr-cls cut at a 108 KB tensor) with an HTTP hop and a gRPC hop,
   against one whole-model server, each against the ORT time its servers report.
@@ -590,12 +590,13 @@ def throughput_section(results: dict[str, Any], work: Path, python: str | None) 
         raw = RawOrt(model)
         stack.callback(raw.close)
         for callers in (4, 8):
-            seconds: dict[str, float] = {k: 0.0 for k in ["raw_ort", *makers]}
-            done: dict[str, int] = dict.fromkeys(seconds, 0)
-            for row in abba(list(seconds)):
+            rows = ["raw_ort", "raw_ort_one_at_a_time", *makers]
+            seconds: dict[str, float] = dict.fromkeys(rows, 0.0)
+            done: dict[str, int] = dict.fromkeys(rows, 0)
+            for row in abba(rows):
                 k = max(N // ROUNDS, 2 * callers)
-                if row == "raw_ort":
-                    r = raw.ask(op="run", n=k, callers=callers)
+                if row.startswith("raw_ort"):
+                    r = raw.ask(op="run", n=k, callers=callers if row == "raw_ort" else 1)
                     seconds[row] += r["seconds"]
                     done[row] += len(r["samples"])
                 else:
