@@ -295,7 +295,8 @@ class EdgeModelSpec(ApiModel):
 
     cel_rules: ClassVar[tuple[CelRule, ...]] = (
         CelRule(
-            rule="self.inputShapes.all(k, size(k) >= 1 && size(k) <= 256)",
+            rule="!has(self.inputShapes) || "
+            "self.inputShapes.all(k, size(k) >= 1 && size(k) <= 256)",
             message="inputShapes keys are input names of 1 to 256 characters",
             holds=lambda s: all(1 <= len(k) <= 256 for k in s.input_shapes),
             field_path=".inputShapes",
