@@ -76,6 +76,21 @@ def operator_command(
             help="Serve the operator's Prometheus metrics at HOST:PORT/metrics, e.g. 0.0.0.0:8081.",
         ),
     ] = None,
+    distribution: Annotated[
+        str | None,
+        typer.Option(
+            envvar="PARTITA_DISTRIBUTION_LISTEN",
+            help="Serve the verified model files to the stage servers on HOST:PORT; they "
+            "fetch from --distribution-url instead of each model's source.",
+        ),
+    ] = None,
+    distribution_url: Annotated[
+        str | None,
+        typer.Option(
+            envvar="PARTITA_DISTRIBUTION_URL",
+            help="The URL stage pods reach --distribution at (the chart's Service).",
+        ),
+    ] = None,
 ) -> None:
     """Watch DevicePools and EdgeModels: fetch, verify and profile models, plan their stages from
     live metrics, deploy them make-before-break and move them when the cluster changes."""
@@ -89,6 +104,14 @@ def operator_command(
     if peering is not None and standalone:
         Console(stderr=True).print("[red]error:[/red] --peering and --standalone exclude")
         raise typer.Exit(2)
+    if (distribution is None) != (distribution_url is None):
+        Console(stderr=True).print(
+            "[red]error:[/red] --distribution and --distribution-url go together"
+        )
+        raise typer.Exit(2)
+    # The key of the model tokens comes only from the environment (the chart's Secret), never
+    # from the command line where `ps` shows it.
+    key = os.environ.get("PARTITA_DISTRIBUTION_KEY", "").encode() or None
     level = logging.getLevelNamesMapping().get(log_level.upper())
     if level is None:
         Console(stderr=True).print(f"[red]error:[/red] --log-level {log_level!r} is not a level")
@@ -117,5 +140,8 @@ def operator_command(
         server_image=server_image,
         liveness_endpoint=liveness,
         metrics_address=metrics,
+        distribution_listen=distribution,
+        distribution_url=distribution_url,
+        distribution_key=key,
     )
     run(config)

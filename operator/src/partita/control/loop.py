@@ -27,6 +27,7 @@ from partita.api.edgemodel import EdgeModel, Phase
 from partita.api.errors import ManifestError
 from partita.api.meta import ConditionStatus
 from partita.control.catalog import Catalog, Profiled
+from partita.control.distribution import model_token, model_url
 from partita.control.inputs import NodeInfo, apply_observation, model_request, snapshot_from_pools
 from partita.control.models import MODEL_FETCHED, PROFILED
 from partita.control.outcome import Backoff, Event, EventType, Outcome
@@ -170,6 +171,10 @@ Reporter = Callable[[Mapping[str, Any], Outcome], None]
 @dataclass(frozen=True)
 class LoopConfig:
     image: str  # the stage servers' image
+    # Where stage servers fetch models from the operator (`partita.control.distribution`),
+    # and the key of the tokens for it; None: stage servers read each model's source.
+    distribution_url: str | None = None
+    distribution_key: bytes | None = None
     metrics_max_age_s: float = 60.0  # an observation older than this is stale
     timing: Timing = field(default_factory=Timing)
     backoff: Backoff = field(default_factory=lambda: Backoff(first_s=2.0, factor=2.0, max_s=60.0))
@@ -519,11 +524,17 @@ class ControlLoop:
             for k, v in spec.input_shapes.items()
             if all(isinstance(d, int) for d in v)
         }
+        source, token = spec.source.uri, ""
+        base, key = self._config.distribution_url, self._config.distribution_key
+        if base is not None and key is not None:
+            source = model_url(base, spec.source.sha256)
+            token = model_token(key, spec.source.sha256)
         return ModelRef(
             name=model.metadata.name,
             namespace=model.metadata.namespace or "default",
             uid=str((body.get("metadata") or {}).get("uid", "")),
-            source_uri=spec.source.uri,
+            model_token=token,
+            source_uri=source,
             sha256=spec.source.sha256,
             input_shapes=shapes,
             data_source_pool=spec.data_source,

@@ -27,6 +27,7 @@ from partita.api.errors import ManifestError
 from partita.api.meta import GROUP, VERSION
 from partita.api.rules import plain
 from partita.control.catalog import Catalog
+from partita.control.distribution import DistributionServer, new_key
 from partita.control.inputs import NodeInfo, node_info
 from partita.control.loop import (
     ControlLoop,
@@ -71,6 +72,11 @@ class OperatorConfig:
     liveness_endpoint: str | None = None
     server_image: str = "partita-server:0.1.0"
     metrics_address: str | None = None  # HOST:PORT of the operator's /metrics; None: not served
+    # Serve verified models to the stage servers (partita.control.distribution): where to
+    # listen (HOST:PORT), the URL stage pods reach it at, and the key of its tokens.
+    distribution_listen: str | None = None
+    distribution_url: str | None = None
+    distribution_key: bytes | None = None
 
 
 def _now() -> str:
@@ -317,6 +323,11 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     # ---- the control loop and the metrics poll: one task each ------------------------------
 
     tasks: list[asyncio.Task[None]] = []
+    servers: list[DistributionServer] = []
+
+    def locate(digest: str) -> Path | None:
+        path = fetcher.cached(digest)
+        return path if path.is_file() else None
 
     async def start(
         nodes: kopf.Index[str, NodeInfo],
@@ -326,12 +337,24 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         pods: kopf.Index[str, PodInfo],
         **_: Any,
     ) -> None:
+        key = config.distribution_key
+        if config.distribution_listen is not None:
+            key = key or new_key()  # tokens then hold until this process ends
+            address, _sep, listen_port = config.distribution_listen.rpartition(":")
+            server = DistributionServer(key, locate, address or "0.0.0.0", int(listen_port))
+            await server.start()
+            servers.append(server)
         loop = ControlLoop(
             IndexView(nodes, pools, models, deployments, pods),
             Actuator(api_client),
             Reporter(writer, events, LOOP_MANAGER),
             Catalog(fetcher, profiler),
-            LoopConfig(image=config.server_image, metrics_max_age_s=4 * config.poll_interval_s),
+            LoopConfig(
+                image=config.server_image,
+                metrics_max_age_s=4 * config.poll_interval_s,
+                distribution_url=config.distribution_url if config.distribution_listen else None,
+                distribution_key=key,
+            ),
             telemetry=telemetry,
         )
         loop_holder.append(loop)
@@ -349,6 +372,8 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         for task in tasks:
             task.cancel()
         telemetry.stop()
+        for server in servers:
+            await server.stop()
 
     return registry
 

@@ -41,6 +41,9 @@ class ModelRef:
     # The model's tolerations as a Pod spec takes them (key, operator, value, effect): the
     # planner placed stages on tainted nodes only where these tolerate the taints.
     tolerations: tuple[tuple[str, str, str | None, str | None], ...] = ()
+    # The token that fetches the model from the operator's distribution endpoint (then
+    # `source_uri` is that endpoint's URL of the model), "" when servers read the source.
+    model_token: str = ""
 
 
 def owner_reference(ref: ModelRef) -> dict[str, Any]:
@@ -325,6 +328,18 @@ def _deployment(
                                     "name": "PARTITA_INTERNAL_TOKEN",
                                     "valueFrom": {"secretKeyRef": token},
                                 },
+                                *(
+                                    [
+                                        {
+                                            "name": "PARTITA_MODEL_TOKEN",
+                                            "valueFrom": {
+                                                "secretKeyRef": {**token, "key": "model-token"}
+                                            },
+                                        }
+                                    ]
+                                    if ref.model_token
+                                    else []
+                                ),
                             ],
                             "ports": [{"name": "http", "containerPort": SERVER_PORT}],
                             "readinessProbe": {
@@ -412,5 +427,8 @@ def token_secret(ref: ModelRef, revision: int, token: str) -> dict[str, Any]:
             "ownerReferences": [owner_reference(ref)],
         },
         "type": "Opaque",
-        "stringData": {"token": token},
+        "stringData": {
+            "token": token,
+            **({"model-token": ref.model_token} if ref.model_token else {}),
+        },
     }
