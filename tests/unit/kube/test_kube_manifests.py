@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 from partita.api import labels
 from partita.kube.manifests import (
     ModelRef,
-    entry_service,
+    entry_objects,
     render_revision,
+    serving_service,
     stage_specs,
 )
 from partita.planner import (
@@ -128,12 +131,31 @@ def test_objects_are_owned_labelled_and_pinned() -> None:
     assert "inputs" not in spec  # one stage: the whole model, batch dim kept
 
 
-def test_entry_service_selects_only_the_serving_revision() -> None:
-    svc = entry_service(REF, 7)
-    assert svc["metadata"]["name"] == "cam"
-    assert svc["metadata"]["annotations"]["partita.dev/data-source-pool"] == "edge-a"
-    assert svc["spec"]["selector"]["partita.dev/revision"] == "7"
-    assert svc["spec"]["selector"][labels.ENTRY] == "true"
+def test_clients_call_routers_that_forward_to_the_serving_revision() -> None:
+    from dataclasses import replace
+
+    ref = replace(REF, entry_selector=(("partita.dev/pool", "edge-a"),), entry_replicas=2)
+    serving = serving_service(ref, 7)
+    assert serving["metadata"]["name"] == "cam-serving"
+    assert serving["spec"]["selector"]["partita.dev/revision"] == "7"
+    assert serving["spec"]["selector"][labels.ENTRY] == "true"
+    config, routers, service = entry_objects(ref)
+    assert service["metadata"]["name"] == "cam"  # what clients call, stable
+    assert service["metadata"]["annotations"]["partita.dev/data-source-pool"] == "edge-a"
+    assert service["spec"]["selector"] == routers["spec"]["template"]["metadata"]["labels"]
+    assert "partita.dev/revision" not in service["spec"]["selector"]
+    spec = json.loads(config["data"]["stage.json"])
+    assert spec["router"]["upstream"] == "http://cam-serving.vision.svc:8000"
+    pod = routers["spec"]["template"]["spec"]
+    assert routers["spec"]["replicas"] == 2
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert terms["nodeSelectorTerms"][0]["matchExpressions"] == [
+        {"key": "partita.dev/pool", "operator": "In", "values": ["edge-a"]}
+    ]
+    apart = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert apart[0]["podAffinityTerm"]["labelSelector"]["matchLabels"] == {
+        "partita.dev/model": "cam"
+    }
 
 
 def test_pods_tolerate_what_the_model_tolerates_and_use_their_revision_token() -> None:

@@ -400,7 +400,8 @@ class ControlLoop:
         p95 = observation.models.get((request.namespace, request.name)) if observation else None
         # Status first: a rollout is on record before its objects exist.
         await self._write(model, body, state, result.report, p95, speeds)
-        state = await self._carry_out(model, body, state, result.actions)
+        entry = _entry_placement(model, pools, nodes)
+        state = await self._carry_out(model, body, state, result.actions, entry)
         self._states[key] = state
         placed = state.serving or (state.rollout.plan if state.rollout else None)
         if placed is not None:
@@ -488,10 +489,11 @@ class ControlLoop:
         body: Mapping[str, Any],
         state: ModelState,
         actions: tuple[ClusterAction, ...],
+        entry: tuple[tuple[tuple[str, str], ...], int],
     ) -> ModelState:
         if not actions:
             return state
-        ref = self._ref(model, body)
+        ref = self._ref(model, body, entry)
         try:
             for action in actions:
                 await asyncio.to_thread(self._do, ref, action)
@@ -517,7 +519,12 @@ class ControlLoop:
         elif isinstance(action, DeleteRevisions):
             self._cluster.delete_revisions(ref, set(action.keep))
 
-    def _ref(self, model: EdgeModel, body: Mapping[str, Any]) -> ModelRef:
+    def _ref(
+        self,
+        model: EdgeModel,
+        body: Mapping[str, Any],
+        entry: tuple[tuple[tuple[str, str], ...], int],
+    ) -> ModelRef:
         spec = model.spec
         shapes = {
             k: tuple(int(d) for d in v)
@@ -535,6 +542,8 @@ class ControlLoop:
             uid=str((body.get("metadata") or {}).get("uid", "")),
             model_token=token,
             source_uri=source,
+            entry_selector=entry[0],
+            entry_replicas=entry[1],
             sha256=spec.source.sha256,
             input_shapes=shapes,
             data_source_pool=spec.data_source,
@@ -551,6 +560,22 @@ class ControlLoop:
                 for t in spec.tolerations
             ),
         )
+
+
+MAX_ROUTERS = 2
+
+
+def _entry_placement(
+    model: EdgeModel, pools: list[DevicePool], nodes: list[NodeInfo]
+) -> tuple[tuple[tuple[str, str], ...], int]:
+    """Where a model's entry routers go: the labels of its data source pool's nodes, and one
+    router per Ready node of the pool, at most MAX_ROUTERS."""
+    pool = next((p for p in pools if p.metadata.name == model.spec.data_source), None)
+    if pool is None:
+        return (), 1
+    selector = tuple(sorted(pool.spec.node_selector.items()))
+    ready = sum(1 for n in nodes if n.ready and n.schedulable and n.matches(dict(selector)))
+    return selector, max(1, min(MAX_ROUTERS, ready))
 
 
 def _key(model: EdgeModel) -> str:

@@ -83,7 +83,11 @@ class Actuator:
         return len(objects)
 
     def switch_entry(self, ref: ModelRef, revision: int) -> None:
-        self._apply(manifests.entry_service(ref, revision))
+        """Point the serving Service at `revision` (its routers and the client-facing Service
+        are applied too: idempotent, and there from the first revision on)."""
+        self._apply(manifests.serving_service(ref, revision))
+        for obj in manifests.entry_objects(ref):
+            self._apply(obj)
 
     def delete_revisions(self, ref: ModelRef, keep: set[int]) -> list[str]:
         """Delete the Deployments, Services and ConfigMaps of every revision not in `keep`."""

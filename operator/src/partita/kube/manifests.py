@@ -16,6 +16,9 @@ from partita.api import labels
 from partita.planner import Compression, Plan, Stage
 
 API_GROUP = "partita.dev"
+HOSTNAME = "kubernetes.io/hostname"
+ROUTER_CPU = 0.25  # cores of one entry router: it decodes, forwards and encodes
+ROUTER_MEMORY = 256 * 2**20
 SERVER_PORT = 8000
 FIELD_MANAGER = "partita-operator"
 
@@ -44,6 +47,10 @@ class ModelRef:
     # The token that fetches the model from the operator's distribution endpoint (then
     # `source_uri` is that endpoint's URL of the model), "" when servers read the source.
     model_token: str = ""
+    # Where the model's entry routers run: the data source pool's node labels, and how many
+    # (one per node of the pool, at most two), so losing a node leaves one that retries.
+    entry_selector: tuple[tuple[str, str], ...] = ()
+    entry_replicas: int = 1
 
 
 def owner_reference(ref: ModelRef) -> dict[str, Any]:
@@ -273,102 +280,106 @@ def _deployment(
     memory: int,
     meta: dict[str, Any],
 ) -> dict[str, Any]:
-    cpu_text = f"{max(round(cpu * 1000), 10)}m"
-    mem_text = str(memory)
+    """A stage server: one replica pinned to its planned node, with its revision's tokens."""
     token = {"name": token_name(ref.name, int(object_labels[labels.REVISION])), "key": "token"}
+    env: list[dict[str, Any]] = [
+        {"name": "PARTITA_INTERNAL_TOKEN", "valueFrom": {"secretKeyRef": token}}
+    ]
+    if ref.model_token:
+        model_token = {**token, "key": "model-token"}
+        env.append({"name": "PARTITA_MODEL_TOKEN", "valueFrom": {"secretKeyRef": model_token}})
+    pinned = {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {"matchExpressions": [{"key": HOSTNAME, "operator": "In", "values": [node]}]}
+                ]
+            }
+        }
+    }
+    pod = _pod(ref, name, object_labels, cpu, memory, env, pinned)
+    return _workload(meta, object_labels, 1, pod, {"type": "Recreate"})
+
+
+def _workload(
+    meta: dict[str, Any],
+    selector: dict[str, str],
+    replicas: int,
+    pod: dict[str, Any],
+    strategy: dict[str, Any],
+) -> dict[str, Any]:
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": meta,
         "spec": {
-            "replicas": 1,
-            "selector": {"matchLabels": object_labels},
-            "strategy": {"type": "Recreate"},
-            "template": {
-                "metadata": {"labels": object_labels},
-                "spec": {
-                    "affinity": {
-                        "nodeAffinity": {
-                            "requiredDuringSchedulingIgnoredDuringExecution": {
-                                "nodeSelectorTerms": [
-                                    {
-                                        "matchExpressions": [
-                                            {
-                                                "key": "kubernetes.io/hostname",
-                                                "operator": "In",
-                                                "values": [node],
-                                            }
-                                        ]
-                                    }
-                                ]
-                            }
-                        }
-                    },
-                    "automountServiceAccountToken": False,
-                    **(
-                        {"tolerations": [_toleration(t) for t in ref.tolerations]}
-                        if ref.tolerations
-                        else {}
-                    ),
-                    "securityContext": {
-                        "runAsNonRoot": True,
-                        "runAsUser": 10001,
-                        "seccompProfile": {"type": "RuntimeDefault"},
-                    },
-                    "containers": [
-                        {
-                            "name": "server",
-                            "image": ref.image,
-                            "command": ["partita-server"],
-                            "args": ["--host", "0.0.0.0", "--port", str(SERVER_PORT)],
-                            "env": [
-                                {"name": "PARTITA_STAGE_SPEC", "value": "/etc/partita/stage.json"},
-                                {"name": "PARTITA_CPU_LIMIT", "value": str(cpu)},
-                                {
-                                    "name": "PARTITA_INTERNAL_TOKEN",
-                                    "valueFrom": {"secretKeyRef": token},
-                                },
-                                *(
-                                    [
-                                        {
-                                            "name": "PARTITA_MODEL_TOKEN",
-                                            "valueFrom": {
-                                                "secretKeyRef": {**token, "key": "model-token"}
-                                            },
-                                        }
-                                    ]
-                                    if ref.model_token
-                                    else []
-                                ),
-                            ],
-                            "ports": [{"name": "http", "containerPort": SERVER_PORT}],
-                            "readinessProbe": {
-                                "httpGet": {"path": "/v2/health/ready", "port": "http"},
-                                "periodSeconds": 2,
-                            },
-                            "resources": {
-                                "requests": {"cpu": cpu_text, "memory": mem_text},
-                                "limits": {"cpu": cpu_text, "memory": mem_text},
-                            },
-                            "securityContext": {
-                                "allowPrivilegeEscalation": False,
-                                "readOnlyRootFilesystem": True,
-                                "capabilities": {"drop": ["ALL"]},
-                            },
-                            "volumeMounts": [
-                                {"name": "spec", "mountPath": "/etc/partita", "readOnly": True},
-                                {"name": "cache", "mountPath": "/var/cache/partita"},
-                            ],
-                        }
-                    ],
-                    "volumes": [
-                        {"name": "spec", "configMap": {"name": name}},
-                        {"name": "cache", "emptyDir": {}},
-                    ],
-                },
-            },
+            "replicas": replicas,
+            "selector": {"matchLabels": selector},
+            "strategy": strategy,
+            "template": pod,
         },
     }
+
+
+def _pod(
+    ref: ModelRef,
+    name: str,
+    object_labels: dict[str, str],
+    cpu: float,
+    memory: int,
+    env: list[dict[str, Any]],
+    affinity: dict[str, Any],
+) -> dict[str, Any]:
+    """The pod template of a Partita server: its ConfigMap `name` holds its spec."""
+    cpu_text = f"{max(round(cpu * 1000), 10)}m"
+    mem_text = str(memory)
+    spec: dict[str, Any] = {
+        "affinity": affinity,
+        "automountServiceAccountToken": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 10001,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [
+            {
+                "name": "server",
+                "image": ref.image,
+                "command": ["partita-server"],
+                "args": ["--host", "0.0.0.0", "--port", str(SERVER_PORT)],
+                "env": [
+                    {"name": "PARTITA_STAGE_SPEC", "value": "/etc/partita/stage.json"},
+                    {"name": "PARTITA_CPU_LIMIT", "value": str(cpu)},
+                    *env,
+                ],
+                "ports": [{"name": "http", "containerPort": SERVER_PORT}],
+                "readinessProbe": {
+                    "httpGet": {"path": "/v2/health/ready", "port": "http"},
+                    "periodSeconds": 2,
+                },
+                "resources": {
+                    "requests": {"cpu": cpu_text, "memory": mem_text},
+                    "limits": {"cpu": cpu_text, "memory": mem_text},
+                },
+                "securityContext": {
+                    "allowPrivilegeEscalation": False,
+                    "readOnlyRootFilesystem": True,
+                    "capabilities": {"drop": ["ALL"]},
+                },
+                "volumeMounts": [
+                    {"name": "spec", "mountPath": "/etc/partita", "readOnly": True},
+                    {"name": "cache", "mountPath": "/var/cache/partita"},
+                ],
+            }
+        ],
+        "volumes": [
+            {"name": "spec", "configMap": {"name": name}},
+            {"name": "cache", "emptyDir": {}},
+        ],
+    }
+    if ref.tolerations:
+        spec["tolerations"] = [_toleration(t) for t in ref.tolerations]
+    return {"metadata": {"labels": object_labels}, "spec": spec}
 
 
 def _toleration(t: tuple[str, str, str | None, str | None]) -> dict[str, str]:
@@ -381,8 +392,21 @@ def _toleration(t: tuple[str, str, str | None, str | None]) -> dict[str, str]:
     return out
 
 
-def entry_service(ref: ModelRef, revision: int) -> dict[str, Any]:
-    """The stable Service clients call; it selects the serving revision's entry server."""
+ENTRY_ROUTER = "entry-router"  # the value of labels.COMPONENT on a model's entry routers
+ENTRY_DEADLINE_S = 30.0  # how long a router keeps retrying a request on the serving revision
+
+
+def serving_name(model: str) -> str:
+    return f"{model}-serving"
+
+
+def entry_name(model: str) -> str:
+    return f"{model}-entry"
+
+
+def serving_service(ref: ModelRef, revision: int) -> dict[str, Any]:
+    """The Service the entry routers forward to: it selects the serving revision's entry
+    server, and moving its selector is the switch from one revision to the next."""
     selector = {
         labels.MODEL: ref.name,
         labels.REVISION: str(revision),
@@ -393,10 +417,9 @@ def entry_service(ref: ModelRef, revision: int) -> dict[str, Any]:
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": {
-            "name": ref.name,
+            "name": serving_name(ref.name),
             "namespace": ref.namespace,
             "labels": {labels.MODEL: ref.name, labels.MANAGED_BY: "partita"},
-            "annotations": {labels.DATA_SOURCE_POOL: ref.data_source_pool},
             "ownerReferences": [owner_reference(ref)],
         },
         "spec": {
@@ -404,6 +427,82 @@ def entry_service(ref: ModelRef, revision: int) -> dict[str, Any]:
             "ports": [{"name": "http", "port": SERVER_PORT, "targetPort": "http"}],
         },
     }
+
+
+def entry_objects(ref: ModelRef) -> list[dict[str, Any]]:
+    """The model's stable entry: the Service named after the model that clients call, and
+    behind it routers in the data source pool that forward every request to the serving
+    revision and retry it there (inference is idempotent) when a stage fails on the way,
+    until the revision that replaces a lost one serves or the deadline passes."""
+    name = entry_name(ref.name)
+    tags = {
+        labels.NAME: "partita-server",
+        labels.MANAGED_BY: "partita",
+        labels.MODEL: ref.name,
+        labels.COMPONENT: ENTRY_ROUTER,
+    }
+    meta = {
+        "name": name,
+        "namespace": ref.namespace,
+        "labels": tags,
+        "ownerReferences": [owner_reference(ref)],
+    }
+    spec = {
+        "model": ref.name,
+        "stage": "entry",
+        "entry": True,
+        "router": {
+            "upstream": service_url(serving_name(ref.name), ref.namespace),
+            "deadline_s": ENTRY_DEADLINE_S,
+        },
+    }
+    apart = {"labelSelector": {"matchLabels": {labels.MODEL: ref.name}}, "topologyKey": HOSTNAME}
+    affinity: dict[str, Any] = {
+        # Spread over the pool's nodes, and away from the model's stage servers where the
+        # pool allows: a router that shares a node with a stage dies with it.
+        "podAntiAffinity": {
+            "preferredDuringSchedulingIgnoredDuringExecution": [
+                {"weight": 100, "podAffinityTerm": apart}
+            ]
+        }
+    }
+    if ref.entry_selector:
+        affinity["nodeAffinity"] = {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {
+                        "matchExpressions": [
+                            {"key": k, "operator": "In", "values": [v]}
+                            for k, v in ref.entry_selector
+                        ]
+                    }
+                ]
+            }
+        }
+    pod = _pod(ref, name, tags, ROUTER_CPU, ROUTER_MEMORY, [], affinity)
+    strategy = {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": meta,
+            "data": {"stage.json": json.dumps(spec, indent=1, sort_keys=True)},
+        },
+        _workload(meta, tags, max(1, ref.entry_replicas), pod, strategy),
+        {
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {
+                **meta,
+                "name": ref.name,
+                "annotations": {labels.DATA_SOURCE_POOL: ref.data_source_pool},
+            },
+            "spec": {
+                "selector": tags,
+                "ports": [{"name": "http", "port": SERVER_PORT, "targetPort": "http"}],
+            },
+        },
+    ]
 
 
 def token_name(model: str, revision: int) -> str:
