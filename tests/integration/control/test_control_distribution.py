@@ -10,7 +10,8 @@ from pathlib import Path
 
 import httpx
 
-from partita.control.distribution import DistributionServer, model_token, model_url, new_key
+from partita.control.distribution import model_token, model_url, new_key
+from partita.control.endpoint import Endpoint
 
 
 def _free_port() -> int:
@@ -30,7 +31,9 @@ def test_serves_the_verified_file_to_the_holder_of_its_token(tmp_path: Path) -> 
         return path if path.is_file() else None
 
     async def scenario() -> None:
-        server = DistributionServer(key, locate, "127.0.0.1", port)
+        server = Endpoint(
+            f"127.0.0.1:{port}", healthy=lambda: True, exposition=bytes, models=(key, locate)
+        )
         await server.start()
         base = f"http://127.0.0.1:{port}"
         try:

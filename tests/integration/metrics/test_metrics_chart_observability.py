@@ -1,7 +1,8 @@
 """What the chart ships for observability, as `helm template` renders it: one dashboard
 ConfigMap per generated dashboard for Grafana's sidecar (label and folder as configured), the
-operator's metrics port behind a Service, a ServiceMonitor and a NetworkPolicy that let
-Prometheus in; and every dashboard query is PromQL promtool accepts."""
+operator's one HTTP port (health, metrics, model files) behind a Service, a ServiceMonitor and
+a NetworkPolicy that let Prometheus and the stage servers in; and every dashboard query is
+PromQL promtool accepts."""
 
 from __future__ import annotations
 
@@ -83,38 +84,49 @@ def test_the_sidecar_label_folder_and_namespace_are_configurable() -> None:
 
 def test_the_operator_serves_metrics_that_prometheus_may_scrape() -> None:
     docs = helm_template(
-        "--set", "serviceMonitor.enabled=true", "--set", "metrics.port=9400",
+        "--set", "serviceMonitor.enabled=true", "--set", "service.port=9400",
         "--api-versions", "monitoring.coreos.com/v1/ServiceMonitor",
     )  # fmt: skip
     (deployment,) = of_kind(docs, "Deployment")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
-    assert "--metrics=0.0.0.0:9400" in container["args"]
-    assert {"name": "metrics", "containerPort": 9400, "protocol": "TCP"} in container["ports"]
+    assert "--listen=0.0.0.0:9400" in container["args"]
+    assert container["ports"] == [{"name": "http", "containerPort": 9400, "protocol": "TCP"}]
+    assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["PARTITA_DISTRIBUTION_URL"] == "http://t-partita.obs.svc:9400"
     (service,) = of_kind(docs, "Service")
+    assert service["metadata"]["name"] == "t-partita"
     assert service["spec"]["ports"] == [
-        {"name": "metrics", "port": 9400, "targetPort": "metrics", "protocol": "TCP"}
+        {"name": "http", "port": 9400, "targetPort": "http", "protocol": "TCP"}
     ]
     assert service["spec"]["selector"] == deployment["spec"]["selector"]["matchLabels"]
     monitors = {m["metadata"]["name"]: m for m in of_kind(docs, "ServiceMonitor")}
     operator = monitors["t-partita-operator"]["spec"]
-    assert operator["endpoints"][0]["port"] == "metrics"
+    assert operator["endpoints"][0]["port"] == "http"
+    assert operator["endpoints"][0]["path"] == "/metrics"
     assert operator["endpoints"][0]["honorLabels"] is True  # the models' namespace label
     assert operator["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert operator["namespaceSelector"] == {"matchNames": ["obs"]}
     stages = monitors["t-partita-stages"]["spec"]["endpoints"][0]["relabelings"]
     assert {r["targetLabel"] for r in stages} == {"node", "revision", "stage", "shard", "entry"}
     (policy,) = of_kind(docs, "NetworkPolicy")
-    ports = [p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]]
-    assert "metrics" in ports
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"port": "http", "protocol": "TCP"}] and "from" not in rule
     scoped = helm_template(
         "--set-json",
         'networkPolicy.metricsFrom=[{"namespaceSelector": {"matchLabels": '
         '{"kubernetes.io/metadata.name": "monitoring"}}}]',
     )
     (policy,) = of_kind(scoped, "NetworkPolicy")
-    (rule,) = [r for r in policy["spec"]["ingress"] if r["ports"][0]["port"] == "metrics"]
-    assert rule["from"][0]["namespaceSelector"]["matchLabels"] == {
+    (rule,) = policy["spec"]["ingress"]
+    monitoring, stage_servers = rule["from"]
+    assert monitoring["namespaceSelector"]["matchLabels"] == {
         "kubernetes.io/metadata.name": "monitoring"
+    }
+    # Stage servers of every namespace still fetch their models from the same port.
+    assert stage_servers == {
+        "namespaceSelector": {},
+        "podSelector": {"matchLabels": {"partita.dev/component": "stage-server"}},
     }
 
 

@@ -22,7 +22,6 @@ from partita.control.telemetry import (
     NODE_LOST,
     RESCHEDULE_REASONS,
     Telemetry,
-    parse_address,
 )
 from partita.metrics.observation import LinkObservation, Observation
 
@@ -154,10 +153,3 @@ def test_a_model_that_is_not_planned_yet_has_a_phase_and_no_plan() -> None:
     got = scrape(t)
     assert value(got, "partita_model_phase", phase="Pending") == 1.0
     assert "partita_plan_revision" not in got
-
-
-@pytest.mark.parametrize("bad", ["8081", "host:", "host:http", "h:70000"])
-def test_a_metrics_address_names_what_is_wrong(bad: str) -> None:
-    with pytest.raises(ValueError, match="HOST:PORT"):
-        parse_address(bad)
-    assert parse_address(":8081") == ("0.0.0.0", 8081)

@@ -66,23 +66,21 @@ def test_the_chart_operator_runs_the_venv_partita_on_the_agent_port(tmp_path: Pa
     container = {
         "name": "operator",
         "image": "partita/operator:0.1.0",
-        "args": ["operator", "--all-namespaces", "--liveness=http://0.0.0.0:8080/healthz"],
+        "args": ["operator", "--all-namespaces", "--listen=0.0.0.0:8080"],
     }
     command = images.local_command(container, tmp_path, {}, 4321)
     assert command.argv == [
         str(tmp_path / "partita"),
         "operator",
         "--all-namespaces",
-        "--liveness=http://127.0.0.1:4321/healthz",
+        "--listen=127.0.0.1:4321",
     ]
     assert command.image_env["PARTITA_OPERATOR_CACHE"] == "/var/cache/partita"
     # No args: the image's CMD, as a container runtime does.
     bare = images.local_command({"name": "o", "image": "partita/operator"}, tmp_path, {}, 5)
-    assert bare.argv[1:] == [
-        "operator",
-        "--all-namespaces",
-        "--liveness=http://127.0.0.1:5/healthz",
-    ]
+    assert bare.argv[1:] == ["operator", "--all-namespaces", "--listen=127.0.0.1:5"]
+    assert images.runs_operator({"spec": {"containers": [container]}})
+    assert not images.runs_operator({"spec": {"containers": [{"image": "partita/server"}]}})
 
 
 def test_stage_server_command_moves_host_and_port(tmp_path: Path) -> None:

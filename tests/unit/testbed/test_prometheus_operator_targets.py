@@ -1,6 +1,6 @@
 """The test bed and the operator's metrics: a scrape job of its own that keeps the labels
-the operator sets (its `namespace` is the model's), targets listed by whoever runs it; the
-chart's operator pod, run by the kubelet, listens for scrapes on loopback only."""
+the operator sets (its `namespace` is the model's), with a target per operator pod the kubelet
+runs (at the pod's one port, which serves /metrics)."""
 
 from __future__ import annotations
 
@@ -32,18 +32,8 @@ def test_operator_targets_are_replaced_whole(tmp_path: Path) -> None:
     assert json.loads(path.read_text()) == []
 
 
-def test_the_chart_operators_metrics_listen_on_a_free_loopback_port(tmp_path: Path) -> None:
-    from partita.testbed.kubelet import images
+def test_each_running_operator_pod_is_a_target_at_its_one_port() -> None:
+    from partita.testbed.kubelet import targets
 
-    (tmp_path / "partita").write_text("")
-    container = {
-        "name": "operator",
-        "image": "partita/operator:0.1.0",
-        "args": ["operator", "--liveness=http://0.0.0.0:8080/healthz", "--metrics=0.0.0.0:8081"],
-    }
-    argv = images.local_command(container, tmp_path, {}, 4321).argv
-    assert argv[1:] == [
-        "operator",
-        "--liveness=http://127.0.0.1:4321/healthz",
-        "--metrics=127.0.0.1:0",
-    ]
+    groups = targets.operator_targets([("partita-system/partita-6d-x", 4321)])
+    assert groups == [prometheus.TargetGroup(("127.0.0.1:4321",), {"pod": "partita-6d-x"})]

@@ -65,30 +65,21 @@ def operator_command(
     log_level: Annotated[
         str, typer.Option(envvar="PARTITA_LOG_LEVEL", help="DEBUG, INFO, WARNING or ERROR.")
     ] = "INFO",
-    liveness: Annotated[
-        str | None,
-        typer.Option(help="Serve kopf's liveness probe, e.g. http://0.0.0.0:8080/healthz."),
-    ] = None,
-    metrics: Annotated[
+    listen: Annotated[
         str | None,
         typer.Option(
-            envvar="PARTITA_METRICS_ADDRESS",
-            help="Serve the operator's Prometheus metrics at HOST:PORT/metrics, e.g. 0.0.0.0:8081.",
-        ),
-    ] = None,
-    distribution: Annotated[
-        str | None,
-        typer.Option(
-            envvar="PARTITA_DISTRIBUTION_LISTEN",
-            help="Serve the verified model files to the stage servers on HOST:PORT; they "
-            "fetch from --distribution-url instead of each model's source.",
+            envvar="PARTITA_LISTEN",
+            help="Serve the operator's HTTP endpoint on HOST:PORT: /healthz (the loop runs), "
+            "/metrics (its own Prometheus series) and, with --distribution-url, the verified "
+            "model files stage servers fetch (/v1/models/<sha256>).",
         ),
     ] = None,
     distribution_url: Annotated[
         str | None,
         typer.Option(
             envvar="PARTITA_DISTRIBUTION_URL",
-            help="The URL stage pods reach --distribution at (the chart's Service).",
+            help="The URL stage pods reach --listen at (the chart's Service): stage servers "
+            "then fetch models from the operator instead of each model's source.",
         ),
     ] = None,
 ) -> None:
@@ -104,10 +95,8 @@ def operator_command(
     if peering is not None and standalone:
         Console(stderr=True).print("[red]error:[/red] --peering and --standalone exclude")
         raise typer.Exit(2)
-    if (distribution is None) != (distribution_url is None):
-        Console(stderr=True).print(
-            "[red]error:[/red] --distribution and --distribution-url go together"
-        )
+    if distribution_url is not None and listen is None:
+        Console(stderr=True).print("[red]error:[/red] --distribution-url needs --listen")
         raise typer.Exit(2)
     # The key of the model tokens comes only from the environment (the chart's Secret), never
     # from the command line where `ps` shows it.
@@ -116,13 +105,13 @@ def operator_command(
     if level is None:
         Console(stderr=True).print(f"[red]error:[/red] --log-level {log_level!r} is not a level")
         raise typer.Exit(2)
-    if metrics is not None:
-        from partita.control.telemetry import parse_address
+    if listen is not None:
+        from partita.control.endpoint import parse_address
 
         try:
-            parse_address(metrics)
+            parse_address(listen)
         except ValueError as exc:
-            Console(stderr=True).print(f"[red]error:[/red] --metrics: {exc}")
+            Console(stderr=True).print(f"[red]error:[/red] --listen: {exc}")
             raise typer.Exit(2) from None
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # One line per Prometheus query every poll drowns what the operator decides.
@@ -138,9 +127,7 @@ def operator_command(
         poll_interval_s=poll_interval,
         queries_file=queries,
         server_image=server_image,
-        liveness_endpoint=liveness,
-        metrics_address=metrics,
-        distribution_listen=distribution,
+        listen=listen,
         distribution_url=distribution_url,
         distribution_key=key,
     )

@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import logging
 import re
 import secrets
 from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
-
-log = logging.getLogger("partita.distribution")
 
 PATH = "/v1/models/{digest}"
 _DIGEST = re.compile(r"^[0-9a-f]{64}$")
@@ -41,8 +38,12 @@ def model_url(base: str, digest: str) -> str:
     return base.rstrip("/") + PATH.format(digest=digest)
 
 
-def application(key: bytes, locate: Callable[[str], Path | None]) -> web.Application:
-    """The HTTP app: `locate(digest)` is the verified file of a digest, None if not held."""
+# The verified file of a digest, None when the operator does not hold it.
+Locate = Callable[[str], Path | None]
+
+
+def add_routes(app: web.Application, key: bytes, locate: Locate) -> None:
+    """`GET /v1/models/<sha256>` on `app`."""
 
     async def get_model(request: web.Request) -> web.StreamResponse:
         digest = request.match_info["digest"]
@@ -61,25 +62,4 @@ def application(key: bytes, locate: Callable[[str], Path | None]) -> web.Applica
             )
         return web.FileResponse(path, chunk_size=CHUNK)
 
-    app = web.Application()
     app.router.add_get(PATH, get_model)
-    return app
-
-
-class DistributionServer:
-    """Serves `application` on `host:port` inside the operator's event loop."""
-
-    def __init__(self, key: bytes, locate: Callable[[str], Path | None], host: str, port: int):
-        self._app = application(key, locate)
-        self._host, self._port = host, port
-        self._runner: web.AppRunner | None = None
-
-    async def start(self) -> None:
-        self._runner = web.AppRunner(self._app, access_log=None)
-        await self._runner.setup()
-        await web.TCPSite(self._runner, self._host, self._port).start()
-        log.info("serving verified models on %s:%d", self._host, self._port)
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()

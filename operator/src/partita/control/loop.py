@@ -62,6 +62,7 @@ from partita.model.types import ModelProfile
 from partita.planner import ModelRequest, Plan, PlannerError
 
 log = logging.getLogger("partita.control")
+ROUND_STUCK_S = 300.0  # a round that takes longer than this is a loop that hangs
 
 
 @dataclass(frozen=True)
@@ -254,6 +255,8 @@ class ControlLoop:
         self._placed: dict[str, tuple[ModelRequest, ModelProfile, Plan]] = {}
         self._wake_at: dict[str, float] = {}
         self._observation: Observation | None = None
+        self._running = False
+        self._round_started: float | None = None
 
     # -- signals (called on the event loop by handlers and the metrics poll) ----------------
 
@@ -267,15 +270,30 @@ class ControlLoop:
 
     # -- the task -------------------------------------------------------------------------
 
+    def healthy(self) -> bool:
+        """The loop runs and no round has been stuck for ROUND_STUCK_S (the liveness probe)."""
+        started = self._round_started
+        return self._running and (started is None or self._clock() - started < ROUND_STUCK_S)
+
     async def run(self) -> None:
+        self._running = True
+        try:
+            await self._run()
+        finally:
+            self._running = False
+
+    async def _run(self) -> None:
         # Nothing happens before the first signal: kopf calls resource handlers (which wake
         # the loop) only once every index is filled, so the first round sees the whole cluster.
         await self._take(None)
         while True:
+            self._round_started = self._clock()
             try:
                 await self.round()
             except Exception:  # a bug in one round must not end the loop for every model
                 log.exception("control loop round failed")
+            finally:
+                self._round_started = None
             deadline = min(self._wake_at.values(), default=math.inf)
             await self._take(
                 max(0.0, deadline - self._clock()) if math.isfinite(deadline) else None

@@ -15,11 +15,10 @@ import math
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.exposition import start_http_server
+from prometheus_client.exposition import generate_latest
 
 from partita.api.edgemodel import EdgeModel, EdgeModelStatus, Phase
 from partita.control.outcome import EventType, Outcome
@@ -69,14 +68,6 @@ def reschedule_reason(why: str) -> str:
     if "better" in text:
         return IMPROVEMENT
     return OTHER
-
-
-def parse_address(address: str) -> tuple[str, int]:
-    """HOST:PORT (an empty host: every interface) -> (host, port); ValueError naming it."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or int(port) > 65535:
-        raise ValueError(f"metrics address {address!r} must be HOST:PORT, e.g. 0.0.0.0:8081")
-    return host.strip("[]") or "0.0.0.0", int(port)
 
 
 @dataclass(frozen=True)
@@ -137,7 +128,6 @@ class Telemetry:
         self._counted: set[tuple[str, str]] = set()  # models with counter series
         self._cluster = ClusterView()
         self._freshness = Freshness()
-        self._server: Any = None
         self.registry.register(_Gauges(self))
 
     # -- what the loop and the handlers report ---------------------------------------------
@@ -228,21 +218,9 @@ class Telemetry:
 
     # -- serving --------------------------------------------------------------------------
 
-    def serve(self, address: str) -> int:
-        """Serve /metrics at `address` (HOST:PORT; port 0 picks one) in a thread; the port."""
-        host, port = parse_address(address)
-        server, thread = start_http_server(port, host, registry=self.registry)
-        self._server = (server, thread)
-        return int(server.server_port)
-
-    def stop(self) -> None:
-        if self._server is None:
-            return
-        server, thread = self._server
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-        self._server = None
+    def exposition(self) -> bytes:
+        """What /metrics answers (the operator's HTTP endpoint, `partita.control.endpoint`)."""
+        return generate_latest(self.registry)
 
     # -- what a scrape reads --------------------------------------------------------------
 

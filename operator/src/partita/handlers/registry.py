@@ -27,7 +27,8 @@ from partita.api.errors import ManifestError
 from partita.api.meta import GROUP, VERSION
 from partita.api.rules import plain
 from partita.control.catalog import Catalog
-from partita.control.distribution import DistributionServer, new_key
+from partita.control.distribution import new_key
+from partita.control.endpoint import Endpoint
 from partita.control.inputs import NodeInfo, node_info
 from partita.control.loop import (
     ControlLoop,
@@ -69,12 +70,11 @@ class OperatorConfig:
     poll_interval_s: float = 15.0
     queries_file: Path | None = None
     backoff: Backoff = field(default_factory=Backoff)
-    liveness_endpoint: str | None = None
     server_image: str = "partita-server:0.1.0"
-    metrics_address: str | None = None  # HOST:PORT of the operator's /metrics; None: not served
-    # Serve verified models to the stage servers (partita.control.distribution): where to
-    # listen (HOST:PORT), the URL stage pods reach it at, and the key of its tokens.
-    distribution_listen: str | None = None
+    # The operator's HTTP endpoint (/healthz, /metrics, /v1/models): HOST:PORT, None: none.
+    listen: str | None = None
+    # Stage servers fetch models from the endpoint (partita.control.distribution) at this
+    # URL (the chart's Service), with tokens under this key; None: they read each source.
     distribution_url: str | None = None
     distribution_key: bytes | None = None
 
@@ -323,7 +323,7 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     # ---- the control loop and the metrics poll: one task each ------------------------------
 
     tasks: list[asyncio.Task[None]] = []
-    servers: list[DistributionServer] = []
+    endpoints: list[Endpoint] = []
 
     def locate(digest: str) -> Path | None:
         path = fetcher.cached(digest)
@@ -337,13 +337,9 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         pods: kopf.Index[str, PodInfo],
         **_: Any,
     ) -> None:
-        key = config.distribution_key
-        if config.distribution_listen is not None:
-            key = key or new_key()  # tokens then hold until this process ends
-            address, _sep, listen_port = config.distribution_listen.rpartition(":")
-            server = DistributionServer(key, locate, address or "0.0.0.0", int(listen_port))
-            await server.start()
-            servers.append(server)
+        distributes = config.listen is not None and config.distribution_url is not None
+        # Without the chart's key, tokens hold until this process ends.
+        key = (config.distribution_key or new_key()) if distributes else None
         loop = ControlLoop(
             IndexView(nodes, pools, models, deployments, pods),
             Actuator(api_client),
@@ -352,15 +348,21 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
             LoopConfig(
                 image=config.server_image,
                 metrics_max_age_s=4 * config.poll_interval_s,
-                distribution_url=config.distribution_url if config.distribution_listen else None,
+                distribution_url=config.distribution_url if distributes else None,
                 distribution_key=key,
             ),
             telemetry=telemetry,
         )
         loop_holder.append(loop)
-        if config.metrics_address:
-            port = telemetry.serve(config.metrics_address)
-            log.info("operator metrics on port %d (/metrics)", port)
+        if config.listen is not None:
+            endpoint = Endpoint(
+                config.listen,
+                healthy=loop.healthy,
+                exposition=telemetry.exposition,
+                models=(key, locate) if key is not None else None,
+            )
+            await endpoint.start()
+            endpoints.append(endpoint)
         tasks.append(asyncio.create_task(loop.run(), name="partita-control"))
         if config.prometheus_url:
             tasks.append(asyncio.create_task(_poll(config, loop), name="partita-metrics"))
@@ -371,9 +373,8 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     async def stop(**_: Any) -> None:
         for task in tasks:
             task.cancel()
-        telemetry.stop()
-        for server in servers:
-            await server.stop()
+        for endpoint in endpoints:
+            await endpoint.stop()
 
     return registry
 
@@ -408,7 +409,6 @@ def run(
             peering_name=config.peering,
             clusterwide=clusterwide,
             namespaces=config.namespaces,
-            liveness_endpoint=config.liveness_endpoint,
             stop_flag=stop_flag,
             ready_flag=ready_flag,
         )

@@ -127,8 +127,8 @@ def write_server_targets(directory: Path, groups: Sequence[TargetGroup]) -> Path
 
 
 def write_operator_targets(directory: Path, groups: Sequence[TargetGroup]) -> Path:
-    """Replace the operator's metrics targets (`partita operator --metrics HOST:PORT`, run by
-    a test or the demo as a local process); an empty list stops the scraping."""
+    """Replace the operator's metrics targets (the operator pods the kubelet runs, each at its
+    one HTTP port); an empty list stops the scraping."""
     doc = [{"targets": list(g.targets), "labels": dict(g.labels)} for g in groups]
     path = directory / OPERATOR_FILE
     _write_atomic(path, json.dumps(doc, indent=1))

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 from partita.api import labels
 from partita.testbed import cgroup, cluster, processes, prometheus
 from partita.testbed.errors import TestbedError
-from partita.testbed.kubelet import sandbox, targets
+from partita.testbed.kubelet import images, sandbox, targets
 from partita.testbed.kubelet.informer import Informer
 from partita.testbed.kubelet.pods import KubernetesService, PodRun, PodRunner, new_run
 from partita.testbed.kubelet.podspec import (
@@ -125,6 +125,7 @@ class Agent:
         self.proxy_ports: dict[str, int] = {}
         self.entry_urls: dict[str, str] | None = None  # None: services.json not written yet
         self._targets_written: list[prometheus.TargetGroup] | None = None
+        self._operators_written: list[prometheus.TargetGroup] | None = None
         self.sandboxed = sandbox.available()
         if not self.sandboxed:
             log.warning(
@@ -389,6 +390,16 @@ class Agent:
         if groups != self._targets_written:
             prometheus.write_server_targets(directory, groups)
             self._targets_written = groups
+        operators = targets.operator_targets(
+            [
+                (key, run.port)
+                for key, run in self.runs.items()
+                if run.pid is not None and images.runs_operator(pods.get(key, {}))
+            ]
+        )
+        if operators != self._operators_written:
+            prometheus.write_operator_targets(directory, operators)
+            self._operators_written = operators
 
 
 @contextlib.contextmanager

@@ -16,7 +16,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from partita.testbed.kubelet.podspec import CREATE_ERROR, IMAGE_ERROR, LOOPBACK, PodError, expand
 
@@ -50,26 +49,21 @@ def host_port_flags(args: Sequence[str], port: int) -> list[str]:
 
 
 def operator_flags(args: Sequence[str], port: int) -> list[str]:
-    """The operator's command line: `--liveness=http://0.0.0.0:8080/healthz` moved to loopback
-    and `port` (the pod's one port, where its probes go), and `--metrics=0.0.0.0:8081` to a
-    free loopback port the operator picks (`127.0.0.1:0`): with one port per pod, the test
-    bed does not scrape the operator pod's metrics."""
+    """The operator's command line: `--listen=HOST:PORT` (its one HTTP port: /healthz, /metrics,
+    /v1/models) moved to loopback and `port`, where its probes go and its Service leads."""
     out = list(args)
     for i, arg in enumerate(out):
-        if arg.startswith("--liveness="):
-            out[i] = "--liveness=" + _move(arg.split("=", 1)[1], port)
-        elif arg == "--liveness" and i + 1 < len(out):
-            out[i + 1] = _move(out[i + 1], port)
-        elif arg.startswith("--metrics="):
-            out[i] = f"--metrics={LOOPBACK}:0"
-        elif arg == "--metrics" and i + 1 < len(out):
-            out[i + 1] = f"{LOOPBACK}:0"
+        if arg.startswith("--listen="):
+            out[i] = f"--listen={LOOPBACK}:{port}"
+        elif arg == "--listen" and i + 1 < len(out):
+            out[i + 1] = f"{LOOPBACK}:{port}"
     return out
 
 
-def _move(url: str, port: int) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(netloc=f"{LOOPBACK}:{port}"))
+def runs_operator(pod: Mapping[str, Any]) -> bool:
+    """The pod's container is the chart's operator image."""
+    containers = (pod.get("spec") or {}).get("containers") or [{}]
+    return repository(str(containers[0].get("image", ""))) == OPERATOR_IMAGE
 
 
 @dataclass(frozen=True)
@@ -83,16 +77,17 @@ class LocalImage:
     env: Mapping[str, str] = field(default_factory=dict)  # its ENV, PATH aside
 
 
+OPERATOR_IMAGE = "partita/operator"
 _PYTHON_ENV = {"PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1", "HOME": "/tmp"}
 _SERVER = LocalImage("partita/server", "partita-server", host_port_flags, env=_PYTHON_ENV)
 
 # Dockerfile.operator and Dockerfile.server (a unit test holds this table to them).
 IMAGES: dict[str, LocalImage] = {
-    "partita/operator": LocalImage(
-        "partita/operator",
+    OPERATOR_IMAGE: LocalImage(
+        OPERATOR_IMAGE,
         "partita",
         operator_flags,
-        ("operator", "--all-namespaces", "--liveness=http://0.0.0.0:8080/healthz"),
+        ("operator", "--all-namespaces", "--listen=0.0.0.0:8080"),
         {**_PYTHON_ENV, "PARTITA_OPERATOR_CACHE": "/var/cache/partita"},
     ),
     "partita/server": _SERVER,

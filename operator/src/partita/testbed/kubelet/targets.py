@@ -104,3 +104,13 @@ def server_targets(servers: list[ServerProcess]) -> list[prometheus.TargetGroup]
             )
         )
     return groups
+
+
+def operator_targets(pods: list[tuple[str, int]]) -> list[prometheus.TargetGroup]:
+    """One target group per running operator pod (namespace/pod, its port: the operator's
+    one HTTP port, where /metrics is)."""
+    groups = []
+    for key, port in sorted(pods):
+        name = key.split("/", 1)[1]
+        groups.append(prometheus.TargetGroup((f"127.0.0.1:{port}",), {"pod": name}))
+    return groups
