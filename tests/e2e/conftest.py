@@ -1,83 +1,55 @@
-"""The closed loop on the local cluster: CRDs, the test bed DevicePools, and the operator
-(placement included) running in-process against the cluster's real Prometheus, which scrapes
-the operator's own metrics (`partita.testbed.prometheus.write_operator_targets`)."""
+"""The closed loop on the local cluster as a user runs it: the chart installed with helm (its
+operator pod, run by the test bed's kubelet under the chart's ServiceAccount, with a model
+store claim), the test bed DevicePools, and the cluster's real Prometheus, which also scrapes
+the operator pod's own metrics."""
 
 from __future__ import annotations
 
-import socket
-import threading
+import shutil
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from e2e_loop import NAMESPACE, ROOT
+from e2e_loop import NAMESPACE, ROOT, store_models
 
 from cluster_helpers import eventually
+
+RELEASE_NAMESPACE = "partita-system"
 
 
 @pytest.fixture(scope="module")
 def loop(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    """CRDs, test bed pools, a namespace, and the operator with placement and metrics."""
-    from partita.control.outcome import Backoff
-    from partita.handlers.registry import OperatorConfig, run
-    from partita.testbed import prometheus
+    """The chart's operator watching NAMESPACE, the test bed's pools, a namespace."""
+    from partita.testbed.release import Release
 
-    cluster.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
-    cluster.kubectl(
-        "wait", "--for=condition=Established", "--timeout=60s", "-f", str(ROOT / "crds")
-    )
-    cluster.kubectl("apply", "-f", str(ROOT / "examples/testbed/devicepools.yaml"))
+    store = tmp_path_factory.mktemp("model-store")
+    for name, path in store_models().items():
+        shutil.copyfile(path, store / name)
     # The namespace of the previous module may still be terminating: wait until it is gone.
     eventually(
         lambda: "Terminating" not in _namespace_phase(cluster), 180, f"namespace {NAMESPACE} gone"
     )
     cluster.kubectl("create", "namespace", NAMESPACE, check=False)
-    metrics_port = _free_port()
-    config = OperatorConfig(
-        cache_dir=tmp_path_factory.mktemp("operator-cache"),
-        kubeconfig=cluster.kubeconfig,
-        namespaces=(NAMESPACE,),
-        standalone=True,
-        prometheus_url=cluster.prometheus_url,
-        poll_interval_s=2.0,
-        backoff=Backoff(first_s=2, factor=2, max_s=30),
-        metrics_address=f"127.0.0.1:{metrics_port}",
+    release = Release(cluster.kubeconfig, RELEASE_NAMESPACE)
+    release.install(
+        {
+            "operator.watchNamespaces": f"{{{NAMESPACE}}}",
+            "prometheus.pollInterval": "2",
+        },
+        model_store=store,
     )
-    stop, ready = threading.Event(), threading.Event()
-    errors: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            run(config, stop_flag=stop, ready_flag=ready)
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=target, name="partita-operator-e2e", daemon=True)
-    thread.start()
-    assert ready.wait(60), f"operator not ready: {errors}"
-    targets = cluster.run_dir / "prometheus"
-    operator = prometheus.TargetGroup((f"127.0.0.1:{metrics_port}",), {"pod": "partita-e2e"})
-    prometheus.write_operator_targets(targets, [operator])
+    cluster.kubectl("apply", "-f", str(ROOT / "examples/testbed/devicepools.yaml"))
     try:
         yield cluster
     finally:
-        prometheus.write_operator_targets(targets, [])
         cluster.kubectl(
             "delete", "edgemodels", "--all", "-n", NAMESPACE, "--wait=false", check=False
         )
-        stop.set()
-        thread.join(30)
+        release.uninstall()
         cluster.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
         cluster.kubectl(
             "delete", "-f", str(ROOT / "examples/testbed/devicepools.yaml"), check=False
         )
-    assert not errors, errors
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _namespace_phase(cluster: Any) -> str:

@@ -11,6 +11,8 @@ from cluster_helpers import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMESPACE = "partita-e2e"
+# Where the chart's operator sees its model store (values modelStore.mountPath).
+STORE = "/var/lib/partita/models"
 
 
 def open_nsfw() -> tuple[Path, str]:
@@ -20,10 +22,23 @@ def open_nsfw() -> tuple[Path, str]:
     return path, hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def store_models() -> dict[str, Path]:
+    """The files the e2e suite puts in the chart's model store, by their name there."""
+    from partita.model.zoo import model_path
+
+    return {"open_nsfw.onnx": open_nsfw()[0], "ocr_cls.onnx": model_path("ocr-cls")}
+
+
+def stored(name: str) -> tuple[str, str]:
+    """(source.uri, sha256) of a model in the chart's model store, as a user writes them."""
+    digest = hashlib.sha256(store_models()[name].read_bytes()).hexdigest()
+    return f"file://{STORE}/{name}", digest
+
+
 def edge_model(name: str, **spec: Any) -> str:
-    path, digest = open_nsfw()
+    uri, digest = stored("open_nsfw.onnx")
     body = {
-        "source": {"uri": f"file://{path}", "sha256": digest},
+        "source": {"uri": uri, "sha256": digest},
         "inputShapes": {"input_0": [1, 224, 224, 3]},
         "dataSource": "edge-a",
         "partitioning": {"mode": "auto", "maxStages": 3, "maxShards": 2},

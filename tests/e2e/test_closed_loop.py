@@ -171,20 +171,18 @@ def test_prometheus_down_keeps_the_plan_and_says_metrics_are_stale(served: Any) 
 
 
 def _small_model(name: str, priority: int) -> str:
-    import hashlib
     import json
 
-    from partita.model.zoo import model_path
+    from e2e_loop import stored
 
-    path = model_path("ocr-cls")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    uri, digest = stored("ocr_cls.onnx")
     return json.dumps(
         {
             "apiVersion": "partita.dev/v1alpha1",
             "kind": "EdgeModel",
             "metadata": {"name": name, "namespace": NAMESPACE},
             "spec": {
-                "source": {"uri": f"file://{path}", "sha256": digest},
+                "source": {"uri": uri, "sha256": digest},
                 "inputShapes": {"x": [1, 3, 48, 192]},
                 "dataSource": "edge-b",
                 "pools": ["edge-b"],
