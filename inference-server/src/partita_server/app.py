@@ -188,6 +188,9 @@ def create_dataplane(
             "PARTITA_INTERNAL_TOKEN or PARTITA_INTERNAL_TOKEN_FILE"
         )
     sizing = OrtSizing.for_cores(cpu_cores()) if sizing is None else sizing
+    metrics = ServerMetrics(spec.model, spec.stage)
+    if spec.router:
+        return DataPlane(spec, None, tokens=tokens, metrics=metrics, sizing=sizing, clock=clock)
     stage = load_stage(spec, sizing=sizing)
     outputs = {t.name for t in stage.session.outputs}
     if spec.cascade is not None and spec.cascade.output not in outputs:
@@ -195,7 +198,6 @@ def create_dataplane(
             f"cascade.output {spec.cascade.output!r} is not an output of stage {spec.stage}; "
             f"outputs are {sorted(outputs)}"
         )
-    metrics = ServerMetrics(spec.model, spec.stage)
     return DataPlane(spec, stage, tokens=tokens, metrics=metrics, sizing=sizing, clock=clock)
 
 

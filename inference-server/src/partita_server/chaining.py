@@ -63,6 +63,9 @@ from partita_server.stage import layout_from_json
 __all__ = ["HopClient", "Reply", "Transport", "gather_parts"]
 
 CONNECT_TIMEOUT_S = 2.0
+# Back-off between tries of a retrying hop: from the first to the largest, doubling.
+RETRY_FIRST_S = 0.05
+RETRY_MAX_S = 1.0
 
 
 def gather_parts(layout_raw: object, parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -398,6 +401,27 @@ class HopClient:
     async def _chain(
         self, hop: Hop, tensors: Mapping[str, np.ndarray], deadline: float
     ) -> InferResponse:
+        if not hop.retry:
+            return await self._chain_once(hop, tensors, deadline)
+        pause = RETRY_FIRST_S
+        while True:
+            try:
+                return await self._chain_once(hop, tensors, deadline)
+            except (StageUnavailable, StageTimeout, BadGateway) as exc:
+                # Down, gone mid-request or too slow: the Service may lead to the revision
+                # that replaces the failed one by the next try. Anything else is the answer.
+                if isinstance(exc, BadGateway) and exc.downstream_status not in (None, 502):
+                    raise
+                left = deadline - self._clock()
+                if left <= pause:
+                    raise
+                self._metrics.observe_retry(hop.stage)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, RETRY_MAX_S)
+
+    async def _chain_once(
+        self, hop: Hop, tensors: Mapping[str, np.ndarray], deadline: float
+    ) -> InferResponse:
         wire, params = self._wire(hop, tensors)
         first = next(self._turn) % len(hop.endpoints)
         order = hop.endpoints[first:] + hop.endpoints[:first]
@@ -450,4 +474,4 @@ def _downstream_error(hop: Hop, endpoint: str, status: int, detail: str) -> Serv
         return StageTimeout(f"{where}: {detail}")
     if status == 503:
         return StageUnavailable(f"{where}: {detail}")
-    return BadGateway(f"{where} answered {status}: {detail}")
+    return BadGateway(f"{where} answered {status}: {detail}", downstream_status=status)

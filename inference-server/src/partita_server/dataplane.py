@@ -18,10 +18,13 @@ from partita.runtime import RunError, TensorSpec, run_checked
 from partita_server.batching import RunQueue
 from partita_server.chaining import LAYOUT_PARAMETER, HopClient
 from partita_server.errors import (
+    BadGateway,
     InvalidInput,
     ModelNotFound,
     PayloadTooLarge,
+    Relayed,
     StageTimeout,
+    StageUnavailable,
     Unauthorized,
 )
 from partita_server.metrics import ServerMetrics
@@ -53,7 +56,7 @@ class DataPlane:
     def __init__(
         self,
         spec: StageSpec,
-        stage: LoadedStage,
+        stage: LoadedStage | None,
         *,
         tokens: StageTokens,
         metrics: ServerMetrics,
@@ -63,7 +66,8 @@ class DataPlane:
         self.spec, self.stage, self.metrics, self._clock = spec, stage, metrics, clock
         self.sizing = sizing
         self._tokens = tokens
-        self._inputs = {t.name: t for t in stage.session.inputs}
+        # A router (no stage) relays what it is given; the stage it relays to checks it.
+        self._inputs = {t.name: t for t in stage.session.inputs} if stage is not None else {}
         self._executor = ThreadPoolExecutor(max_workers=sizing.workers, thread_name_prefix="ort")
         self._hops = (
             HopClient(spec.next, model=spec.model, tokens=tokens, metrics=metrics, clock=clock)
@@ -78,7 +82,9 @@ class DataPlane:
             metrics=metrics,
             clock=clock,
         )
-        self._layout = layout_to_json(stage.layout) if stage.layout is not None else None
+        self._layout = (
+            layout_to_json(stage.layout) if stage is not None and stage.layout is not None else None
+        )
         self._final_metadata: dict[str, Any] | None = None
         self._ready = False
 
@@ -139,6 +145,8 @@ class DataPlane:
 
     async def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
         self.check_model(name, version)
+        if self.stage is None:
+            return await self._relayed_metadata()
         outputs = [_tensor_metadata(t) for t in self.stage.session.outputs]
         if self._hops is not None and self.spec.cascade is None:
             if self._final_metadata is None:
@@ -153,6 +161,17 @@ class DataPlane:
             "outputs": outputs,
             "parameters": {"stage": self.spec.stage, "entry": self.spec.entry},
         }
+
+    async def _relayed_metadata(self) -> dict[str, Any]:
+        """A router's metadata: the serving revision's, as its entry server tells it."""
+        assert self._hops is not None
+        if self._final_metadata is None:
+            self._final_metadata = await self._hops.metadata(self.deadline())
+        if self._final_metadata is None:
+            raise StageUnavailable(
+                f"model {self.spec.model!r}: no serving revision answers for its metadata"
+            )
+        return {**self._final_metadata, "parameters": {"stage": self.spec.stage, "router": True}}
 
     # -- inference -------------------------------------------------------------------------
 
@@ -199,6 +218,7 @@ class DataPlane:
 
     def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Runs on the ORT thread; the only place time is spent in onnxruntime."""
+        assert self.stage is not None
         started = self._clock()
         try:
             outputs = run_checked(self.stage.session, feeds)
@@ -238,6 +258,8 @@ class DataPlane:
         forward or answer as the spec says."""
         self.check_model(name, version)
         deadline = self.deadline() if deadline is None else deadline
+        if self.stage is None:
+            return await self._relay(request, deadline)
         feeds = self._validate(request)
         outputs = await self._compute(feeds)
         parameters: dict[str, Any] = {}
@@ -257,6 +279,27 @@ class DataPlane:
                 parameters["partita_cascade"] = "forwarded" if forwarded else "local"
         if self._layout is not None:
             parameters[LAYOUT_PARAMETER] = self._layout
+        return self._answer(request, outputs, parameters)
+
+    async def _relay(self, request: InferRequest, deadline: float) -> InferResponse:
+        """A router's answer: the request as it came, relayed (and retried) by `next`."""
+        assert self._hops is not None
+        feeds = {
+            n: decompress(a, request.input_parameters.get(n, {}), name=n)
+            for n, a in request.inputs.items()
+        }
+        try:
+            outputs = (await self._hops.forward(feeds, deadline)).outputs
+        except BadGateway as exc:
+            status = exc.downstream_status
+            if status is not None and 400 <= status < 500:
+                raise Relayed(status, exc.message) from exc
+            raise
+        return self._answer(request, outputs, {})
+
+    def _answer(
+        self, request: InferRequest, outputs: dict[str, np.ndarray], parameters: dict[str, Any]
+    ) -> InferResponse:
         if request.outputs is not None:
             unknown = [o.name for o in request.outputs if o.name not in outputs]
             if unknown:

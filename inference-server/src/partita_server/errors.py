@@ -43,9 +43,23 @@ class PayloadTooLarge(ServerError):
 
 
 class BadGateway(ServerError):
-    """The next stage answered, but not with a usable v2 response."""
+    """The next stage answered, but not with a usable v2 response; `downstream_status` is
+    the status it answered with, when it answered one."""
 
     status = 502
+
+    def __init__(self, message: str, *, downstream_status: int | None = None) -> None:
+        super().__init__(message)
+        self.downstream_status = downstream_status
+
+
+class Relayed(ServerError):
+    """What the serving stage answered a router's client with, passed on as it was (a 4xx
+    is the client's mistake: not retried, not hidden behind a 502)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class StageUnavailable(ServerError):

@@ -1,9 +1,12 @@
-"""The stage server's own download of an http(s) model source into its cache.
+"""The stage server's own download of a model into its cache: from the operator, which
+distributes every model it verified (`from_operator`), or from an http(s) source (`download`).
 
-The same rules as the operator's fetch (`partita.api.sources`): no metadata or link-local
-address, checked on every address the host resolves to, on the address connected to and on
-each redirect's target; the size limit holds while streaming; the file enters the cache only
-once its sha256 matched.
+A source URL is the user's, so it gets the same rules as the operator's fetch
+(`partita.api.sources`): no metadata or link-local address, checked on every address the host
+resolves to, on the address connected to and on each redirect's target. The operator's URL is
+the operator's own Service, reached like any Service (through the cluster's proxy where there
+is one), with the model's token. Either way the size limit holds while streaming and the file
+enters the cache only once its sha256 matched.
 """
 
 from __future__ import annotations
@@ -20,7 +23,9 @@ import httpx
 from partita.api import sources
 from partita_server.errors import StageSpecError
 
-__all__ = ["download"]
+__all__ = ["download", "from_operator"]
+
+TOKEN_ENV = "PARTITA_MODEL_TOKEN"  # the model's token for the operator's distribution
 
 MAX_REDIRECTS = 5
 DEFAULT_MAX_BYTES = 2 << 30  # the protobuf limit of one ONNX file
@@ -52,6 +57,79 @@ def _check_peer(uri: str, original: str, response: httpx.Response, allow: bool) 
             raise StageSpecError(f"source.uri {original} (at {uri}): {exc}") from exc
 
 
+def from_operator(
+    uri: str,
+    sha256: str,
+    target: Path,
+    *,
+    timeout_s: float = 300.0,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    token: str | None = None,
+) -> Path:
+    """The model with digest `sha256` from the operator's distribution endpoint `uri`."""
+    token = token if token is not None else os.environ.get(TOKEN_ENV, "")
+    if not token:
+        raise StageSpecError(
+            f"source.uri {uri}: the operator distributes this model; set {TOKEN_ENV} (the "
+            "revision's Secret holds it)"
+        )
+    headers = {"Authorization": f"Bearer {token}"}
+    with _Download(target, sha256, uri, max_bytes) as out:
+        try:
+            with (
+                httpx.Client(timeout=timeout_s, headers=headers) as client,
+                client.stream("GET", uri) as reply,
+            ):
+                if reply.status_code != 200:
+                    raise StageSpecError(
+                        f"source.uri {uri}: the operator answered HTTP {reply.status_code}: "
+                        f"{reply.read()[:300].decode(errors='replace')}"
+                    )
+                for chunk in reply.iter_bytes(1 << 20):
+                    out.write(chunk)
+        except httpx.HTTPError as exc:
+            raise StageSpecError(f"source.uri {uri}: download failed ({exc})") from exc
+    return target
+
+
+class _Download:
+    """A file being downloaded: size-limited, digest-checked, in place only when it matched."""
+
+    def __init__(self, target: Path, sha256: str, uri: str, max_bytes: int) -> None:
+        self.target, self.sha256, self.uri, self.max_bytes = target, sha256, uri, max_bytes
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def __enter__(self) -> _Download:
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=self.target.parent, suffix=".part")
+        self.tmp = Path(name)
+        self.out = os.fdopen(fd, "wb")
+        return self
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.max_bytes:
+            raise StageSpecError(
+                f"source.uri {self.uri}: larger than the server's limit of {self.max_bytes} bytes"
+            )
+        self.digest.update(chunk)
+        self.out.write(chunk)
+
+    def __exit__(self, kind: object, *_: object) -> None:
+        self.out.close()
+        try:
+            if kind is None:
+                if self.digest.hexdigest() != self.sha256:
+                    raise StageSpecError(
+                        f"source.uri {self.uri}: sha256 is {self.digest.hexdigest()}, the spec "
+                        f"says {self.sha256}; fix source.sha256 or the model file"
+                    )
+                os.replace(self.tmp, self.target)
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+
 def download(
     uri: str,
     sha256: str,
@@ -63,44 +141,25 @@ def download(
 ) -> Path:
     """`uri` streamed into `target` (atomically), refused past `max_bytes` or a wrong digest."""
     allow = sources.link_local_allowed() if allow_link_local is None else allow_link_local
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, suffix=".part")
-    tmp = Path(tmp_name)
-    digest = hashlib.sha256()
-    size = 0
     url = uri
-    try:
-        with os.fdopen(fd, "wb") as out, httpx.Client(timeout=timeout_s) as client:
-            for _ in range(MAX_REDIRECTS + 1):
-                _check_target(url, uri, allow)
-                with client.stream("GET", url) as reply:
-                    _check_peer(url, uri, reply, allow)
-                    location = reply.headers.get("location")
-                    if reply.is_redirect and location:
-                        url = urljoin(url, location)
-                        continue
-                    if reply.status_code != 200:
-                        raise StageSpecError(f"source.uri {uri}: HTTP {reply.status_code}")
-                    for chunk in reply.iter_bytes(1 << 20):
-                        size += len(chunk)
-                        if size > max_bytes:
-                            raise StageSpecError(
-                                f"source.uri {uri}: larger than the server's limit of "
-                                f"{max_bytes} bytes"
-                            )
-                        digest.update(chunk)
-                        out.write(chunk)
-                    break
-            else:
-                raise StageSpecError(f"source.uri {uri}: more than {MAX_REDIRECTS} redirects")
-        if digest.hexdigest() != sha256:
-            raise StageSpecError(
-                f"source.uri {uri}: sha256 is {digest.hexdigest()}, the spec says {sha256}; "
-                "fix source.sha256 or the model file"
-            )
-        os.replace(tmp, target)
-        return target
-    except httpx.HTTPError as exc:
-        raise StageSpecError(f"source.uri {uri}: download failed ({exc})") from exc
-    finally:
-        tmp.unlink(missing_ok=True)
+    with _Download(target, sha256, uri, max_bytes) as out:
+        try:
+            with httpx.Client(timeout=timeout_s) as client:
+                for _ in range(MAX_REDIRECTS + 1):
+                    _check_target(url, uri, allow)
+                    with client.stream("GET", url) as reply:
+                        _check_peer(url, uri, reply, allow)
+                        location = reply.headers.get("location")
+                        if reply.is_redirect and location:
+                            url = urljoin(url, location)
+                            continue
+                        if reply.status_code != 200:
+                            raise StageSpecError(f"source.uri {uri}: HTTP {reply.status_code}")
+                        for chunk in reply.iter_bytes(1 << 20):
+                            out.write(chunk)
+                        break
+                else:
+                    raise StageSpecError(f"source.uri {uri}: more than {MAX_REDIRECTS} redirects")
+        except httpx.HTTPError as exc:
+            raise StageSpecError(f"source.uri {uri}: download failed ({exc})") from exc
+    return target

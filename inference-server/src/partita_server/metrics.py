@@ -51,6 +51,11 @@ class ServerMetrics:
             "partita_hop_errors", "Failed calls to a next-stage endpoint by reason.",
             (*hop, "reason"), registry=self.registry,
         )  # fmt: skip
+        self.hop_retries = Counter(
+            "partita_hop_retries", "Requests sent again to a next stage after it failed on the "
+            "way (a hop with retry: a model's entry routers).",
+            (*labels, "next_stage"), registry=self.registry,
+        )  # fmt: skip
         self.queue_depth = Gauge(
             "partita_queue_depth", "Requests waiting for the batcher or the runtime.",
             labels, registry=self.registry,
@@ -82,6 +87,9 @@ class ServerMetrics:
 
     def observe_hop_error(self, next_stage: str, endpoint: str, reason: str) -> None:
         self.hop_errors.labels(self.model, self.stage, next_stage, endpoint, reason).inc()
+
+    def observe_retry(self, next_stage: str) -> None:
+        self.hop_retries.labels(self.model, self.stage, next_stage).inc()
 
     def observe_cascade(self, forwarded: bool) -> None:
         self._cascade_seen[forwarded] += 1

@@ -68,6 +68,11 @@ class ModelSource(_Frozen):
         pattern=r"^[0-9a-f]{64}$",
         description="digest of the model bytes; required for http(s) sources",
     )
+    distributed: bool = Field(
+        default=False,
+        description="the operator serves this model by digest at `uri`: fetched with the "
+        "model's token (PARTITA_MODEL_TOKEN) from the operator's own Service",
+    )
 
     @model_validator(mode="after")
     def _remote_needs_digest(self) -> ModelSource:
@@ -112,6 +117,12 @@ class Hop(_Frozen):
     compression: Compression = Compression.NONE
     timeout_s: float = Field(
         default=30.0, gt=0, description="longest wait for one call; the request deadline cuts it"
+    )
+    retry: bool = Field(
+        default=False,
+        description="when the next stage is down, fails on the way (502, 503) or times out, try "
+        "again with back-off until the request's deadline: inference is idempotent, and the "
+        "Service behind `endpoints` may move to a revision that replaces the failed one",
     )
 
     @model_validator(mode="after")
@@ -164,7 +175,14 @@ class StageSpec(_Frozen):
     model: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$", description="served model name")
     stage: str = Field(default="stage-0", description="stage name in metrics and errors")
     version: str = "1"
-    source: ModelSource
+    source: ModelSource | None = Field(
+        default=None, description="the model file; a router (`router: true`) has none"
+    )
+    router: bool = Field(
+        default=False,
+        description="run no model: relay every request to `next` (a model's entry routers, "
+        "in front of the serving revision)",
+    )
     input_shapes: dict[str, tuple[Annotated[int, Field(ge=1)], ...]] = Field(
         default_factory=dict,
         description="concrete input shapes the model is specialised to before cutting "
@@ -193,6 +211,15 @@ class StageSpec(_Frozen):
         "shorter deadline (grpc-timeout, partita-timeout header) wins",
     )
     cache_dir: Path = Field(default=Path("~/.cache/partita/stages"))
+
+    @model_validator(mode="after")
+    def _router_or_model(self) -> StageSpec:
+        if self.router:
+            if not self.next or self.cascade is not None or self.shard is not None:
+                raise ValueError("a router relays to `next` and has no cascade or shard")
+        elif self.source is None:
+            raise ValueError("source is required: the model file this stage runs")
+        return self
 
     @model_validator(mode="after")
     def _coherent(self) -> StageSpec:

@@ -37,7 +37,7 @@ from partita.model.slice import extract_stage
 from partita.model.types import GatherMode, GatherSpec, ShardLayout
 from partita.runtime import RunError, Session, TensorSpec, run_checked
 from partita_server.errors import StageSpecError
-from partita_server.fetch import download
+from partita_server.fetch import download, from_operator
 from partita_server.spec import ModelSource, OrtSizing, StageSpec
 
 log = logging.getLogger("partita_server")
@@ -97,6 +97,8 @@ def fetch_model(source: ModelSource, cache_dir: Path, *, timeout_s: float = 300.
     path = cache_dir / "sources" / f"{source.sha256}.onnx"
     if path.is_file():
         return path
+    if source.distributed:
+        return from_operator(source.uri, source.sha256, path, timeout_s=timeout_s)
     return download(source.uri, source.sha256, path, timeout_s=timeout_s)
 
 
@@ -165,7 +167,7 @@ def _loaded(spec: StageSpec, source: Path, cache_dir: Path, digest: str) -> onnx
     try:
         model = load_model(source, spec.input_shapes or None)
     except ModelError as exc:
-        raise StageSpecError(f"cannot load {spec.source.uri} for slicing: {exc}") from exc
+        raise StageSpecError(f"cannot load {source} for slicing: {exc}") from exc
     _save(model, path)
     return model
 
@@ -310,6 +312,8 @@ def _session(path: Path, sizing: OrtSizing) -> Session:
 
 def load_stage(spec: StageSpec, *, sizing: OrtSizing) -> LoadedStage:
     """Fetch, check, cut (or reuse the cached piece) and open an ORT session on it."""
+    if spec.source is None:
+        raise StageSpecError(f"stage {spec.stage}: no source, no model to load (a router?)")
     cache_dir = spec.cache_dir.expanduser()
     source = fetch_model(spec.source, cache_dir)
     check_external_data(source)

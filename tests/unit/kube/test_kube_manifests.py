@@ -145,7 +145,9 @@ def test_clients_call_routers_that_forward_to_the_serving_revision() -> None:
     assert service["spec"]["selector"] == routers["spec"]["template"]["metadata"]["labels"]
     assert "partita.dev/revision" not in service["spec"]["selector"]
     spec = json.loads(config["data"]["stage.json"])
-    assert spec["router"]["upstream"] == "http://cam-serving.vision.svc:8000"
+    assert spec["router"] and spec["next"][0]["endpoints"] == ["http://cam-serving.vision.svc:8000"]
+    assert spec["next"][0]["retry"]
+    StageSpec.model_validate(spec)  # what the server reads
     pod = routers["spec"]["template"]["spec"]
     assert routers["spec"]["replicas"] == 2
     terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]

@@ -163,7 +163,11 @@ def stage_specs(ref: ModelRef, plan: Plan) -> dict[str, dict[str, Any]]:
         raise RenderError("the plan has no stages")
     base: dict[str, Any] = {
         "model": ref.name,
-        "source": {"uri": ref.source_uri, **({"sha256": ref.sha256} if ref.sha256 else {})},
+        "source": {
+            "uri": ref.source_uri,
+            **({"sha256": ref.sha256} if ref.sha256 else {}),
+            **({"distributed": True} if ref.model_token else {}),
+        },
         "input_shapes": {k: list(v) for k, v in ref.input_shapes.items()},
         "cache_dir": "/var/cache/partita",
     }
@@ -451,10 +455,16 @@ def entry_objects(ref: ModelRef) -> list[dict[str, Any]]:
         "model": ref.name,
         "stage": "entry",
         "entry": True,
-        "router": {
-            "upstream": service_url(serving_name(ref.name), ref.namespace),
-            "deadline_s": ENTRY_DEADLINE_S,
-        },
+        "router": True,
+        "deadline_s": ENTRY_DEADLINE_S,
+        "next": [
+            {
+                "stage": "serving",
+                "endpoints": [service_url(serving_name(ref.name), ref.namespace)],
+                "retry": True,
+                "timeout_s": ENTRY_DEADLINE_S,
+            }
+        ],
     }
     apart = {"labelSelector": {"matchLabels": {labels.MODEL: ref.name}}, "topologyKey": HOSTNAME}
     affinity: dict[str, Any] = {
