@@ -19,6 +19,7 @@ SHARD = f"{PREFIX}/shard"
 COMPONENT = f"{PREFIX}/component"
 ENTRY = f"{PREFIX}/entry"
 STAGE_SERVER = "stage-server"  # the value of COMPONENT on every stage server
+ENTRY_ROUTER = "entry-router"  # the value of COMPONENT on a model's entry routers
 
 # On a model's entry Service: the pool its requests enter from.
 DATA_SOURCE_POOL = f"{PREFIX}/data-source-pool"

@@ -56,7 +56,13 @@ from partita.control.step import (
 )
 from partita.control.telemetry import PLACEMENT, Telemetry
 from partita.kube.actuator import ActuatorError
-from partita.kube.manifests import ModelRef, gateway_name, object_name, server_names
+from partita.kube.manifests import (
+    EntryPlacement,
+    ModelRef,
+    gateway_name,
+    object_name,
+    server_names,
+)
 from partita.metrics.observation import Observation, is_stale
 from partita.model.types import ModelProfile
 from partita.planner import ModelRequest, Plan, PlannerError
@@ -71,10 +77,14 @@ class DeploymentInfo:
 
     namespace: str
     model: str
-    revision: int
+    revision: int  # 0 for the model's entry routers (they serve every revision)
     name: str
     ready: bool
     detail: str  # why not ready, when not
+
+    @property
+    def router(self) -> bool:
+        return self.revision == 0
 
 
 def deployment_info(body: Mapping[str, Any]) -> DeploymentInfo | None:
@@ -82,7 +92,10 @@ def deployment_info(body: Mapping[str, Any]) -> DeploymentInfo | None:
     meta = body.get("metadata") or {}
     tags = meta.get("labels") or {}
     revision = str(tags.get(labels.REVISION, ""))
-    if tags.get(labels.COMPONENT) != labels.STAGE_SERVER or not revision.isdigit():
+    component = tags.get(labels.COMPONENT)
+    if component == labels.ENTRY_ROUTER:
+        revision = "0"
+    elif component != labels.STAGE_SERVER or not revision.isdigit():
         return None
     wanted = int((body.get("spec") or {}).get("replicas") or 1)
     status = body.get("status") or {}
@@ -382,7 +395,8 @@ class ControlLoop:
             observation,
         )
         request = model_request(model)
-        revisions = sorted({i.revision for i in present.values()})
+        revisions = sorted({i.revision for i in present.values() if not i.router})
+        routers = [i for i in present.values() if i.router]
         state = self._states.get(key)
         if state is None:
             state = state_from_status(model.status, request, profiled.profile, snapshot, revisions)
@@ -392,6 +406,7 @@ class ControlLoop:
             snapshot=snapshot,
             metrics_fresh=self.metrics_fresh,
             revisions=self._revisions(model.metadata.name, state, present, problems, revisions),
+            entry_ready=any(i.ready for i in routers),
             others=[v for k, v in self._placed.items() if k != key],
             observed_compute=self._observed_compute(model, state),
             cut_check=lambda plan: self._catalog.cut_check(profiled, plan),
@@ -418,7 +433,8 @@ class ControlLoop:
         p95 = observation.models.get((request.namespace, request.name)) if observation else None
         # Status first: a rollout is on record before its objects exist.
         await self._write(model, body, state, result.report, p95, speeds)
-        entry = _entry_placement(model, pools, nodes)
+        live = [p for p in (state.serving, state.rollout.plan if state.rollout else None) if p]
+        entry = _entry_placement(model, pools, nodes, live)
         state = await self._carry_out(model, body, state, result.actions, entry)
         self._states[key] = state
         placed = state.serving or (state.rollout.plan if state.rollout else None)
@@ -507,7 +523,7 @@ class ControlLoop:
         body: Mapping[str, Any],
         state: ModelState,
         actions: tuple[ClusterAction, ...],
-        entry: tuple[tuple[tuple[str, str], ...], int],
+        entry: EntryPlacement,
     ) -> ModelState:
         if not actions:
             return state
@@ -541,7 +557,7 @@ class ControlLoop:
         self,
         model: EdgeModel,
         body: Mapping[str, Any],
-        entry: tuple[tuple[tuple[str, str], ...], int],
+        entry: EntryPlacement,
     ) -> ModelRef:
         spec = model.spec
         shapes = {
@@ -560,8 +576,7 @@ class ControlLoop:
             uid=str((body.get("metadata") or {}).get("uid", "")),
             model_token=token,
             source_uri=source,
-            entry_selector=entry[0],
-            entry_replicas=entry[1],
+            entry=entry,
             sha256=spec.source.sha256,
             input_shapes=shapes,
             data_source_pool=spec.data_source,
@@ -584,16 +599,22 @@ MAX_ROUTERS = 2
 
 
 def _entry_placement(
-    model: EdgeModel, pools: list[DevicePool], nodes: list[NodeInfo]
-) -> tuple[tuple[tuple[str, str], ...], int]:
-    """Where a model's entry routers go: the labels of its data source pool's nodes, and one
-    router per Ready node of the pool, at most MAX_ROUTERS."""
+    model: EdgeModel, pools: list[DevicePool], nodes: list[NodeInfo], plans: list[Plan]
+) -> EntryPlacement:
+    """Where a model's entry routers go: its data source pool's nodes, one router per Ready
+    node the live plans leave free (at least one, at most MAX_ROUTERS), away from those
+    plans' nodes where the pool has others."""
     pool = next((p for p in pools if p.metadata.name == model.spec.data_source), None)
     if pool is None:
-        return (), 1
+        return EntryPlacement()
     selector = tuple(sorted(pool.spec.node_selector.items()))
-    ready = sum(1 for n in nodes if n.ready and n.schedulable and n.matches(dict(selector)))
-    return selector, max(1, min(MAX_ROUTERS, ready))
+    avoid = tuple(sorted({n for plan in plans for s in plan.stages for n in s.nodes}))
+    free = sum(
+        1
+        for n in nodes
+        if n.ready and n.schedulable and n.matches(dict(selector)) and n.name not in avoid
+    )
+    return EntryPlacement(selector, max(1, min(MAX_ROUTERS, free)), avoid)
 
 
 def _key(model: EdgeModel) -> str:

@@ -109,6 +109,8 @@ class ModelInputs:
     observed_compute: Mapping[tuple[int, str], float] = field(default_factory=dict)
     # Can the stage servers cut this plan's shards? None, or why not.
     cut_check: Callable[[Plan], str | None] = lambda plan: None
+    # The model's entry routers (what clients call) have a ready replica.
+    entry_ready: bool = True
 
 
 @dataclass(frozen=True)
@@ -246,6 +248,9 @@ def _follow_rollout(turn: _Turn) -> StepResult | None:
     if readiness is None:
         turn.wake.append(rollout.applied_at + REAPPLY_AFTER_S)
         readiness = Readiness(False, f"revision {plan.revision}: its objects are being created")
+    if readiness.ready and st.serving is None and not inputs.entry_ready:
+        # The first revision serves once clients can reach it: its routers run too.
+        readiness = Readiness(False, "the model's entry routers are starting")
     if not readiness.ready:
         ready_nodes = {n.name for n in inputs.snapshot.nodes if n.ready}
         lost = sorted(set(plan.prediction.memory_per_node) - ready_nodes)

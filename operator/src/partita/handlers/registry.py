@@ -240,9 +240,12 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
 
     stage_servers = {labels.COMPONENT: labels.STAGE_SERVER}
 
-    @kopf.index(
-        "apps", "v1", "deployments", labels=stage_servers, registry=registry, id="deployments"
-    )
+    def partita_server(value: str | None, **_: Any) -> bool:  # a stage server or a router
+        return value in (labels.STAGE_SERVER, labels.ENTRY_ROUTER)
+
+    servers = {labels.COMPONENT: partita_server}
+
+    @kopf.index("apps", "v1", "deployments", labels=servers, registry=registry, id="deployments")
     def index_deployment(body: kopf.Body, **_: Any) -> dict[str, DeploymentInfo] | None:
         info = deployment_info(body)
         return {"all": info} if info is not None else None
@@ -316,9 +319,10 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         ((GROUP, VERSION, "devicepools"), "wake-pools"),
     ):
         kopf.on.event(*resource, registry=registry, id=name)(cast(Any, wake))
-    for group, plural in (("apps/v1", "deployments"), ("v1", "pods")):
-        kopf.on.event(group, plural, labels=stage_servers, registry=registry,
-                      id=f"wake-{plural}")(cast(Any, wake))  # fmt: skip
+    kopf.on.event("apps/v1", "deployments", labels=servers, registry=registry,
+                  id="wake-deployments")(cast(Any, wake))  # fmt: skip
+    kopf.on.event("v1", "pods", labels=stage_servers, registry=registry,
+                  id="wake-pods")(cast(Any, wake))  # fmt: skip
 
     # ---- the control loop and the metrics poll: one task each ------------------------------
 

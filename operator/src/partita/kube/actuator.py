@@ -76,8 +76,10 @@ class Actuator:
                 raise api_error(exc, f"cannot create Secret {ref.namespace}/{name}") from None
 
     def apply_revision(self, ref: ModelRef, plan: Plan) -> int:
+        """The revision's objects, and the model's entry routers (idempotent: they start
+        with the first revision, so they are ready when it is)."""
         self.ensure_token(ref, plan.revision)
-        objects = manifests.render_revision(ref, plan)
+        objects = manifests.render_revision(ref, plan) + manifests.entry_objects(ref)
         for obj in objects:
             self._apply(obj)
         return len(objects)

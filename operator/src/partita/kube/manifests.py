@@ -9,7 +9,7 @@ that revision is ready (make-before-break, see `partita.kube.actuator`).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from partita.api import labels
@@ -25,6 +25,18 @@ FIELD_MANAGER = "partita-operator"
 
 class RenderError(Exception):
     """The plan cannot be expressed as stage servers (says which stage and why)."""
+
+
+@dataclass(frozen=True)
+class EntryPlacement:
+    """Where a model's entry routers run: on nodes of the data source pool (its labels),
+    `replicas` of them spread over nodes, and away from `avoid` (the nodes of the plan about
+    to serve) where the pool has other nodes: a router that shares a node with a stage dies
+    with it, and with it the requests it holds."""
+
+    selector: tuple[tuple[str, str], ...] = ()
+    replicas: int = 1
+    avoid: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -47,10 +59,8 @@ class ModelRef:
     # The token that fetches the model from the operator's distribution endpoint (then
     # `source_uri` is that endpoint's URL of the model), "" when servers read the source.
     model_token: str = ""
-    # Where the model's entry routers run: the data source pool's node labels, and how many
-    # (one per node of the pool, at most two), so losing a node leaves one that retries.
-    entry_selector: tuple[tuple[str, str], ...] = ()
-    entry_replicas: int = 1
+    # Where the model's entry routers run (see `EntryPlacement`).
+    entry: EntryPlacement = field(default_factory=EntryPlacement)
 
 
 def owner_reference(ref: ModelRef) -> dict[str, Any]:
@@ -396,7 +406,6 @@ def _toleration(t: tuple[str, str, str | None, str | None]) -> dict[str, str]:
     return out
 
 
-ENTRY_ROUTER = "entry-router"  # the value of labels.COMPONENT on a model's entry routers
 ENTRY_DEADLINE_S = 30.0  # how long a router keeps retrying a request on the serving revision
 
 
@@ -443,7 +452,7 @@ def entry_objects(ref: ModelRef) -> list[dict[str, Any]]:
         labels.NAME: "partita-server",
         labels.MANAGED_BY: "partita",
         labels.MODEL: ref.name,
-        labels.COMPONENT: ENTRY_ROUTER,
+        labels.COMPONENT: labels.ENTRY_ROUTER,
     }
     meta = {
         "name": name,
@@ -466,29 +475,33 @@ def entry_objects(ref: ModelRef) -> list[dict[str, Any]]:
             }
         ],
     }
-    apart = {"labelSelector": {"matchLabels": {labels.MODEL: ref.name}}, "topologyKey": HOSTNAME}
+    place = ref.entry
+    routers = {"labelSelector": {"matchLabels": tags}, "topologyKey": HOSTNAME}
     affinity: dict[str, Any] = {
-        # Spread over the pool's nodes, and away from the model's stage servers where the
-        # pool allows: a router that shares a node with a stage dies with it.
         "podAntiAffinity": {
             "preferredDuringSchedulingIgnoredDuringExecution": [
-                {"weight": 100, "podAffinityTerm": apart}
+                {"weight": 50, "podAffinityTerm": routers}  # spread over the pool's nodes
             ]
         }
     }
-    if ref.entry_selector:
-        affinity["nodeAffinity"] = {
-            "requiredDuringSchedulingIgnoredDuringExecution": {
-                "nodeSelectorTerms": [
-                    {
-                        "matchExpressions": [
-                            {"key": k, "operator": "In", "values": [v]}
-                            for k, v in ref.entry_selector
-                        ]
-                    }
-                ]
-            }
+    node_affinity: dict[str, Any] = {}
+    if place.selector:
+        node_affinity["requiredDuringSchedulingIgnoredDuringExecution"] = {
+            "nodeSelectorTerms": [
+                {
+                    "matchExpressions": [
+                        {"key": k, "operator": "In", "values": [v]} for k, v in place.selector
+                    ]
+                }
+            ]
         }
+    if place.avoid:
+        away = {"key": HOSTNAME, "operator": "NotIn", "values": sorted(place.avoid)}
+        node_affinity["preferredDuringSchedulingIgnoredDuringExecution"] = [
+            {"weight": 100, "preference": {"matchExpressions": [away]}}
+        ]
+    if node_affinity:
+        affinity["nodeAffinity"] = node_affinity
     pod = _pod(ref, name, tags, ROUTER_CPU, ROUTER_MEMORY, [], affinity)
     strategy = {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
     return [
@@ -498,7 +511,7 @@ def entry_objects(ref: ModelRef) -> list[dict[str, Any]]:
             "metadata": meta,
             "data": {"stage.json": json.dumps(spec, indent=1, sort_keys=True)},
         },
-        _workload(meta, tags, max(1, ref.entry_replicas), pod, strategy),
+        _workload(meta, tags, max(1, place.replicas), pod, strategy),
         {
             "apiVersion": "v1",
             "kind": "Service",

@@ -8,6 +8,7 @@ the chart's operator under the chart's ServiceAccount.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -77,7 +78,8 @@ class Release:
 
     def uninstall(self) -> None:
         self._run("helm", "uninstall", self.name, "-n", self.namespace, "--wait", check=False)
-        self.kubectl("delete", "pv", self._volume(), "--wait=false", check=False)
+        self.kubectl("delete", "pvc", STORE_CLAIM, "-n", self.namespace, check=False)
+        self.kubectl("delete", "pv", "-l", self._store_label, "--wait=false", check=False)
 
     def operator_pod(self) -> dict[str, Any] | None:
         """The operator pod that is Ready now, None while there is none."""
@@ -102,20 +104,29 @@ class Release:
             "--tail=-1", check=False,
         )  # fmt: skip
 
-    def _volume(self) -> str:
-        return f"{self.namespace}-{STORE_CLAIM}"
+    def _volume(self, directory: Path) -> str:
+        """The model store's volume: named after the directory it holds, so a release
+        installed again over another directory never meets the old one still being deleted."""
+        tag = hashlib.sha256(str(directory).encode()).hexdigest()[:8]
+        return f"{self.namespace}-{STORE_CLAIM}-{tag}"
+
+    @property
+    def _store_label(self) -> str:
+        return f"partita.dev/model-store={self.namespace}.{self.name}"
 
     def _store(self, directory: Path) -> None:
+        directory = directory.resolve()
+        key, value = self._store_label.split("=")
         docs = [
             {
                 "apiVersion": "v1",
                 "kind": "PersistentVolume",
-                "metadata": {"name": self._volume()},
+                "metadata": {"name": self._volume(directory), "labels": {key: value}},
                 "spec": {
                     "capacity": {"storage": "10Gi"},
                     "accessModes": ["ReadOnlyMany"],
                     "storageClassName": "",
-                    "hostPath": {"path": str(directory.resolve()), "type": "Directory"},
+                    "hostPath": {"path": str(directory), "type": "Directory"},
                     "claimRef": {"namespace": self.namespace, "name": STORE_CLAIM},
                 },
             },
@@ -126,7 +137,7 @@ class Release:
                 "spec": {
                     "accessModes": ["ReadOnlyMany"],
                     "storageClassName": "",
-                    "volumeName": self._volume(),
+                    "volumeName": self._volume(directory),
                     "resources": {"requests": {"storage": "10Gi"}},
                 },
             },
