@@ -6,6 +6,7 @@ import json
 
 from partita.api import labels
 from partita.kube.manifests import (
+    EntryPlacement,
     ModelRef,
     entry_objects,
     render_revision,
@@ -134,7 +135,8 @@ def test_objects_are_owned_labelled_and_pinned() -> None:
 def test_clients_call_routers_that_forward_to_the_serving_revision() -> None:
     from dataclasses import replace
 
-    ref = replace(REF, entry_selector=(("partita.dev/pool", "edge-a"),), entry_replicas=2)
+    place = EntryPlacement((("partita.dev/pool", "edge-a"),), 2, ("edge-a-1",))
+    ref = replace(REF, entry=place)
     serving = serving_service(ref, 7)
     assert serving["metadata"]["name"] == "cam-serving"
     assert serving["spec"]["selector"]["partita.dev/revision"] == "7"
@@ -154,10 +156,15 @@ def test_clients_call_routers_that_forward_to_the_serving_revision() -> None:
     assert terms["nodeSelectorTerms"][0]["matchExpressions"] == [
         {"key": "partita.dev/pool", "operator": "In", "values": ["edge-a"]}
     ]
-    apart = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
-    assert apart[0]["podAffinityTerm"]["labelSelector"]["matchLabels"] == {
-        "partita.dev/model": "cam"
-    }
+    spread = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert (
+        spread[0]["podAffinityTerm"]["labelSelector"]["matchLabels"] == service["spec"]["selector"]
+    )
+    # Away from the nodes of the plans that serve, where the pool has other nodes.
+    (away,) = pod["affinity"]["nodeAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert away["preference"]["matchExpressions"] == [
+        {"key": "kubernetes.io/hostname", "operator": "NotIn", "values": ["edge-a-1"]}
+    ]
 
 
 def test_pods_tolerate_what_the_model_tolerates_and_use_their_revision_token() -> None:
