@@ -15,6 +15,21 @@ from e2e_loop import NAMESPACE, ROOT, store_models
 from cluster_helpers import eventually
 
 RELEASE_NAMESPACE = "partita-system"
+RELEASES: list[Any] = []  # the release of the running module, for failure reports
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A failed e2e test reports the end of the operator's log and the EdgeModels' status."""
+    report = yield
+    if report.failed and call.when == "call" and RELEASES:
+        release = RELEASES[-1]
+        report.sections.append(("operator log (last 150 lines)",
+                                "\n".join(release.logs().splitlines()[-150:])))  # fmt: skip
+        report.sections.append(
+            ("EdgeModels", release.kubectl("get", "edgemodels", "-A", "-o", "yaml", check=False))
+        )
+    return report
 
 
 @pytest.fixture(scope="module")
@@ -39,9 +54,11 @@ def loop(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any
         model_store=store,
     )
     cluster.kubectl("apply", "-f", str(ROOT / "examples/testbed/devicepools.yaml"))
+    RELEASES.append(release)
     try:
         yield cluster
     finally:
+        RELEASES.remove(release)
         cluster.kubectl(
             "delete", "edgemodels", "--all", "-n", NAMESPACE, "--wait=false", check=False
         )

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
+import time
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from cluster_helpers import eventually
 
@@ -62,3 +66,54 @@ def entry_url(cluster: Any, name: str) -> str:
         return services.get(f"{NAMESPACE}/{name}")
 
     return str(eventually(lookup, 30, f"entry listener for {name}"))
+
+
+class Clients:
+    """`n` clients at the data source, each sending one request every `period_s` (a steady
+    rate, not back to back) through the model's entry until stopped; every failure is kept
+    with what the server said."""
+
+    def __init__(self, url: str, model: str, n: int = 4, period_s: float = 2.0) -> None:
+        self.url, self.model, self.period_s = url, model, period_s
+        self.ok = 0
+        self.failed: list[tuple[float, str]] = []
+        self.started = time.monotonic()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [
+            threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(n)
+        ]
+
+    def _run(self, i: int) -> None:
+        import tritonclient.http as http
+
+        from partita.cli.demo import failure_text
+
+        image = np.random.default_rng(i).random((1, 224, 224, 3), dtype=np.float32)
+        client = http.InferenceServerClient(self.url.removeprefix("http://"), network_timeout=60)
+        next_at = time.monotonic() + i * self.period_s / 4  # spread the clients over a period
+        try:
+            while not self._stop.wait(max(0.0, next_at - time.monotonic())):
+                next_at += self.period_s
+                inp = http.InferInput("input_0", list(image.shape), "FP32")
+                inp.set_data_from_numpy(image, binary_data=True)
+                t = time.monotonic() - self.started
+                try:
+                    client.infer(self.model, [inp])
+                    with self._lock:
+                        self.ok += 1
+                except Exception as exc:  # every failure is what the tests count
+                    with self._lock:
+                        self.failed.append((t, failure_text(exc)))
+        finally:
+            client.close()
+
+    def __enter__(self) -> Clients:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(120)

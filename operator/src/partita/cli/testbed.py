@@ -224,6 +224,23 @@ def _split_kv(text: str) -> tuple[str, str]:
 
 
 @testbed.command()
+def apiserver(
+    restart: Annotated[bool, typer.Option("--restart", help="Stop and start it again.")] = False,
+    run_dir: DirOption = None,
+) -> None:
+    """Restart the kube-apiserver (same flags, port and etcd), as an upgrade or a crash does."""
+    from partita.testbed import cluster
+
+    if not restart:
+        raise _fail(TestbedError("give --restart"))
+    try:
+        cluster.restart_apiserver(_run_dir(run_dir))
+    except TestbedError as exc:
+        raise _fail(exc) from None
+    _log("kube-apiserver restarted")
+
+
+@testbed.command()
 def scenario(
     path: Path,
     run_dir: DirOption = None,

@@ -337,9 +337,7 @@ def _start_control_plane(
     )
     _wait_http(f"{etcd_url}/health", "etcd", etcd, 30)
     log(f"  etcd on {etcd_url}")
-    api = processes.start(
-        "kube-apiserver",
-        [
+    api_argv = [
             *bins.component("kube-apiserver"),
             f"--etcd-servers={etcd_url}",
             "--etcd-prefix=/registry",
@@ -363,9 +361,9 @@ def _start_control_plane(
             "--audit-log-maxsize=200",
             "--audit-log-format=json",
             "--v=1",
-        ],
-        run_dir,
-    )
+        ]  # fmt: skip
+    (run_dir / APISERVER_ARGV).write_text(json.dumps(api_argv))
+    api = processes.start("kube-apiserver", api_argv, run_dir)
     ctx = _client_ssl(p)
     _wait_http(f"https://127.0.0.1:{ports['apiserver']}/readyz", "kube-apiserver", api, 90, ctx)
     log(f"  kube-apiserver on https://127.0.0.1:{ports['apiserver']}")
@@ -578,6 +576,23 @@ def set_prometheus(run_dir: Path, running: bool) -> None:
     argv = json.loads((run_dir / "prometheus" / "argv.json").read_text())
     proc = processes.start("prometheus", argv, run_dir)
     _wait_http(f"{info.prometheus_url}/-/ready", "Prometheus", proc, 60)
+
+
+APISERVER_ARGV = "kube-apiserver.argv.json"
+
+
+def restart_apiserver(run_dir: Path) -> None:
+    """Stop the apiserver (SIGTERM, as a control-plane upgrade or crash-restart does) and
+    start it again with the same flags, port and etcd; return once it is ready."""
+    info = load_info(run_dir)
+    pid_file = run_dir / "pids" / "kube-apiserver.pid"
+    pid = int(pid_file.read_text() or 0) if pid_file.exists() else 0
+    if pid and processes.alive(pid):
+        processes.stop_one(pid)
+    argv = json.loads((run_dir / APISERVER_ARGV).read_text())
+    proc = processes.start("kube-apiserver", argv, run_dir)
+    ctx = _client_ssl(pki.load(run_dir / "pki"))
+    _wait_http(f"{info.apiserver_url}/readyz", "kube-apiserver", proc, 90, ctx)
 
 
 def audit_log(run_dir: Path) -> Path:

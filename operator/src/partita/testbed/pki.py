@@ -50,6 +50,15 @@ def _name(cn: str, org: str | None = None) -> x509.Name:
     return x509.Name(attrs)
 
 
+FILES = ("ca.crt", "ca.key", "apiserver.crt", "apiserver.key", "admin.crt", "admin.key",
+         "sa.key", "sa.pub")  # fmt: skip
+
+
+def load(directory: Path) -> Pki:
+    """The paths of a test bed's PKI in `directory` (what `generate` wrote there)."""
+    return Pki(*(directory / n for n in FILES))
+
+
 def generate(directory: Path, now: dt.datetime, extra_ips: tuple[str, ...] = ()) -> Pki:
     """One CA, a serving certificate for the apiserver, an admin client certificate
     (system:masters) used by every component, and the ServiceAccount signing key.
@@ -58,21 +67,7 @@ def generate(directory: Path, now: dt.datetime, extra_ips: tuple[str, ...] = ())
     Service's DNS names (what in-cluster clients such as kopf dial), loopback, the Service's
     ClusterIP and `extra_ips` (the loopback address pods get as KUBERNETES_SERVICE_HOST)."""
     directory.mkdir(parents=True, exist_ok=True)
-    pki = Pki(
-        *(
-            directory / n
-            for n in (
-                "ca.crt",
-                "ca.key",
-                "apiserver.crt",
-                "apiserver.key",
-                "admin.crt",
-                "admin.key",
-                "sa.key",
-                "sa.pub",
-            )
-        )
-    )
+    pki = load(directory)
     start, end = now - dt.timedelta(minutes=5), now + _VALIDITY
     ca_key = _key()
     ca_name = _name("partita-testbed-ca")
