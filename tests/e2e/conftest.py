@@ -69,6 +69,12 @@ def loop(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any
         )
 
 
+@pytest.fixture(scope="module")
+def release(loop: Any) -> Any:
+    """The chart's release the module's `loop` installed (its operator pod, logs, kubectl)."""
+    return RELEASES[-1]
+
+
 def _namespace_phase(cluster: Any) -> str:
     out = cluster.kubectl(
         "get", "namespace", NAMESPACE, "-o", "jsonpath={.status.phase}", check=False

