@@ -17,6 +17,9 @@ from typing import Any
 from grafana_foundation_sdk.builders.dashboard import Dashboard
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 
+from partita import generated
+from partita.generated import Generated
+
 from .fleet import fleet
 from .model import model
 from .pools import pools
@@ -50,33 +53,15 @@ def render() -> dict[str, str]:
     }
 
 
+def _generated() -> Generated:
+    return Generated(render(), "*.json", "partita.dashboards", "partita dashboards")
+
+
 def write(directory: Path) -> list[Path]:
     """Write every dashboard into `directory`, removing dashboards that are no longer built."""
-    directory.mkdir(parents=True, exist_ok=True)
-    files = render()
-    for old in directory.glob("partita-*.json"):
-        if old.name not in files:
-            old.unlink()
-    paths = []
-    for name, text in files.items():
-        path = directory / name
-        if not path.exists() or path.read_text() != text:
-            path.write_text(text)
-        paths.append(path)
-    return paths
+    return generated.write(directory, _generated())
 
 
 def stale(directory: Path) -> list[str]:
     """What differs between `directory` and freshly built dashboards (empty: up to date)."""
-    files = render()
-    problems = []
-    for name, text in files.items():
-        path = directory / name
-        if not path.exists():
-            problems.append(f"{path}: missing")
-        elif path.read_text() != text:
-            problems.append(f"{path}: differs from partita.dashboards")
-    for extra in sorted(directory.glob("*.json")) if directory.is_dir() else []:
-        if extra.name not in files:
-            problems.append(f"{extra}: not built by `partita dashboards`")
-    return problems
+    return generated.stale(directory, _generated())
