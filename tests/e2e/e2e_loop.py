@@ -68,6 +68,29 @@ def entry_url(cluster: Any, name: str) -> str:
     return str(eventually(lookup, 30, f"entry listener for {name}"))
 
 
+def ocr_model(name: str, source: tuple[str, str] | None = None, **spec: Any) -> str:
+    """An EdgeModel of the small OCR classifier served whole on edge-b (from the model store
+    unless `source` gives (uri, sha256)); `spec` adds or replaces fields."""
+    uri, digest = source or stored("ocr_cls.onnx")
+    body = {
+        "source": {"uri": uri, "sha256": digest},
+        "inputShapes": {"x": [1, 3, 48, 192]},
+        "dataSource": "edge-b",
+        "pools": ["edge-b"],
+        "partitioning": {"mode": "none"},
+        "resources": {"cpu": 1},
+    }
+    body.update(spec)
+    return json.dumps(
+        {
+            "apiVersion": "partita.dev/v1alpha1",
+            "kind": "EdgeModel",
+            "metadata": {"name": name, "namespace": NAMESPACE},
+            "spec": body,
+        }
+    )
+
+
 class Clients:
     """`n` clients at the data source, each sending one request every `period_s` (a steady
     rate, not back to back) through the model's entry until stopped; every failure is kept

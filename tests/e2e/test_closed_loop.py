@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from e2e_loop import NAMESPACE, Clients, edge_model, entry_url, open_nsfw
+from e2e_loop import NAMESPACE, Clients, edge_model, entry_url, ocr_model, open_nsfw
 
 from cluster_helpers import eventually, get_json, holds_for
 
@@ -171,27 +171,7 @@ def test_prometheus_down_keeps_the_plan_and_says_metrics_are_stale(served: Any) 
 
 
 def _small_model(name: str, priority: int) -> str:
-    import json
-
-    from e2e_loop import stored
-
-    uri, digest = stored("ocr_cls.onnx")
-    return json.dumps(
-        {
-            "apiVersion": "partita.dev/v1alpha1",
-            "kind": "EdgeModel",
-            "metadata": {"name": name, "namespace": NAMESPACE},
-            "spec": {
-                "source": {"uri": uri, "sha256": digest},
-                "inputShapes": {"x": [1, 3, 48, 192]},
-                "dataSource": "edge-b",
-                "pools": ["edge-b"],
-                "partitioning": {"mode": "none"},
-                "priority": priority,
-                "resources": {"cpu": 3},
-            },
-        }
-    )
+    return ocr_model(name, priority=priority, resources={"cpu": 3})
 
 
 def test_capacity_short_refuses_the_lowest_priority(served: Any) -> None:
