@@ -30,7 +30,9 @@ from partita.planner import (
     plan_for,
 )
 from partita.planner.cost import boundary_tensors
+from partita.planner.plan import CascadePlacement
 from partita.planner.request import COMPRESSION_ORDER
+from partita.planner.space import place_cascade, reserve
 
 MiB = 2**20
 
@@ -158,7 +160,11 @@ def random_request(
         objective=objective,
         slo=Slo(p95_latency_s=p95, min_throughput_rps=rng.choice([None, None, 1.0, 10.0])),
         privacy=rng.choice([None, None, Tier.EDGE]),
-        cascade=Cascade(0.8, rng.uniform(0.05, 1.0)) if rng.random() < 0.2 else None,
+        cascade=(
+            Cascade(0.8, rng.uniform(0.05, 1.0), random_profile(rng, 3, 0), rng.uniform(0.5, 4))
+            if rng.random() < 0.2
+            else None
+        ),
         tolerations=(Toleration("gpu"),) if rng.random() < 0.5 else (),
         cpu=rng.choice([0.5, 1.0]),
         runtime_overhead_bytes=rng.choice([0, 16 * MiB]),
@@ -182,8 +188,18 @@ def all_plans(profile: ModelProfile, request: ModelRequest, snapshot: ClusterSna
     """Every plan of the search space, built directly, no dynamic programming.
 
     Each is priced by the reference cost model (`plan_for` → `predict`), the same one the
-    planner's search is checked against: what this enumeration checks is the search.
+    planner's search is checked against: what this enumeration checks is the search. With a
+    cascade, the small model's node is the planner's own choice (`space.place_cascade`, a
+    greedy pick by design, not part of the search checked here) and the main model's stages
+    are enumerated on what it leaves.
     """
+    cascade = None
+    priced = snapshot
+    if request.cascade is not None:
+        cascade = place_cascade(request, snapshot)
+        if not isinstance(cascade, CascadePlacement):
+            return
+        snapshot = reserve(snapshot, request, cascade)
     n = len(profile.nodes)
     cut_positions = [c.position for c in profile.cut_points]
     mode = request.partitioning.mode
@@ -214,7 +230,7 @@ def all_plans(profile: ModelProfile, request: ModelRequest, snapshot: ClusterSna
                     for comp_seq in itertools.product(comps, repeat=m - 1):
                         stages = _stages(profile, pool_seq, choice, comp_seq)
                         if stages is not None:
-                            yield plan_for(request, stages, profile, snapshot)
+                            yield plan_for(request, stages, profile, priced, cascade=cascade)
 
 
 def split_seconds(profile: ModelProfile, node: NodeState, start: int, end: int) -> float:
@@ -420,8 +436,11 @@ def competing_models(seed, count):
     models = []
     for i in range(count):
         request = random_request(rng, snapshot, objectives=(Objective.LATENCY,), name=f"m{i}")
+        # No cascades: the small model's node is a greedy pick made on whatever each model
+        # is planned against, which an exhaustive combination of plans cannot mirror.
         request = replace(
             request,
+            cascade=None,
             slo=replace(request.slo, min_throughput_rps=None, p95_latency_s=None),
             partitioning=replace(
                 request.partitioning,

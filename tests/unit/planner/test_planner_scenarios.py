@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import replace
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from planner_instances import (
     MiB,
@@ -144,13 +145,57 @@ def test_int8_only_when_needed_to_fit():
     assert isinstance(plan_model(prof, too_lossy, snap), Unschedulable)
 
 
-def test_cascade_weights_later_stages_by_the_offload_rate():
+SMALL = chain_profile(flops=[100_000_000], params=[1 * MiB], cut_bytes={})
+
+
+def test_cascade_runs_the_small_model_at_the_data_source_and_weights_the_main_model():
     snap = edge_cloud(edge_speed=2e9, bandwidth_bps=2e6)
     plain = plan_model(CNN, request(), snap)
-    cascade = plan_model(CNN, request(cascade=Cascade(0.9, 0.1)), snap)
-    assert isinstance(plain, Plan) and isinstance(cascade, Plan)
-    assert len(cascade.stages) == 2
-    assert cascade.prediction.latency_s < plain.prediction.latency_s
+    low = plan_model(CNN, request(cascade=Cascade(0.9, 0.1, SMALL)), snap)
+    high = plan_model(CNN, request(cascade=Cascade(0.9, 1.0, SMALL)), snap)
+    assert isinstance(plain, Plan) and isinstance(low, Plan) and isinstance(high, Plan)
+    assert low.cascade is not None and low.cascade.pool == "edge"
+    small_s = low.prediction.cascade.compute_s
+    assert small_s == pytest.approx(100_000_000 / 2e9)
+    # Every request pays the small model; only the offloaded share pays the main model.
+    assert low.prediction.latency_s < plain.prediction.latency_s
+    assert high.prediction.latency_s > plain.prediction.latency_s
+    assert high.prediction.latency_s == pytest.approx(
+        plain.prediction.latency_s + small_s + low.prediction.cascade_transfer_s
+    )
+    # The small model's memory counts on its node.
+    assert low.prediction.memory_per_node[low.cascade.node] >= low.prediction.cascade.memory_bytes
+
+
+def test_cascade_without_room_at_the_data_source_is_unschedulable():
+    big = chain_profile(flops=[100_000_000], params=[900 * MiB], cut_bytes={})
+    result = plan_model(
+        CNN, request(cascade=Cascade(0.9, 0.2, big)), edge_cloud(edge_memory=512 * MiB)
+    )
+    assert isinstance(result, Unschedulable)
+    assert "cascade" in result.reasons[0] and "edge" in result.reasons[0]
+
+
+def test_tiers_leave_out_the_pools_of_other_tiers():
+    snap = edge_cloud(edge_speed=2e9, bandwidth_bps=1e9)
+    anywhere = plan_model(CNN, request(), snap)
+    assert isinstance(anywhere, Plan) and any(s.pool == "cloud" for s in anywhere.stages)
+    edge_only = plan_model(CNN, request(tiers=(Tier.EDGE,)), snap)
+    assert isinstance(edge_only, Plan) and {s.pool for s in edge_only.stages} == {"edge"}
+    assert any(e.name == "cloud" and "spec.tiers" in e.reason for e in edge_only.exclusions), (
+        edge_only.exclusions
+    )
+
+
+def test_energy_counts_what_compute_adds_to_the_idle_draw():
+    snap = edge_cloud(edge_speed=2e9, bandwidth_bps=1e9)
+    pools = tuple(replace(p, power_active_watts=10.0, power_idle_watts=0.0) for p in snap.pools)
+    idle = tuple(replace(p, power_idle_watts=4.0) for p in pools)
+    req = request(pools=("edge",), partitioning=Partitioning(mode="none"))
+    busy = plan_model(CNN, req, replace(snap, pools=pools))
+    marginal = plan_model(CNN, req, replace(snap, pools=idle))
+    assert isinstance(busy, Plan) and isinstance(marginal, Plan)
+    assert marginal.prediction.energy_j == pytest.approx(busy.prediction.energy_j * 0.6)
 
 
 def test_replanning_an_unchanged_cluster_keeps_the_revision():
@@ -170,7 +215,10 @@ def test_plan_never_loses_to_a_baseline(seed):
     rng = random.Random(seed)
     snapshot = random_snapshot(rng)
     req = random_request(rng, snapshot)
-    req = replace(req, slo=replace(req.slo, p95_latency_s=None, min_throughput_rps=None))
+    # Baselines run no cascade: compare like with like.
+    req = replace(
+        req, cascade=None, slo=replace(req.slo, p95_latency_s=None, min_throughput_rps=None)
+    )
     profile = random_profile(rng)
     plan = plan_model(profile, req, snapshot)
     for name, base in baselines(profile, req, snapshot).items():

@@ -30,8 +30,20 @@ class DeviceKind(StrEnum):
 class DeviceHints(ApiModel):
     """What the nodes of the pool are, when the node object does not say it well enough."""
 
+    cel_rules: ClassVar[tuple[CelRule, ...]] = (
+        CelRule(
+            rule="self.kind == 'cpu'",
+            message="device.kind: only cpu is supported: Partita's stage servers run "
+            "onnxruntime's CPU execution provider (no GPU or NPU provider is installed)",
+            holds=lambda d: d.kind == DeviceKind.CPU,
+            field_path=".kind",
+        ),
+    )
+
     kind: DeviceKind = DeviceKind.CPU
-    """The accelerator stages run on. Partita's inference server uses the CPU today."""
+    """The onnxruntime execution provider of the pool's stage servers: cpu
+    (CPUExecutionProvider). gpu and npu are refused: the stage server image carries only
+    onnxruntime's CPU provider."""
     memory: str | None = Field(None, max_length=32, pattern=BYTES_PATTERN)
     """Memory a stage may use on one node (a quantity, e.g. 2Gi); default: the node's
     allocatable memory."""
@@ -64,10 +76,11 @@ class NetworkDefaults(ApiModel):
 
 
 class Power(ApiModel):
-    """Power draw of one node, for the energy objective."""
+    """Power draw of one node, for the energy objective: a request costs what it adds to the
+    idle draw, (activeWatts - idleWatts) x compute time, plus radioWatts x sending time."""
 
     idle_watts: float = Field(0.0, ge=0, le=1e5)
-    """Draw of an idle node, in watts."""
+    """Draw of an idle node, in watts (paid with or without requests)."""
     active_watts: float = Field(0.0, ge=0, le=1e5)
     """Draw of a node busy computing, in watts."""
     radio_watts: float = Field(0.0, ge=0, le=1e5)

@@ -159,23 +159,58 @@ class Privacy(ApiModel):
 
 
 class Cascade(ApiModel):
-    """Confidence cascade: the first stage answers when confident, the rest go on."""
+    """Confidence cascade (joint inference): a small model answers at the edge, and only the
+    inputs it is not confident about go on to the main model.
 
+    The small model runs as its own stage in the data source's pool; an input whose
+    confidence is at least `threshold` is answered there, any other is forwarded as it came
+    (the raw input) to the main model's first stage, which the planner places like any
+    stage. Confidence is the maximum softmax probability: the largest value of `output`,
+    which must hold class probabilities (a softmax's output). With `privacy`, the main
+    model's first stage stays in `privacy.rawInputTier` as it would without a cascade, so
+    forwarded inputs never leave that tier either: with an edge tier only features reach
+    the cloud."""
+
+    model: ModelSourceSpec
+    """The small model: an ONNX file with the main model's inputs and outputs (names and
+    types), so an answer from either looks the same to a client."""
     output: str = Field(min_length=1, max_length=256)
-    """Output tensor of the first stage holding the confidence (a probability)."""
+    """Output tensor of the small model holding class probabilities; its largest value is
+    the confidence."""
     threshold: float = Field(gt=0, le=1)
-    """Confidence at or above which the first stage's answer is final, in (0, 1]."""
+    """Confidence at or above which the small model's answer is final, in (0, 1]."""
     expected_offload_rate: float = Field(0.5, ge=0, le=1)
-    """Share of requests expected to go past the first stage until it is observed."""
+    """Share of requests expected to go on to the main model, used until the stage
+    servers have measured it (then the measured share replaces it)."""
+
+
+class Calibration(StrEnum):
+    CAFFE = "caffe"
+    UNIT = "unit"
+    SEEDED = "seeded"
 
 
 class Quantization(ApiModel):
-    """int8 quantization of stages, only within the accuracy drop allowed."""
+    """int8 stages and int8 cuts, only within a measured accuracy budget.
+
+    When allowed, the operator quantizes the model with onnxruntime (static, with
+    calibration images, when the model takes images and `calibration` is an image mode;
+    dynamic otherwise) and measures, on inputs it did not calibrate on, the drop against
+    float32: the share of inputs whose top-1 class differs for a classifier (an output of
+    shape [N, C], C >= 2), else the mean relative error of the outputs
+    (max |int8 - fp32| / max |fp32|). Above maxAccuracyDrop int8 is refused; otherwise the
+    planner may run stages in int8 when no float32 plan fits or meets the SLO, with the
+    speed and weight bytes measured on the quantized model."""
 
     allowed: bool = False
-    """Whether Partita may quantize the model to int8."""
+    """Whether Partita may run stages in int8 or send int8 tensors across a cut."""
     max_accuracy_drop: float = Field(0.01, ge=0, le=1)
     """Largest measured accuracy drop accepted, in [0, 1] (0.01 = one point)."""
+    calibration: Calibration = Calibration.CAFFE
+    """Inputs to calibrate and measure on: caffe (real images shipped with scikit-image,
+    0-255 BGR less the ImageNet mean, as Caffe-trained classifiers take them), unit (the same
+    images as RGB in [0, 1]) or seeded (random values, for models that take no images;
+    quantization is then dynamic)."""
 
     cel_rules: ClassVar[tuple[CelRule, ...]] = (
         CelRule(
@@ -263,7 +298,7 @@ class EdgeModelSpec(ApiModel):
     tiers: Annotated[list[Tier], AfterValidator(unique)] = Field(
         default_factory=list, max_length=2, json_schema_extra=SET
     )
-    """Tiers stages may run in; empty: both."""
+    """Tiers stages may run in (nodes of pools of other tiers are left out); empty: both."""
     partitioning: Partitioning = Field(
         default_factory=lambda: Partitioning.model_validate({}), json_schema_extra=OBJECT
     )
@@ -275,7 +310,7 @@ class EdgeModelSpec(ApiModel):
     privacy: Privacy | None = None
     """Keep raw input inside one tier."""
     cascade: Cascade | None = None
-    """Answer confident inputs at the first stage."""
+    """Answer confident inputs with a small model at the edge."""
     quantization: Quantization = Field(
         default_factory=lambda: Quantization.model_validate({}), json_schema_extra=OBJECT
     )
@@ -308,20 +343,6 @@ class EdgeModelSpec(ApiModel):
             "the raw input",
             holds=lambda s: s.privacy is None or not s.tiers or s.privacy.raw_input_tier in s.tiers,
             field_path=".privacy.rawInputTier",
-        ),
-        CelRule(
-            rule="!has(self.cascade) || (self.partitioning.mode in ['auto', 'vertical'] && "
-            "self.partitioning.maxStages >= 2)",
-            message="cascade needs two stages: partitioning.mode auto or vertical and "
-            "partitioning.maxStages >= 2",
-            holds=lambda s: (
-                s.cascade is None
-                or (
-                    s.partitioning.mode in (PartitioningMode.AUTO, PartitioningMode.VERTICAL)
-                    and s.partitioning.max_stages >= 2
-                )
-            ),
-            field_path=".cascade",
         ),
         CelRule(
             rule="self.partitioning.cutCompression != 'int8' || self.quantization.allowed",
@@ -370,6 +391,52 @@ class ModelStatus(StatusModel):
     """Bytes of weights."""
     cut_points: int = Field(0, ge=0)
     """Useful places the model can be cut."""
+    quantization: QuantizationStatus | None = None
+    """The int8 model measured against float32 (with quantization.allowed)."""
+    cascade: CascadeModelStatus | None = None
+    """The cascade's small model, verified and profiled (with spec.cascade)."""
+
+
+class AccuracyStatus(StatusModel):
+    """An accuracy drop measured against float32 on inputs of the calibration set."""
+
+    metric: str = Field("", max_length=32)
+    """top1-disagreement (share of inputs whose top-1 class differs) or relative-error (mean
+    over inputs of max |x - fp32| / max |fp32| over the outputs)."""
+    drop: float = Field(0.0, ge=0)
+    """The measured drop, in that metric."""
+    inputs: int = Field(0, ge=0)
+    """How many inputs it was measured on."""
+    source: str = Field("", max_length=64)
+    """What those inputs are: scikit-image sample images, or seeded values."""
+
+
+class QuantizationStatus(StatusModel):
+    """What int8 costs and gives for this model, measured by the operator."""
+
+    mode: str = Field("", max_length=16)
+    """static (activation ranges calibrated on the calibration images) or dynamic."""
+    accuracy: AccuracyStatus | None = None
+    """The drop of the int8 model against float32."""
+    speedup: float | None = Field(None, ge=0)
+    """float32 time over int8 time for one inference, one thread, on the operator's CPU."""
+    weight_bytes: int = Field(0, ge=0)
+    """Bytes of the int8 model's weights (float32: status.model.paramBytes)."""
+    usable: bool = False
+    """Whether the planner may use int8 (the drop is within quantization.maxAccuracyDrop)."""
+    message: str = Field("", max_length=1024)
+    """Why int8 is usable or refused."""
+
+
+class CascadeModelStatus(StatusModel):
+    """The small model of a cascade."""
+
+    digest: str = ""
+    """sha256 of the verified file."""
+    size_bytes: int = Field(0, ge=0)
+    total_flops: int = Field(0, ge=0)
+    """FLOPs of one inference."""
+    param_bytes: int = Field(0, ge=0)
 
 
 class ShardStatus(StatusModel):
@@ -407,6 +474,22 @@ class StageStatus(StatusModel):
     """Compute time per request the planner predicts for the stage's slowest server, in ms."""
     predicted_transfer_ms: float | None = Field(None, ge=0)
     """Time to bring its inputs from the previous stage (or the data source), in ms."""
+    wire_bytes: int | None = Field(None, ge=0)
+    """Bytes of its inputs on the wire per request, after the cut's compression."""
+
+
+class CascadeStageStatus(StatusModel):
+    """Where the cascade's small model runs and how many requests go past it."""
+
+    pool: str
+    node: str
+    predicted_compute_ms: float | None = Field(None, ge=0)
+    """Compute time per request the planner predicts for the small model, in ms."""
+    offload_rate: float = Field(0.0, ge=0, le=1)
+    """Share of requests forwarded to the main model that the plan was predicted with:
+    the measured one once the servers reported it, else cascade.expectedOffloadRate."""
+    observed_offload_rate: float | None = Field(None, ge=0, le=1)
+    """Share of requests the small model forwarded, as the servers last reported it."""
 
 
 class PlanStatus(StatusModel):
@@ -426,6 +509,16 @@ class PlanStatus(StatusModel):
     """End-to-end latency the planner predicts, in ms."""
     observed_p95_ms: float | None = Field(None, ge=0)
     """p95 end-to-end latency measured by the inference servers, in ms."""
+    cascade: CascadeStageStatus | None = None
+    """The cascade's small model, ahead of the stages."""
+    predicted_energy_j: float | None = Field(None, ge=0)
+    """Energy per request the planner predicts, in joules: (activeWatts - idleWatts) x
+    compute time on every server, plus radioWatts x sending time on links between pools."""
+    observed_energy_j: float | None = Field(None, ge=0)
+    """The same figure from the compute and hop times the servers measured, in joules."""
+    cut_accuracy: AccuracyStatus | None = None
+    """Measured drop of the final outputs with the plan's compressed cuts and int8 stages
+    against the whole float32 model (None when every stage and cut is float32)."""
     reasons: list[str] = Field(default_factory=list)
     """Why this plan (and not another), in the planner's words."""
 

@@ -13,6 +13,7 @@ from .multi import plan_many
 from .plan import (
     Action,
     Alternative,
+    CascadePlacement,
     Decision,
     Exclusion,
     ExclusionKind,
@@ -37,6 +38,7 @@ from .request import (
     Rescheduling,
     Slo,
     Toleration,
+    same_spec,
 )
 from .reschedule import reschedule
 from .search import plan_model
@@ -47,6 +49,7 @@ __all__ = [
     "Action",
     "Alternative",
     "Cascade",
+    "CascadePlacement",
     "ClusterSnapshot",
     "Compression",
     "Decision",
@@ -82,4 +85,5 @@ __all__ = [
     "plan_model",
     "predict",
     "reschedule",
+    "same_spec",
 ]

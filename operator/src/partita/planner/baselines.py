@@ -6,9 +6,13 @@
   cloud pool (no shards, no cut compression), the endpoints included;
 - network-unaware: the unsplit model on the least-allocated node that fits, as
   kube-scheduler's default NodeResourcesFit (LeastAllocated) scoring would pick.
+
+None of them runs a confidence cascade: the request's cascade is left out.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from partita.model.types import ModelProfile
 
@@ -25,6 +29,7 @@ BASELINES = ("edge-only", "cloud-only", "neurosurgeon", "network-unaware")
 def baselines(
     profile: ModelProfile, request: ModelRequest, snapshot: ClusterSnapshot
 ) -> dict[str, PlanResult]:
+    request = replace(request, cascade=None)
     prob = problem(profile, request, snapshot)
     out: dict[str, PlanResult] = {}
     for name, tier in (("edge-only", Tier.EDGE), ("cloud-only", Tier.CLOUD)):

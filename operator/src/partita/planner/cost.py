@@ -5,9 +5,10 @@ per graph node); a shard does its proportion of the split work plus all of the r
 (`ranges.RangeTable` says which is which); transfers = bytes after cut compression /
 bandwidth + RTT; shards add a scatter of the stage input and a gather of its output over
 the pool's LAN. With a cascade, everything after the first stage is weighted by the
-observed offload rate. Throughput = 1 / the busiest stage or link. Energy = active watts
-× busy time of every shard + radio watts × sending time on inter-pool links. Memory per
-node = parameters + peak live activations + runtime overhead.
+observed offload rate, and the cascade's small model (ahead of the stages) runs for every
+request. Throughput = 1 / the busiest stage or link. Energy = (active - idle watts) × busy
+time of every shard (what a request adds to the idle draw) + radio watts × sending time on
+inter-pool links. Memory per node = parameters + peak live activations + runtime overhead.
 """
 
 from __future__ import annotations
@@ -17,7 +18,16 @@ from collections.abc import Sequence
 
 from partita.model.types import ModelProfile
 
-from .plan import RELATIVE_TOLERANCE, Plan, Prediction, ShardPrediction, Stage, StagePrediction
+from .cascade import small_compute_s, small_memory, small_table
+from .plan import (
+    RELATIVE_TOLERANCE,
+    CascadePlacement,
+    Plan,
+    Prediction,
+    ShardPrediction,
+    Stage,
+    StagePrediction,
+)
 from .ranges import RangeTable, boundary_bytes, boundary_tensors
 from .request import Compression, ModelRequest, Objective
 from .snapshot import ClusterSnapshot, NodeState
@@ -66,12 +76,14 @@ def node_blockers(node: NodeState, request: ModelRequest) -> list[str]:
         reasons.append(f"free cpu {node.cpu_free:g} < requested {request.cpu:g} cores")
     if request.pools and node.pool not in request.pools:
         reasons.append(f"pool {node.pool} is not in the model's allowed pools")
+    if request.tiers and node.tier not in request.tiers:
+        reasons.append(f"tier {node.tier} is not in spec.tiers")
     return reasons
 
 
 def predict(plan: Plan, profile: ModelProfile, snapshot: ClusterSnapshot) -> Prediction:
     """Re-predict `plan` as deployed (same cuts, nodes, proportions) under `snapshot`."""
-    return predict_stages(plan.request, plan.stages, profile, snapshot)
+    return predict_stages(plan.request, plan.stages, profile, snapshot, cascade=plan.cascade)
 
 
 def plan_for(
@@ -81,11 +93,13 @@ def plan_for(
     snapshot: ClusterSnapshot,
     revision: int = 1,
     table: RangeTable | None = None,
+    cascade: CascadePlacement | None = None,
 ) -> Plan:
-    """The plan deploying `stages`, with what the cost model predicts for it under `snapshot`."""
+    """The plan deploying `stages` (behind the cascade's small model on `cascade`), with what
+    the cost model predicts for it under `snapshot`."""
     stages = tuple(stages)
-    prediction = predict_stages(request, stages, profile, snapshot, table)
-    return Plan(request, stages, revision, prediction)
+    prediction = predict_stages(request, stages, profile, snapshot, table, cascade)
+    return Plan(request, stages, revision, prediction, cascade=cascade)
 
 
 def predict_stages(
@@ -94,17 +108,21 @@ def predict_stages(
     profile: ModelProfile,
     snapshot: ClusterSnapshot,
     table: RangeTable | None = None,
+    cascade: CascadePlacement | None = None,
 ) -> Prediction:
     """Latency, throughput, energy, per-stage and per-shard figures of `stages` under `snapshot`.
 
     `table`: a range table of `profile` holding every stage boundary (built when None).
+    With `request.cascade`, `cascade` is where its small model runs; with a cascade the
+    latency and energy are means over requests (the small model's, then the offload rate
+    times the main model's).
     """
     if table is None:
         table = RangeTable.build(
             profile, [0, len(profile.nodes), *(p for s in stages for p in (s.start, s.end))]
         )
     rate = request.cascade.offload_rate if request.cascade else 1.0
-    speedup = request.quantization.speedup
+    quantization = request.quantization
     overhead = float(request.runtime_overhead_bytes)
     violations: list[str] = []
     lost: list[str] = []
@@ -113,19 +131,32 @@ def predict_stages(
     prev_pool = request.data_source
     if not snapshot.has_pool(request.data_source):
         violations.append(f"data source pool {request.data_source} is not in the snapshot")
+    small, small_in = None, 0.0
+    if request.cascade is not None:
+        small, small_in, small_energy, small_busy = _predict_cascade(
+            request, cascade, table, snapshot, stages, violations, lost
+        )
+        latency += small_in + small.compute_s
+        energy += small_energy
+        bottleneck = small_busy
+        prev_pool = cascade.pool if cascade is not None else prev_pool
     for stage in stages:
-        weight = 1.0 if stage.index == 0 else rate
+        weight = rate
         a, b = table.index(stage.start), table.index(stage.end)
         shard_preds = []
         for shard in stage.shards:
-            memory = float(table.memory(a, b, shard.proportion, stage.int8, overhead))
+            memory = float(
+                table.memory(
+                    a, b, shard.proportion, stage.int8, overhead, quantization.weight_factor
+                )
+            )
             node = snapshot.node(shard.node)
             compute = math.inf
             if node is None or not node.ready:
                 lost.append(shard.node)
                 violations.append(f"stage {stage.index}: node {shard.node} is lost")
             else:
-                split, whole = table.times(node, speedup if stage.int8 else 1.0)
+                split, whole = table.times(node, quantization.speedup if stage.int8 else 1.0)
                 compute = float(shard.proportion * (split[b] - split[a]) + whole[b] - whole[a])
                 for reason in node_blockers(node, request):
                     if reason != "node is not Ready":
@@ -170,7 +201,7 @@ def predict_stages(
                 if prev_pool != stage.pool:
                     energy += weight * snapshot.pool(prev_pool).radio_watts * wire
         compute = max((s.compute_s for s in shard_preds), default=math.inf)
-        energy += weight * pool.power_active_watts * sum(s.compute_s for s in shard_preds)
+        energy += weight * pool.compute_watts * sum(s.compute_s for s in shard_preds)
         scatter_gather = 0.0
         k = len(stage.shards)
         if k > 1:
@@ -191,8 +222,8 @@ def predict_stages(
         latency += weight * (transfer + busy)
         bottleneck = max(bottleneck, weight * busy, weight * wire)
         prev_pool = stage.pool
-    # Answer back to the data source.
-    out_weight = 1.0 if len(stages) <= 1 else rate
+    # Answer back to the data source (for the share of requests the main model answers).
+    out_weight = rate
     output_transfer = math.inf
     if snapshot.has_pool(prev_pool) and snapshot.has_pool(request.data_source):
         link = snapshot.link(prev_pool, request.data_source)
@@ -209,6 +240,8 @@ def predict_stages(
     latency += output_transfer
     throughput = 1.0 / bottleneck if bottleneck > 0 else math.inf
     return Prediction(
+        cascade=small,
+        cascade_transfer_s=small_in,
         latency_s=latency,
         throughput_rps=throughput,
         energy_j=energy,
@@ -218,3 +251,70 @@ def predict_stages(
         violations=tuple(dict.fromkeys(violations)),
         lost_nodes=tuple(dict.fromkeys(lost)),
     )
+
+
+def _predict_cascade(
+    request: ModelRequest,
+    cascade: CascadePlacement | None,
+    table: RangeTable,
+    snapshot: ClusterSnapshot,
+    stages: Sequence[Stage],
+    violations: list[str],
+    lost: list[str],
+) -> tuple[ShardPrediction, float, float, float]:
+    """(the small model's prediction, transfer of the raw input to it, its energy, its busy
+    time) for every request; what does not fit goes into `violations`."""
+    if cascade is None:
+        violations.append("the cascade's small model has no node")
+        return ShardPrediction("", math.inf, 0), math.inf, 0.0, math.inf
+    small = small_table(request)
+    memory = small_memory(small, request)
+    node = snapshot.node(cascade.node)
+    if node is None or not node.ready:
+        lost.append(cascade.node)
+        violations.append(f"cascade: node {cascade.node} is lost")
+        return ShardPrediction(cascade.node, math.inf, memory), math.inf, 0.0, math.inf
+    compute = small_compute_s(small, node, request)
+    for reason in node_blockers(node, request):
+        violations.append(f"cascade: node {node.name}: {reason}")
+    if node.pool != cascade.pool:
+        violations.append(f"cascade: node {node.name} left pool {cascade.pool}")
+    # The small model shares its node with any stage placed there.
+    factor = request.quantization.weight_factor
+    beside = [
+        float(
+            table.memory(
+                table.index(s.start), table.index(s.end), sh.proportion, s.int8, 0.0, factor
+            )
+        )
+        + request.runtime_overhead_bytes
+        for s in stages
+        for sh in s.shards
+        if sh.node == cascade.node
+    ]
+    if memory + sum(beside) > node.memory_free:
+        violations.append(
+            f"cascade: node {node.name} needs {(memory + sum(beside)) / 2**20:.1f} MiB with "
+            f"the stages beside it, has {node.memory_free / 2**20:.1f} MiB free"
+        )
+    if beside and node.cpu_free * (1 + RELATIVE_TOLERANCE) < request.cpu * (1 + len(beside)):
+        violations.append(
+            f"cascade: node {node.name} has {node.cpu_free:g} cores free for "
+            f"{1 + len(beside)} servers of {request.cpu:g}"
+        )
+    pool = snapshot.pool(cascade.pool)
+    if request.privacy is not None and pool.tier != request.privacy:
+        violations.append(
+            f"cascade: raw input would leave tier {request.privacy} for pool {pool.name}"
+        )
+    transfer, wire, energy = math.inf, 0.0, 0.0
+    link = snapshot.link(request.data_source, cascade.pool)
+    if link is None:
+        violations.append(f"cascade: no link {request.data_source} -> {cascade.pool}")
+    else:
+        wire = float(table.wire[Compression.NONE][0]) * 8.0 / link.bandwidth_bps
+        transfer = wire + link.rtt_s
+        if cascade.pool != request.data_source:
+            energy += snapshot.pool(request.data_source).radio_watts * wire
+    energy += pool.compute_watts * compute
+    return ShardPrediction(cascade.node, compute, memory), transfer, energy, max(compute, wire)

@@ -6,6 +6,8 @@ predictions, the reason no plan exists, and what a missed SLO would have needed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from .objective import optimize
 from .plan import Alternative, Plan
 from .request import Compression
@@ -14,7 +16,10 @@ from .space import Problem, SearchSpace
 MAX_ALTERNATIVES = 5
 
 
-def alternatives(prob: Problem, chosen: Plan) -> tuple[Alternative, ...]:
+def alternatives(
+    prob: Problem, chosen: Plan, finish: Callable[[Plan], Plan] = lambda plan: plan
+) -> tuple[Alternative, ...]:
+    """Runner-up plans, each `finish`ed as the chosen one was (the cascade put ahead)."""
     candidates: list[tuple[str, Plan | None]] = [
         (f"all on {pool}", optimize(prob, SearchSpace(pools=(pool,), max_stages=1)))
         for pool in prob.pools
@@ -27,7 +32,8 @@ def alternatives(prob: Problem, chosen: Plan) -> tuple[Alternative, ...]:
         )
     seen = {chosen.placement}
     out = []
-    for label, plan in candidates:
+    for label, found in candidates:
+        plan = finish(found) if found is not None else None
         if plan is None or plan.placement in seen:
             continue
         seen.add(plan.placement)

@@ -71,10 +71,11 @@ def _usage(plans: Sequence[Plan | None]) -> tuple[dict[str, float], dict[str, in
     for plan in plans:
         if plan is None:
             continue
-        for stage in plan.prediction.stages:
-            for shard in stage.shards:
-                cpu[shard.node] = cpu.get(shard.node, 0.0) + plan.request.cpu
-                mem[shard.node] = mem.get(shard.node, 0) + shard.memory_bytes
+        small = plan.prediction.cascade
+        shards = [sh for stage in plan.prediction.stages for sh in stage.shards]
+        for shard in [*shards, *([small] if small is not None else [])]:
+            cpu[shard.node] = cpu.get(shard.node, 0.0) + plan.request.cpu
+            mem[shard.node] = mem.get(shard.node, 0) + shard.memory_bytes
     return cpu, mem
 
 

@@ -45,6 +45,14 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class CascadePlacement:
+    """Where the cascade's small model runs: one server on one node of the data source's tier."""
+
+    pool: str
+    node: str
+
+
+@dataclass(frozen=True)
 class ShardPrediction:
     """One container's predicted busy time per request it serves, and the memory it holds."""
 
@@ -76,6 +84,9 @@ class Prediction:
     output_transfer_s: float  # last stage back to the data source
     violations: tuple[str, ...] = ()
     lost_nodes: tuple[str, ...] = ()  # nodes of the plan missing or not Ready
+    # The cascade's small model: every request's compute and transfer into it (not weighted).
+    cascade: ShardPrediction | None = None
+    cascade_transfer_s: float = 0.0
 
     @property
     def feasible(self) -> bool:
@@ -84,18 +95,20 @@ class Prediction:
     @property
     def memory_per_node(self) -> Mapping[str, int]:
         out: dict[str, int] = {}
-        for stage in self.stages:
-            for shard in stage.shards:
-                out[shard.node] = out.get(shard.node, 0) + shard.memory_bytes
+        shards = [sh for stage in self.stages for sh in stage.shards]
+        for shard in [*shards, *([self.cascade] if self.cascade else [])]:
+            out[shard.node] = out.get(shard.node, 0) + shard.memory_bytes
         return out
 
     @property
     def compute_s(self) -> float:
-        return sum(s.compute_s + s.scatter_gather_s for s in self.stages)
+        small = self.cascade.compute_s if self.cascade else 0.0
+        return small + sum(s.compute_s + s.scatter_gather_s for s in self.stages)
 
     @property
     def transfer_s(self) -> float:
-        return sum(s.transfer_in_s for s in self.stages) + self.output_transfer_s
+        into = sum(s.transfer_in_s for s in self.stages) + self.cascade_transfer_s
+        return into + self.output_transfer_s
 
 
 def meets_slo(prediction: Prediction, slo: Slo, margin: float = 0.0) -> bool:
@@ -150,11 +163,17 @@ class Plan:
     alternatives: tuple[Alternative, ...] = ()
     exclusions: tuple[Exclusion, ...] = ()
     notes: tuple[str, ...] = ()
+    cascade: CascadePlacement | None = None  # the small model, ahead of `stages`
 
     @property
     def placement(self) -> tuple[tuple[str, int, int, tuple[str, ...], str, bool], ...]:
         """What would be deployed; two plans with the same placement are the same plan."""
-        return tuple(
+        small = (
+            ((self.cascade.pool, -1, -1, (self.cascade.node,), "none", False),)
+            if self.cascade
+            else ()
+        )
+        return small + tuple(
             (s.pool, s.start, s.end, s.nodes, s.input_compression.value, s.int8)
             for s in self.stages
         )
@@ -164,7 +183,7 @@ class Plan:
         return meets_slo(self.prediction, self.request.slo)
 
     def describe(self) -> str:
-        parts = []
+        parts = [f"cascade {self.cascade.pool}:{self.cascade.node}"] if self.cascade else []
         for s in self.stages:
             where = s.nodes[0] if len(s.shards) == 1 else f"{len(s.shards)} shards"
             extra = " int8" if s.int8 else ""

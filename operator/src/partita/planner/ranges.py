@@ -154,10 +154,17 @@ class RangeTable:
         return self._peak
 
     def memory(
-        self, a: IndexLike, b: IndexLike, proportion: Array | float, int8: bool, overhead: float
+        self,
+        a: IndexLike,
+        b: IndexLike,
+        proportion: Array | float,
+        int8: bool,
+        overhead: float,
+        int8_weight_factor: float = INT8_WEIGHT_FACTOR,
     ) -> Array:
-        """Bytes one shard holding `proportion` of [a, b)'s split parameters needs."""
-        factor = INT8_WEIGHT_FACTOR if int8 else 1.0
+        """Bytes one shard holding `proportion` of [a, b)'s split parameters needs
+        (`int8_weight_factor`: int8 weight bytes over float32's, as measured)."""
+        factor = int8_weight_factor if int8 else 1.0
         split = (self.split_params[b] - self.split_params[a]) * factor
         whole = (self.whole_params[b] - self.whole_params[a]) * factor
         if isinstance(a, int) and isinstance(b, int):

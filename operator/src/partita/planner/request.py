@@ -7,8 +7,10 @@ Field names follow the EdgeModel API (`partita.api.edgemodel`): `dataSource`, `p
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
+
+from partita.model.types import ModelProfile
 
 from .snapshot import Taint, Tier
 
@@ -54,19 +56,29 @@ class Slo:
 
 @dataclass(frozen=True)
 class Cascade:
-    """Confidence cascade: the first stage answers most requests; `offload_rate` go on."""
+    """Confidence cascade: a small model (`profile`) answers every request first, in the
+    data source's tier; `offload_rate` of them go on to the main model's stages.
+
+    `speed_ratio` is the small model's measured speed (FLOP/s on the profiling reference)
+    over the main model's, so the node speeds of the snapshot (the main model's) price it.
+    """
 
     threshold: float
-    offload_rate: float  # observed share of requests continuing past the first stage
+    offload_rate: float  # share of requests the small model forwards (measured, else declared)
+    profile: ModelProfile
+    speed_ratio: float = 1.0
 
 
 @dataclass(frozen=True)
 class Quantization:
     allowed: bool = False
     max_accuracy_drop: float = 0.0
-    # Measured drop of the int8 model (partita.model); None = not measured, never used.
+    # Measured drop of the int8 model (partita.model.compress); None = not measured, never used.
     measured_accuracy_drop: float | None = None
-    speedup: float = 1.5  # int8 speed over fp32 for conv and matmul on CPU
+    # int8 speed over float32 for conv and matmul, fitted so the whole model's predicted
+    # int8 time is its measured one (partita.control.quantization).
+    speedup: float = 1.5
+    weight_factor: float = 0.25  # int8 weight bytes over float32's, measured on the model
 
     @property
     def usable(self) -> bool:
@@ -107,6 +119,7 @@ class ModelRequest:
     namespace: str = "default"
     priority: int = 0
     pools: tuple[str, ...] = ()  # allowed pools; empty = all
+    tiers: tuple[Tier, ...] = ()  # allowed tiers; empty = all
     partitioning: Partitioning = field(default_factory=Partitioning)
     objective: Objective = Objective.LATENCY
     slo: Slo = field(default_factory=Slo)
@@ -121,3 +134,16 @@ class ModelRequest:
     @property
     def key(self) -> str:
         return f"{self.namespace}/{self.name}"
+
+
+def same_spec(a: ModelRequest, b: ModelRequest) -> bool:
+    """Whether two requests ask for the same thing: the cascade's offload rate is a
+    measurement, not part of what the user asked for (a change in it is re-predicted and
+    weighed by the rescheduler, not taken as a spec change)."""
+    return _spec_only(a) == _spec_only(b)
+
+
+def _spec_only(request: ModelRequest) -> ModelRequest:
+    if request.cascade is None:
+        return request
+    return replace(request, cascade=replace(request.cascade, offload_rate=0.0))

@@ -29,9 +29,9 @@ import math
 
 from partita.model.types import ModelProfile
 
-from .cost import predict
+from .cost import predict_stages
 from .plan import Action, Decision, Plan, Unschedulable, meets_slo
-from .request import ModelRequest
+from .request import ModelRequest, same_spec
 from .search import plan_model
 from .snapshot import ClusterSnapshot
 
@@ -44,7 +44,9 @@ def reschedule(
     now: float,
     last_change: float,
 ) -> Decision:
-    now_pred = predict(current, profile, snapshot)
+    # The current plan re-predicted for the request as it is now (a measured offload rate
+    # that moved is weighed here, not taken as a spec change).
+    now_pred = predict_stages(request, current.stages, profile, snapshot, cascade=current.cascade)
     # Runner-up plans are worked out only for a plan that is moved to.
     best = plan_model(profile, request, snapshot, current=current, explain=False)
     best_cost = best.prediction.cost if isinstance(best, Plan) else math.inf
@@ -65,7 +67,7 @@ def reschedule(
         return decide(
             Action.MOVE, "the current plan no longer fits: " + "; ".join(now_pred.violations)
         )
-    if request != current.request:
+    if not same_spec(request, current.request):
         return decide(Action.MOVE, "the model's spec changed")
     if isinstance(best, Unschedulable) or best.placement == current.placement:
         return decide(Action.KEEP, "the current plan is still the best", 0.0)

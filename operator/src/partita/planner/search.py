@@ -13,10 +13,10 @@ from partita.model.types import ModelProfile
 from .cost import plan_for
 from .explain import alternatives, diagnose, slo_note
 from .objective import better, optimize
-from .plan import RELATIVE_TOLERANCE, Plan, PlanResult, Unschedulable
+from .plan import RELATIVE_TOLERANCE, CascadePlacement, Plan, PlanResult, Unschedulable
 from .request import ModelRequest
 from .snapshot import ClusterSnapshot
-from .space import Problem, SearchSpace, problem
+from .space import Problem, SearchSpace, place_cascade, problem, reserve
 
 
 def plan_model(
@@ -39,7 +39,11 @@ def plan_model(
 
 
 def plan_problem(prob: Problem, current: Plan | None = None, *, explain: bool = True) -> PlanResult:
-    """`plan_model` on a search space already built (see `space.problem`)."""
+    """`plan_model` on a search space already built (see `space.problem`).
+
+    With a cascade, its small model takes a node of the data source's pool first, and the
+    main model's stages are searched on what it leaves.
+    """
     profile, request, snapshot = prob.profile, prob.request, prob.snapshot
     if not snapshot.has_pool(request.data_source):
         return Unschedulable(
@@ -56,23 +60,46 @@ def plan_problem(prob: Problem, current: Plan | None = None, *, explain: bool = 
             ("no allowed pool has a Ready node the model tolerates with enough free cpu",),
             exclusions,
         )
+    cascade = None
+    if request.cascade is not None:
+        placed = place_cascade(request, snapshot)
+        if not isinstance(placed, CascadePlacement):
+            return Unschedulable(request, placed, exclusions)
+        cascade = placed
+        prob = problem(profile, request, reserve(snapshot, request, cascade), prob.table)
+        if not prob.pools:
+            return Unschedulable(
+                request,
+                ("no allowed pool has room for the main model beside the cascade's small model",),
+                exclusions,
+            )
+
+    def finish(plan: Plan) -> Plan:
+        """The plan with the small model ahead, predicted on the whole snapshot."""
+        if cascade is None:
+            return plan
+        return plan_for(request, plan.stages, profile, snapshot, plan.revision, cascade=cascade)
+
     plan = optimize(prob, SearchSpace())
     notes: list[str] = []
-    if (plan is None or not plan.meets_slo) and request.quantization.usable:
+    if (plan is None or not finish(plan).meets_slo) and request.quantization.usable:
         quantized = optimize(prob, SearchSpace(int8=True))
-        if quantized is not None and better(quantized, plan):
+        if quantized is not None and (plan is None or better(finish(quantized), finish(plan))):
             if any(s.int8 for s in quantized.stages):
                 notes.append("int8 stages used: no fp32 plan fits or meets the SLO")
             plan = quantized
     if plan is None:
         return Unschedulable(request, tuple(diagnose(prob)), exclusions)
+    plan = finish(plan)
     if not plan.meets_slo:
         notes.append(slo_note(plan))
-    runner_ups = alternatives(prob, plan) if explain else ()
+    runner_ups = alternatives(prob, plan, finish) if explain else ()
     revision = 1
     if current is not None:
         revision = current.revision + 1
-        kept = plan_for(request, current.stages, profile, snapshot, current.revision)
+        kept = plan_for(
+            request, current.stages, profile, snapshot, current.revision, cascade=current.cascade
+        )
         if kept.placement == plan.placement or (
             kept.prediction.feasible
             and kept.meets_slo >= plan.meets_slo

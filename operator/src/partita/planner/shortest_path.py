@@ -127,8 +127,8 @@ class _Programme:
             if link is not None and tier_ok:
                 send = float(table.wire[Compression.NONE][0]) * 8.0 / link.bandwidth_bps
                 energy = radio * send if pool.name != request.data_source else 0.0
-                if send <= cap:
-                    self.entry[q, 0, 0] = self._link_cost(send, link.rtt_s, energy)
+                if self.rate * send <= cap:
+                    self.entry[q, 0, 0] = self.rate * self._link_cost(send, link.rtt_s, energy)
             back = snapshot.link(pool.name, request.data_source)
             if back is not None:
                 send = float(table.wire[Compression.NONE][-1]) * 8.0 / back.bandwidth_bps
@@ -161,12 +161,9 @@ class _Programme:
             starts = rows[rows < chunk[-1]]
             priced = _stage_costs(self.prob, mine, starts, chunk, self.weights, self.cap, rate)
             if chunk[-1] == npos - 1:
-                out_w = np.where(starts == 0, 1.0, rate)
-                fits = out_w * self.answer_send[q] <= self.cap
-                last = self.weights.combine(
-                    priced[:, :, -1], (out_w * self.answer_cost[q])[None, :]
-                )
-                priced[:, :, -1] = np.where(fits[None, :], last, math.inf)
+                fits = rate * self.answer_send[q] <= self.cap
+                last = self.weights.combine(priced[:, :, -1], rate * self.answer_cost[q])
+                priced[:, :, -1] = np.where(fits, last, math.inf)
             flat = priced.reshape(len(mine) * len(starts), len(chunk))
             for s in range(self.ns):
                 s_next = s + 1 if self.counting else 0
@@ -251,7 +248,8 @@ def _stage_costs(
     overhead = float(request.runtime_overhead_bytes)
     a, b = starts[:, None], ends[None, :]
     valid = a < b
-    w = np.where(starts == 0, 1.0, rate)[:, None]  # stages after the first see `rate`
+    w = rate  # with a cascade every stage sees the offload rate (1 without)
+    factor = request.quantization.weight_factor
     whole_need = float(table.memory(0, table.size - 1, 1.0, False, overhead))
     kinds: dict[tuple[float, ...], tuple[Array, Array]] = {}
 
@@ -311,9 +309,10 @@ def _stage_costs(
         if needs_memory:
             for key, (_count, free) in by_kind.items():
                 if free < whole_need:  # else even the whole model fits every such member
-                    ok = ok & (table.memory(a, b, shares[key], option.int8, overhead) <= free)
+                    need = table.memory(a, b, shares[key], option.int8, overhead, factor)
+                    ok = ok & (need <= free)
         scalar = busy if weights.bottleneck else weights.latency * busy
         if weights.energy and not weights.bottleneck:
-            scalar = scalar + weights.energy * pool.power_active_watts * energy
+            scalar = scalar + weights.energy * pool.compute_watts * energy
         out[row] = np.where(ok, w * scalar, math.inf)
     return out

@@ -80,6 +80,11 @@ class DevicePoolState:
     lan_bandwidth_bps: float = 1e9  # between nodes of this pool (shard scatter/gather)
     lan_rtt_s: float = 0.0005
 
+    @property
+    def compute_watts(self) -> float:
+        """What computing adds to the idle draw: the energy a request costs per busy second."""
+        return max(self.power_active_watts - self.power_idle_watts, 0.0)
+
 
 @dataclass(frozen=True)
 class LinkEstimate:

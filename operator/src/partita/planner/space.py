@@ -11,13 +11,14 @@ node groups a stage may run on.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from partita.model.types import ModelProfile
 
+from .cascade import small_compute_s, small_memory, small_table
 from .cost import node_blockers
 from .errors import PlannerError
-from .plan import Exclusion, ExclusionKind
+from .plan import CascadePlacement, Exclusion, ExclusionKind
 from .ranges import OP_CLASSES, RangeTable
 from .request import ModelRequest, PartitioningMode
 from .snapshot import ClusterSnapshot, NodeState, Tier
@@ -80,6 +81,10 @@ def problem(
             out.exclusions.append(
                 Exclusion(ExclusionKind.POOL, pool.name, "not in the model's allowed pools")
             )
+        elif request.tiers and pool.tier not in request.tiers:
+            out.exclusions.append(
+                Exclusion(ExclusionKind.POOL, pool.name, f"tier {pool.tier} is not in spec.tiers")
+            )
     declared = {pool.name for pool in snapshot.pools}
     checked: set[int] = set()  # speed mappings already checked
     for node in snapshot.nodes:
@@ -90,6 +95,8 @@ def problem(
             continue
         if request.pools and node.pool not in request.pools:
             continue  # the pool's exclusion says it
+        if request.tiers and snapshot.pool(node.pool).tier not in request.tiers:
+            continue
         blockers = node_blockers(node, request)
         if blockers:
             out.exclusions.append(Exclusion(ExclusionKind.NODE, node.name, "; ".join(blockers)))
@@ -106,7 +113,10 @@ def problem(
         out.nodes.append(node)
     used_pools = {n.pool for n in out.nodes}
     for pool in snapshot.pools:
-        if pool.name not in used_pools and not (request.pools and pool.name not in request.pools):
+        left_out = (request.pools and pool.name not in request.pools) or (
+            request.tiers and pool.tier not in request.tiers
+        )
+        if pool.name not in used_pools and not left_out:
             out.exclusions.append(
                 Exclusion(ExclusionKind.POOL, pool.name, "no Ready, schedulable node with capacity")
             )
@@ -196,3 +206,60 @@ def _frontier(prob: Problem, members: list[int]) -> list[int]:
         )
     ]
     return sorted(kept, key=lambda i: prob.nodes[i].name)
+
+
+def place_cascade(
+    request: ModelRequest, snapshot: ClusterSnapshot
+) -> CascadePlacement | tuple[str, ...]:
+    """The node of the data source's pool that runs the small model quickest, or why none can."""
+    pool = request.data_source
+    if request.tiers and snapshot.pool(pool).tier not in request.tiers:
+        return (
+            f"cascade: the small model runs in the data source pool {pool}, whose tier "
+            f"{snapshot.pool(pool).tier} is not in spec.tiers",
+        )
+    if request.pools and pool not in request.pools:
+        return (
+            f"cascade: the small model runs in the data source pool {pool}, which is not "
+            "in spec.pools; add it, or drop spec.cascade",
+        )
+    if request.privacy is not None and snapshot.pool(pool).tier != request.privacy:
+        return (
+            f"cascade: the small model takes the raw input in the data source pool {pool} "
+            f"(tier {snapshot.pool(pool).tier}), outside privacy.rawInputTier "
+            f"{request.privacy}",
+        )
+    table = small_table(request)
+    need = small_memory(table, request)
+    fits, reasons = [], []
+    for node in snapshot.nodes_in(pool):
+        blockers = node_blockers(node, request)
+        if not blockers and node.memory_free < need:
+            blockers = [
+                f"needs {need / 2**20:.1f} MiB, has {node.memory_free / 2**20:.1f} MiB free"
+            ]
+        if blockers:
+            reasons.append(f"{node.name}: {'; '.join(blockers)}")
+        else:
+            fits.append((small_compute_s(table, node, request), -node.memory_free, node.name))
+    if not fits:
+        return (
+            f"cascade: no node of the data source pool {pool} can run the small model ("
+            + ("; ".join(reasons) or "the pool has no nodes")
+            + ")",
+        )
+    return CascadePlacement(pool, min(fits)[2])
+
+
+def reserve(
+    snapshot: ClusterSnapshot, request: ModelRequest, placement: CascadePlacement
+) -> ClusterSnapshot:
+    """The snapshot with the small model's cpu and memory taken on its node."""
+    need = small_memory(small_table(request), request)
+    nodes = tuple(
+        replace(n, cpu_used=n.cpu_used + request.cpu, memory_used=n.memory_used + need)
+        if n.name == placement.node
+        else n
+        for n in snapshot.nodes
+    )
+    return replace(snapshot, nodes=nodes)
