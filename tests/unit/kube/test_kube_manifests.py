@@ -183,3 +183,74 @@ def test_pods_tolerate_what_the_model_tolerates_and_use_their_revision_token() -
     assert env["PARTITA_INTERNAL_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "cam-r3-token"
     plain = next(o for o in render_revision(REF, plan) if o["kind"] == "Deployment")
     assert "tolerations" not in plain["spec"]["template"]["spec"]
+
+
+def _cascade_plan(*stages: Stage) -> Plan:
+    from dataclasses import replace
+
+    from partita.planner import CascadePlacement
+
+    plan = _plan(*stages)
+    small = ShardPrediction("e2", 0.005, 3 * 2**20)
+    return replace(
+        plan,
+        cascade=CascadePlacement("edge-a", "e2"),
+        prediction=replace(plan.prediction, cascade=small),
+    )
+
+
+def test_a_cascade_puts_the_small_model_in_front_as_the_entry() -> None:
+    from dataclasses import replace
+
+    ref = replace(
+        REF,
+        cascade_source=("file:///models/small.onnx", "b" * 64),
+        cascade_output="prob",
+        cascade_threshold=0.9,
+    )
+    plan = _cascade_plan(
+        _stage(0, "edge-a", ["e1"], ["x"], ["h1"]), _stage(1, "cloud", ["c1"], ["h1"], ["y"])
+    )
+    specs = stage_specs(ref, plan)
+    small = StageSpec.model_validate(specs["cam-r3-cascade"])
+    assert small.entry and small.stage == "cascade"
+    assert small.source.uri == "file:///models/small.onnx" and small.source.sha256 == "b" * 64
+    assert small.inputs is None  # the small model whole
+    assert small.cascade is not None and small.cascade.output == "prob"
+    # Unconfident inputs go as they came to the main model's first stage.
+    assert [h.endpoints for h in small.next] == [("http://cam-r3-s0.vision.svc:8000",)]
+    assert small.next[0].compression == "none"
+    first = StageSpec.model_validate(specs["cam-r3-s0"])
+    assert not first.entry and first.cascade is None and first.source.uri == REF.source_uri
+    objects = render_revision(ref, plan)
+    deployments = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Deployment"}
+    labelled = {n: d["spec"]["template"]["metadata"]["labels"] for n, d in deployments.items()}
+    assert [n for n, lab in labelled.items() if lab.get(labels.ENTRY) == "true"] == [
+        "cam-r3-cascade"
+    ]
+    assert labelled["cam-r3-cascade"][labels.STAGE] == "cascade"
+    pod = deployments["cam-r3-cascade"]["spec"]["template"]["spec"]
+    term = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+    assert term["nodeSelectorTerms"][0]["matchExpressions"][0]["values"] == ["e2"]
+    limits = pod["containers"][0]["resources"]["limits"]
+    assert int(limits["memory"]) == 3 * 2**20 + 64 * 2**20
+
+
+def test_an_int8_stage_runs_its_own_int8_file_whole() -> None:
+    from dataclasses import replace
+
+    import pytest
+
+    from partita.kube.manifests import RenderError
+
+    first = replace(_stage(0, "edge-a", ["e1"], ["x"], ["h1"]), int8=True)
+    plan = _plan(first, _stage(1, "cloud", ["c1"], ["h1"], ["y"]))
+    with pytest.raises(RenderError, match="int8"):
+        stage_specs(REF, plan)
+    ref = replace(REF, int8_sources={0: ("file:///cache/int8/piece.onnx", "c" * 64)})
+    specs = stage_specs(ref, plan)
+    int8 = StageSpec.model_validate(specs["cam-r3-s0"])
+    assert int8.source.uri == "file:///cache/int8/piece.onnx" and int8.source.sha256 == "c" * 64
+    assert int8.inputs is None and int8.outputs is None
+    fp32 = StageSpec.model_validate(specs["cam-r3-s1"])
+    assert fp32.source.uri == REF.source_uri and fp32.inputs == ("h1",)

@@ -20,7 +20,8 @@ def test_defaults_cover_every_purpose() -> None:
     assert 'phase="rtt"' in enabled["link_rtt"]
     assert "partita_compute_seconds_sum" in enabled["stage_compute"]
     assert "partita_hop_bytes_total" in enabled["hop_bytes_rate"]
-    assert 'stage=~"0|stage-0"' in enabled["model_latency_p95"]
+    assert 'entry="true"' in enabled["model_latency_p95"]
+    assert 'decision="forward"' in enabled["cascade_offload"]
 
 
 def test_the_chart_values_load_by_their_camel_case_keys() -> None:

@@ -38,6 +38,12 @@ class DeviceHints(ApiModel):
             holds=lambda d: d.kind == DeviceKind.CPU,
             field_path=".kind",
         ),
+        CelRule(
+            rule="!has(self.memory) || !self.memory.matches('^0+([.]0+)?[A-Za-z]*$')",
+            message="device.memory must be more than zero bytes (e.g. 2Gi)",
+            holds=lambda d: d.memory is None or byte_count(d.memory) > 0,
+            field_path=".memory",
+        ),
     )
 
     kind: DeviceKind = DeviceKind.CPU
@@ -51,15 +57,6 @@ class DeviceHints(ApiModel):
     """Declared speed of one stage container in GFLOP/s; when absent Partita profiles it."""
     speed_factor: float = Field(1.0, gt=0, le=1000)
     """Speed relative to the profiling reference (0.25 = four times slower)."""
-
-    cel_rules: ClassVar[tuple[CelRule, ...]] = (
-        CelRule(
-            rule="!has(self.memory) || !self.memory.matches('^0+([.]0+)?[A-Za-z]*$')",
-            message="device.memory must be more than zero bytes (e.g. 2Gi)",
-            holds=lambda d: d.memory is None or byte_count(d.memory) > 0,
-            field_path=".memory",
-        ),
-    )
 
 
 class NetworkDefaults(ApiModel):

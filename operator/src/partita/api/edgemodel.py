@@ -407,8 +407,8 @@ class AccuracyStatus(StatusModel):
     """The measured drop, in that metric."""
     inputs: int = Field(0, ge=0)
     """How many inputs it was measured on."""
-    source: str = Field("", max_length=64)
-    """What those inputs are: scikit-image sample images, or seeded values."""
+    source: str = Field("", max_length=256)
+    """What those inputs are: scikit-image photographs, or seeded values."""
 
 
 class QuantizationStatus(StatusModel):

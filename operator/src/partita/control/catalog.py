@@ -8,15 +8,18 @@ speedFactor unless it declares a throughput.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from partita.api.edgemodel import EdgeModel
 from partita.control.calibration import ReferenceSpeeds
-from partita.control.models import Profiler
+from partita.control.models import Profiler, Quantizer
+from partita.control.quantization import Int8Figures, int8_piece
 from partita.kube.fetch import FetchError, ModelFetcher
 from partita.model.errors import ModelError
+from partita.model.samples import Calibration
 from partita.model.types import ModelProfile
 from partita.planner import Plan
 
@@ -27,6 +30,15 @@ class Profiled:
     profile: ModelProfile
     input_shapes: Mapping[str, Sequence[int]]
     reference_gflops: float
+    small: Profiled | None = None  # the cascade's small model
+    int8: Int8Figures | None = None  # the int8 model, with quantization.allowed
+
+    @property
+    def small_model(self) -> tuple[ModelProfile, float] | None:
+        """The small model's profile and its speed over the main model's, for the planner."""
+        if self.small is None:
+            return None
+        return self.small.profile, self.small.reference_gflops / max(self.reference_gflops, 1e-12)
 
 
 class Catalog:
@@ -36,30 +48,67 @@ class Catalog:
         profiler: Profiler,
         speeds: ReferenceSpeeds | None = None,
         cut: Callable[[Path, Mapping[str, Sequence[int]], Plan], str | None] | None = None,
+        quantizer: Quantizer | None = None,
     ) -> None:
-        self._fetcher, self._profiler = fetcher, profiler
+        self._fetcher, self._profiler, self._quantizer = fetcher, profiler, quantizer
         self._speeds = speeds or ReferenceSpeeds()
         self._cut = cut or cut_refusal
-        self._loaded: dict[tuple[str, str, str], Profiled] = {}
+        self._loaded: dict[tuple[str, ...], Profiled] = {}
         self._cuts: dict[tuple[str, str, tuple[tuple[str, int, int, int], ...]], str | None] = {}
 
     def get(self, model: EdgeModel) -> Profiled | None:
-        """The model's file, profile and reference speed; None when it cannot be loaded now
+        """The model's file, profile and reference speed (with its cascade's small model and
+        its int8 measurements when the spec asks for them); None when it cannot be loaded now
         (the model reconciler reports why in ModelFetched and Profiled)."""
         spec = model.spec
         shapes = {k: list(v) for k, v in spec.input_shapes.items()}
-        key = (spec.source.uri, spec.source.sha256, repr(sorted(shapes.items())))
+        small = spec.cascade.model if spec.cascade else None
+        int8 = spec.quantization.calibration.value if spec.quantization.allowed else ""
+        key = (
+            spec.source.uri,
+            spec.source.sha256,
+            repr(sorted(shapes.items())),
+            f"{small.uri}@{small.sha256}" if small else "",
+            int8,
+        )
         if key not in self._loaded:
             try:
-                fetched = self._fetcher.fetch(
-                    spec.source.uri, spec.source.sha256, namespace=model.metadata.namespace
-                )
-                profile = self._profiler(fetched.path, shapes or None)
+                main = self._load(model, spec.source.uri, spec.source.sha256, shapes)
+                if small is not None:
+                    main = replace(main, small=self._load(model, small.uri, small.sha256, shapes))
+                if int8 and self._quantizer is not None:
+                    figures = self._quantizer(
+                        main.path, spec.source.sha256, shapes or None, Calibration(int8)
+                    )
+                    main = replace(main, int8=figures)
             except (FetchError, ModelError):
                 return None
-            gflops = self._speeds.get(fetched.path, profile, shapes or None)
-            self._loaded[key] = Profiled(fetched.path, profile, shapes, gflops)
+            self._loaded[key] = main
         return self._loaded[key]
+
+    def _load(
+        self, model: EdgeModel, uri: str, sha256: str, shapes: Mapping[str, Sequence[int]]
+    ) -> Profiled:
+        fetched = self._fetcher.fetch(uri, sha256, namespace=model.metadata.namespace)
+        profile = self._profiler(fetched.path, shapes or None)
+        gflops = self._speeds.get(fetched.path, profile, shapes or None)
+        return Profiled(fetched.path, profile, shapes, gflops)
+
+    def int8_pieces(self, profiled: Profiled, plan: Plan) -> dict[int, tuple[str, str]]:
+        """stage index -> (file:// uri, sha256) of the int8 file of every int8 stage of `plan`
+        (cut from the model's int8 copy once, then found on disk), each held with the
+        verified models by its digest, where the distribution endpoint serves files from."""
+        out: dict[int, tuple[str, str]] = {}
+        for stage in plan.stages:
+            if stage.int8 and profiled.int8 is not None:
+                path, sha = int8_piece(profiled.int8, stage.inputs, stage.outputs)
+                held = self._fetcher.cached(sha)
+                if not held.is_file():
+                    partial = held.with_suffix(".partial")
+                    shutil.copyfile(path, partial)
+                    partial.replace(held)
+                out[stage.index] = (held.resolve().as_uri(), sha)
+        return out
 
     def cut_check(self, profiled: Profiled, plan: Plan) -> str | None:
         """Cut every sharded stage of `plan` as its servers will; the first refusal, or None."""

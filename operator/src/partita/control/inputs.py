@@ -18,7 +18,7 @@ from partita.api.devicepool import DevicePool, NetworkDefaults
 from partita.api.errors import ManifestError
 from partita.api.quantity import QuantityError, byte_count, cpu_cores
 from partita.metrics.observation import LinkObservation, NodeUsage, Observation
-from partita.model.types import OpClass
+from partita.model.types import ModelProfile, OpClass
 from partita.planner import (
     Cascade,
     ClusterSnapshot,
@@ -241,20 +241,42 @@ def apply_observation(
     return replace(snapshot, nodes=nodes, links=tuple(links), taken_at=observation.taken_at)
 
 
-def model_request(model: api.EdgeModel, *, offload_rate: float | None = None) -> ModelRequest:
+def model_request(
+    model: api.EdgeModel,
+    *,
+    offload_rate: float | None = None,
+    small: tuple[ModelProfile, float] | None = None,
+    quantization: Quantization | None = None,
+) -> ModelRequest:
     """The planner's view of an EdgeModel spec. `offload_rate` replaces the declared
-    cascade offload rate once the servers have measured it."""
+    cascade offload rate once the servers have measured it; `small` is the cascade's small
+    model (its profile and its speed over the main model's); `quantization` what was
+    measured of int8 (`partita.control.quantization.planner_quantization`)."""
     s = model.spec
     cascade = None
     if s.cascade is not None:
+        if small is None:
+            raise InputError(
+                f"EdgeModel {model.metadata.name}: the cascade's small model is not profiled yet"
+            )
         rate = s.cascade.expected_offload_rate if offload_rate is None else offload_rate
-        cascade = Cascade(threshold=s.cascade.threshold, offload_rate=rate)
+        cascade = Cascade(
+            threshold=s.cascade.threshold,
+            offload_rate=min(max(rate, 0.0), 1.0),
+            profile=small[0],
+            speed_ratio=small[1],
+        )
+    if quantization is None:
+        quantization = Quantization(
+            allowed=s.quantization.allowed, max_accuracy_drop=s.quantization.max_accuracy_drop
+        )
     return ModelRequest(
         name=model.metadata.name,
         namespace=model.metadata.namespace or "default",
         data_source=s.data_source,
         priority=s.priority,
         pools=tuple(s.pools),
+        tiers=tuple(Tier(t.value) for t in s.tiers),
         partitioning=Partitioning(
             mode=PartitioningMode(s.partitioning.mode.value),
             max_stages=s.partitioning.max_stages,
@@ -268,9 +290,7 @@ def model_request(model: api.EdgeModel, *, offload_rate: float | None = None) ->
         ),
         privacy=Tier(s.privacy.raw_input_tier.value) if s.privacy else None,
         cascade=cascade,
-        quantization=Quantization(
-            allowed=s.quantization.allowed, max_accuracy_drop=s.quantization.max_accuracy_drop
-        ),
+        quantization=quantization,
         rescheduling=Rescheduling(
             min_improvement=s.rescheduling.min_improvement,
             cooldown_s=s.rescheduling.cooldown_seconds,

@@ -31,9 +31,12 @@ from partita.control.distribution import model_token, model_url
 from partita.control.inputs import NodeInfo, apply_observation, model_request, snapshot_from_pools
 from partita.control.models import MODEL_FETCHED, PROFILED
 from partita.control.outcome import Backoff, Event, EventType, Outcome
+from partita.control.quantization import planner_quantization
 from partita.control.status import (
+    PlanObservation,
     loop_status,
     node_speeds,
+    plan_observation,
     rfc3339,
     state_from_status,
     status_fields,
@@ -57,8 +60,10 @@ from partita.control.step import (
 from partita.control.telemetry import PLACEMENT, Telemetry
 from partita.kube.actuator import ActuatorError
 from partita.kube.manifests import (
+    CASCADE_STAGE,
     EntryPlacement,
     ModelRef,
+    cascade_name,
     gateway_name,
     object_name,
     server_names,
@@ -139,6 +144,8 @@ def pod_info(body: Mapping[str, Any]) -> PodInfo | None:
     shard = str(tags.get(labels.SHARD, ""))
     if stage == "gw":
         server = gateway_name(model, int(revision))
+    elif stage == CASCADE_STAGE:
+        server = cascade_name(model, int(revision))
     else:
         server = object_name(model, int(revision), int(stage), int(shard) if shard else None)
     status = body.get("status") or {}
@@ -394,7 +401,14 @@ class ControlLoop:
             snapshot_from_pools(pools, nodes, reference_gflops=profiled.reference_gflops),
             observation,
         )
-        request = model_request(model)
+        request = model_request(
+            model,
+            offload_rate=self._offload_rate(model, observation),
+            small=profiled.small_model,
+            quantization=planner_quantization(
+                model.spec.quantization, profiled.int8, profiled.profile
+            ),
+        )
         revisions = sorted({i.revision for i in present.values() if not i.router})
         routers = [i for i in present.values() if i.router]
         state = self._states.get(key)
@@ -431,17 +445,34 @@ class ControlLoop:
             {p.metadata.name for p in pools if p.spec.device.throughput_gflops is not None},
         )
         p95 = observation.models.get((request.namespace, request.name)) if observation else None
+        seen = plan_observation(state.serving, observation, snapshot)
         # Status first: a rollout is on record before its objects exist.
-        await self._write(model, body, state, result.report, p95, speeds)
+        await self._write(model, body, state, result.report, p95, speeds, seen)
         live = [p for p in (state.serving, state.rollout.plan if state.rollout else None) if p]
         entry = _entry_placement(model, pools, nodes, live)
-        state = await self._carry_out(model, body, state, result.actions, entry)
+        state = await self._carry_out(model, body, state, result.actions, entry, profiled)
         self._states[key] = state
         placed = state.serving or (state.rollout.plan if state.rollout else None)
         if placed is not None:
             self._placed[key] = (request, profiled.profile, placed)
         else:
             self._placed.pop(key, None)
+
+    def _offload_rate(self, model: EdgeModel, observation: Observation | None) -> float | None:
+        """The cascade's offload rate to plan with: as the servers last measured it, else the
+        one the serving plan was made with (a pause in traffic measures nothing and must not
+        bring the declared rate back), else None (the declared one)."""
+        if model.spec.cascade is None:
+            return None
+        key = (model.metadata.namespace or "", model.metadata.name)
+        if observation is not None and key in observation.offload:
+            return observation.offload[key]
+        state = self._states.get(_key(model))
+        serving = state.serving if state is not None else None
+        if serving is not None and serving.request.cascade is not None:
+            return serving.request.cascade.offload_rate
+        recorded = model.status.plan.cascade if model.status and model.status.plan else None
+        return recorded.offload_rate if recorded is not None else None
 
     def _revisions(
         self,
@@ -494,6 +525,7 @@ class ControlLoop:
         report: Report,
         p95: float | None,
         speeds: list[Any],
+        seen: PlanObservation | None = None,
     ) -> None:
         current = model.status
         owned = loop_status(
@@ -504,6 +536,7 @@ class ControlLoop:
             generation=model.metadata.generation,
             observed_p95_s=p95,
             speeds=speeds,
+            observed=seen,
         )
         self._telemetry.model_status(model, owned)
         status = status_fields(owned)
@@ -524,12 +557,18 @@ class ControlLoop:
         state: ModelState,
         actions: tuple[ClusterAction, ...],
         entry: EntryPlacement,
+        profiled: Profiled | None = None,
     ) -> ModelState:
         if not actions:
             return state
         ref = self._ref(model, body, entry)
         try:
             for action in actions:
+                if isinstance(action, ApplyRevision) and profiled is not None:
+                    pieces = await asyncio.to_thread(
+                        self._catalog.int8_pieces, profiled, action.plan
+                    )
+                    ref = self._with_int8(ref, pieces)
                 await asyncio.to_thread(self._do, ref, action)
         except ActuatorError as exc:
             self._telemetry.error("EdgeModel", PLACEMENT, exc.reason)
@@ -565,22 +604,22 @@ class ControlLoop:
             for k, v in spec.input_shapes.items()
             if all(isinstance(d, int) for d in v)
         }
-        source, token = spec.source.uri, ""
-        base, key = self._config.distribution_url, self._config.distribution_key
-        if base is not None and key is not None:
-            source = model_url(base, spec.source.sha256)
-            token = model_token(key, spec.source.sha256)
+        tokens: dict[str, str] = {}
+        source = self._distributed(spec.source.uri, spec.source.sha256, tokens)
+        small = spec.cascade.model if spec.cascade else None
         return ModelRef(
             name=model.metadata.name,
             namespace=model.metadata.namespace or "default",
             uid=str((body.get("metadata") or {}).get("uid", "")),
-            model_token=token,
             source_uri=source,
             entry=entry,
             sha256=spec.source.sha256,
             input_shapes=shapes,
             data_source_pool=spec.data_source,
             image=self._config.image,
+            cascade_source=(self._distributed(small.uri, small.sha256, tokens), small.sha256)
+            if small
+            else None,
             cascade_output=spec.cascade.output if spec.cascade else None,
             cascade_threshold=spec.cascade.threshold if spec.cascade else None,
             tolerations=tuple(
@@ -592,7 +631,23 @@ class ControlLoop:
                 )
                 for t in spec.tolerations
             ),
+            model_tokens=tokens,
         )
+
+    def _distributed(self, uri: str, sha256: str, tokens: dict[str, str]) -> str:
+        """Where servers get the file `sha256`: the operator's distribution endpoint (its
+        token into `tokens`) when the operator distributes models, else `uri` itself."""
+        base, key = self._config.distribution_url, self._config.distribution_key
+        if base is None or key is None:
+            return uri
+        tokens[sha256] = model_token(key, sha256)
+        return model_url(base, sha256)
+
+    def _with_int8(self, ref: ModelRef, pieces: Mapping[int, tuple[str, str]]) -> ModelRef:
+        """`ref` with the int8 files of a plan's int8 stages (each served by its digest)."""
+        tokens = dict(ref.model_tokens)
+        sources = {i: (self._distributed(u, sha, tokens), sha) for i, (u, sha) in pieces.items()}
+        return replace(ref, int8_sources=sources, model_tokens=tokens)
 
 
 MAX_ROUTERS = 2

@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from partita.api.conditions import set_condition
-from partita.api.edgemodel import EdgeModel, ModelStatus, TensorStatus
+from partita.api.edgemodel import CascadeModelStatus, EdgeModel, ModelStatus, TensorStatus
 from partita.api.meta import Condition, ConditionStatus
 from partita.control.outcome import Backoff, Event, EventType, Outcome
+from partita.control.quantization import Int8Figures, quantization_status
 from partita.kube.fetch import FetchError, ModelFetcher
 from partita.model.errors import ModelError
+from partita.model.samples import Calibration
 from partita.model.types import ModelProfile
 
 MODEL_FETCHED = "ModelFetched"
@@ -26,6 +28,9 @@ OWNED_CONDITIONS = (MODEL_FETCHED, PROFILED)
 
 # (model file, input shapes) -> its profile (cached on disk by digest and shapes).
 Profiler = Callable[[Path, Mapping[str, Sequence[int]] | None], ModelProfile]
+# (model file, its sha256, input shapes, calibration) -> the int8 model and its measurements
+# (`partita.control.quantization.int8_model` with the operator's cache directory).
+Quantizer = Callable[[Path, str, Mapping[str, Sequence[int]] | None, Calibration], Int8Figures]
 
 
 def model_status(profile: ModelProfile, size: int) -> ModelStatus:
@@ -81,8 +86,10 @@ def reconcile_model(
     now: str,
     retry: int = 0,
     backoff: Backoff | None = None,
+    quantizer: Quantizer | None = None,
 ) -> Outcome:
-    """Fetch and profile `model`; the conditions and Events say how far it got and why not."""
+    """Fetch and profile `model` (and its cascade's small model), quantize it when int8 is
+    allowed; the conditions, `status.model` and Events say how far it got and why not."""
     backoff = backoff or Backoff()
     st = _Conditions(model, now)
     spec = model.spec
@@ -123,6 +130,30 @@ def reconcile_model(
         out = st.outcome()
         return Outcome(out.status, out.events, retry_after_s=delay)
     summary = model_status(profile, fetched.size)
+    if spec.cascade is not None:
+        try:
+            small = _cascade_model(model, profile, fetcher, profiler, shapes)
+        except (FetchError, ModelError) as exc:
+            delay = backoff.delay(retry)
+            retry_it = isinstance(exc, FetchError)
+            message = f"cascade.model: {exc}" + (f" (retrying in {delay:.0f}s)" if retry_it else "")
+            st.set(PROFILED, ConditionStatus.FALSE, "InvalidCascade", message)
+            out = st.outcome(model=summary.model_dump(by_alias=True, mode="json"))
+            if retry_it:
+                return Outcome(out.status, out.events, retry_after_s=delay)
+            return Outcome(out.status, out.events, permanent_error=message)
+        summary = summary.model_copy(update={"cascade": small})
+    if spec.quantization.allowed and quantizer is not None:
+        calibration = Calibration(spec.quantization.calibration.value)
+        try:
+            figures = quantizer(fetched.path, fetched.sha256, shapes, calibration)
+        except ModelError as exc:
+            st.events.append(Event(EventType.WARNING, "QuantizationFailed", str(exc)))
+        else:
+            quantized = quantization_status(spec.quantization, figures)
+            summary = summary.model_copy(update={"quantization": quantized})
+            if not quantized.usable:
+                st.events.append(Event(EventType.WARNING, "Int8Refused", quantized.message))
     st.set(
         PROFILED,
         ConditionStatus.TRUE,
@@ -131,3 +162,45 @@ def reconcile_model(
         f"{summary.cut_points} cut points",
     )
     return st.outcome(model=summary.model_dump(by_alias=True, mode="json"))
+
+
+def _cascade_model(
+    model: EdgeModel,
+    main: ModelProfile,
+    fetcher: ModelFetcher,
+    profiler: Profiler,
+    shapes: Mapping[str, Sequence[int]] | None,
+) -> CascadeModelStatus:
+    """Fetch, verify and profile the cascade's small model and check that its answers look
+    like the main model's: the same inputs, the main model's outputs, and `cascade.output`."""
+    cascade = model.spec.cascade
+    assert cascade is not None
+    fetched = fetcher.fetch(
+        cascade.model.uri, cascade.model.sha256, namespace=model.metadata.namespace
+    )
+    small = profiler(fetched.path, shapes)
+    want = {(t.name, t.dtype, tuple(t.shape)) for t in main.inputs}
+    have = {(t.name, t.dtype, tuple(t.shape)) for t in small.inputs}
+    if want != have:
+        raise ModelError(
+            f"the small model's inputs {sorted(have)} are not the main model's {sorted(want)}; "
+            "both take the same request"
+        )
+    outputs = {t.name: t.dtype for t in small.outputs}
+    missing = [t.name for t in main.outputs if outputs.get(t.name) != t.dtype]
+    if missing:
+        raise ModelError(
+            f"the small model lacks the main model's output(s) {missing} (name and type): an "
+            "answer must look the same whichever model gave it"
+        )
+    if cascade.output not in outputs:
+        raise ModelError(
+            f"cascade.output {cascade.output!r} is not an output of the small model "
+            f"(outputs: {sorted(outputs)})"
+        )
+    return CascadeModelStatus(
+        digest=small.digest,
+        size_bytes=fetched.size,
+        total_flops=int(small.total_flops),
+        param_bytes=int(small.param_bytes),
+    )

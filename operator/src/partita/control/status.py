@@ -11,22 +11,27 @@ from __future__ import annotations
 import datetime as dt
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from partita.api.conditions import set_condition
-from partita.api.edgemodel import Compression as ApiCompression
 from partita.api.edgemodel import (
+    AccuracyStatus,
+    CascadeStageStatus,
     EdgeModelStatus,
     NodeSpeedStatus,
     PlanStatus,
     ShardStatus,
     StageStatus,
 )
+from partita.api.edgemodel import Compression as ApiCompression
 from partita.api.meta import Condition
 from partita.control.step import OWNED_CONDITIONS, ModelState, Report, Rollout
+from partita.kube.manifests import CASCADE_STAGE
+from partita.metrics.observation import Observation
 from partita.model.types import ModelProfile
 from partita.planner import (
+    CascadePlacement,
     ClusterSnapshot,
     Compression,
     ModelRequest,
@@ -54,7 +59,24 @@ def from_rfc3339(text: str) -> float:
     return dt.datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC).timestamp()
 
 
-def plan_status(plan: Plan, since: float, observed_p95_s: float | None = None) -> PlanStatus:
+def plan_status(
+    plan: Plan,
+    since: float,
+    observed_p95_s: float | None = None,
+    *,
+    observed: PlanObservation | None = None,
+) -> PlanStatus:
+    observed = observed or PlanObservation()
+    pred = plan.prediction
+    cascade = None
+    if plan.cascade is not None and plan.request.cascade is not None:
+        cascade = CascadeStageStatus(
+            pool=plan.cascade.pool,
+            node=plan.cascade.node,
+            predicted_compute_ms=_ms(pred.cascade.compute_s if pred.cascade else None),
+            offload_rate=round(plan.request.cascade.offload_rate, 6),
+            observed_offload_rate=observed.offload_rate,
+        )
     return PlanStatus(
         revision=plan.revision,
         since=rfc3339(since),
@@ -74,13 +96,35 @@ def plan_status(plan: Plan, since: float, observed_p95_s: float | None = None) -
                 int8=s.int8,
                 predicted_compute_ms=_ms(sp.compute_s),
                 predicted_transfer_ms=_ms(sp.transfer_in_s),
+                wire_bytes=round(sp.wire_bytes),
             )
-            for s, sp in zip(plan.stages, plan.prediction.stages, strict=True)
+            for s, sp in zip(plan.stages, pred.stages, strict=True)
         ],
-        predicted_p95_ms=_ms(plan.prediction.latency_s),
+        predicted_p95_ms=_ms(pred.latency_s),
         observed_p95_ms=_ms(observed_p95_s),
+        cascade=cascade,
+        predicted_energy_j=_round(pred.energy_j),
+        observed_energy_j=_round(observed.energy_j),
+        cut_accuracy=observed.accuracy,
         reasons=[plan.describe(), *plan.notes][:MAX_REASONS],
     )
+
+
+@dataclass(frozen=True)
+class PlanObservation:
+    """What was measured of a serving plan, beside the plan's predictions: the cascade's
+    offload rate and the energy per request (from the servers' metrics), the accuracy drop of
+    its compressed cuts and int8 stages (measured by the operator on the calibration set)."""
+
+    offload_rate: float | None = None
+    energy_j: float | None = None
+    accuracy: AccuracyStatus | None = None
+
+
+def _round(value: float | None) -> float | None:
+    if value is None or not math.isfinite(value):
+        return None
+    return round(value, 6)
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -119,6 +163,7 @@ def loop_status(
     generation: int,
     observed_p95_s: float | None,
     speeds: list[NodeSpeedStatus],
+    observed: PlanObservation | None = None,
 ) -> EdgeModelStatus:
     """Every status field the loop owns (`status_fields` gives the apiserver's JSON)."""
     mine: tuple[Condition, ...] = tuple(c for c in conditions if c.type in OWNED_CONDITIONS)
@@ -138,7 +183,7 @@ def loop_status(
         message=report.message[:4000],
         conditions=list(mine),
         plan=(
-            plan_status(state.serving, state.serving_since, observed_p95_s)
+            plan_status(state.serving, state.serving_since, observed_p95_s, observed=observed)
             if state.serving is not None
             else None
         ),
@@ -186,7 +231,12 @@ def plan_from_status(
         return None
     if not stages:
         return None
-    return plan_for(request, stages, profile, snapshot, status.revision)
+    cascade = None
+    if request.cascade is not None:
+        if status.cascade is None:
+            return None  # planned without the cascade the spec now has
+        cascade = CascadePlacement(status.cascade.pool, status.cascade.node)
+    return plan_for(request, stages, profile, snapshot, status.revision, cascade=cascade)
 
 
 def state_from_status(
@@ -228,3 +278,48 @@ def state_from_status(
         revision=max(revisions),
         speed_factors=factors,
     )
+
+
+def plan_observation(
+    plan: Plan | None, observation: Observation | None, snapshot: ClusterSnapshot
+) -> PlanObservation:
+    """What the servers of `plan`'s revision measured: the cascade's offload rate and the
+    energy per request, (activeWatts - idleWatts) x each server's mean compute time plus
+    radioWatts x each hop's network time between pools, every stage after a cascade weighted
+    by its offload rate. The upload from the data source to the first server is measured by
+    no server and left out; the energy is None until every server has reported."""
+    if plan is None or observation is None:
+        return PlanObservation()
+    ns, name, revision = plan.request.namespace, plan.request.name, str(plan.revision)
+    offload = observation.offload.get((ns, name)) if plan.cascade is not None else None
+    compute: dict[tuple[str, str], float] = {}
+    for key, seen in observation.stages.items():
+        if (key.namespace, key.model, key.revision) == (ns, name, revision) and seen.compute_s:
+            compute[(key.stage, key.node)] = seen.compute_s
+    hops: dict[tuple[str, str], float] = {}
+    for hop, seen_hop in observation.hops.items():
+        if (hop.namespace, hop.model, hop.revision) == (ns, name, revision) and seen_hop.seconds:
+            hops[(hop.stage, hop.next_stage)] = seen_hop.seconds
+    servers = [(str(s.index), sh.node, s.pool, s.index) for s in plan.stages for sh in s.shards]
+    weight = 1.0
+    energy = 0.0
+    if plan.cascade is not None:
+        servers.insert(0, (CASCADE_STAGE, plan.cascade.node, plan.cascade.pool, -1))
+        if offload is None:
+            return PlanObservation()
+        weight = offload
+    for stage, node, pool, index in servers:
+        seconds = compute.get((stage, node))
+        if seconds is None or not snapshot.has_pool(pool):
+            return PlanObservation(offload_rate=offload)
+        share = 1.0 if index < 0 else weight
+        energy += share * snapshot.pool(pool).compute_watts * seconds
+    pools = [plan.cascade.pool] if plan.cascade is not None else []
+    names = [CASCADE_STAGE] if plan.cascade is not None else []
+    pools += [s.pool for s in plan.stages]
+    names += [str(s.index) for s in plan.stages]
+    for i in range(len(names) - 1):
+        seconds = hops.get((names[i], names[i + 1]), 0.0)
+        if pools[i] != pools[i + 1] and snapshot.has_pool(pools[i]):
+            energy += weight * snapshot.pool(pools[i]).radio_watts * seconds
+    return PlanObservation(offload_rate=offload, energy_j=energy)

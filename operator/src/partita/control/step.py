@@ -28,6 +28,7 @@ from partita.planner import (
     plan_many,
     predict,
     reschedule,
+    same_spec,
 )
 from partita.planner.calibration import apply_speed_factors, update_speed
 
@@ -337,7 +338,7 @@ def _keep_or_move(turn: _Turn) -> StepResult:
             return _preempt(turn, joint)
     if st.rollout is not None:
         return _serving(turn, "a new revision is being deployed")
-    request_changed = serving.request != request
+    request_changed = not same_spec(serving.request, request)
     if not inputs.metrics_fresh and not request_changed:
         return _serving(turn, "metrics stale: plan kept")
     if inputs.observed_compute and inputs.metrics_fresh:

@@ -280,6 +280,18 @@ def _model_families(models: list[ModelView]) -> Iterator[Metric]:
         "Time the planner predicts to bring a stage its inputs (previous stage or data source).",
         (*key, "stage"),
     )
+    energy = _gauge(
+        "partita_model_energy_joules",
+        "Energy per request of the serving plan, in joules: predicted by the planner, and "
+        "observed (from the compute and hop times the servers measured), by source.",
+        (*key, "source"),
+    )
+    offload = _gauge(
+        "partita_model_cascade_offload_ratio",
+        "Share of a cascade's requests going on to the main model: planned (what the plan "
+        "was predicted with) and observed (what the servers last reported), by source.",
+        (*key, "source"),
+    )
     speed = _gauge(
         "partita_node_speed_gflops",
         "GFLOP/s the planner uses for the model on a node, by source: declared, profiled or "
@@ -303,6 +315,16 @@ def _model_families(models: list[ModelView]) -> Iterator[Metric]:
             predicted.add_metric(list(k), plan.predicted_p95_ms / 1000)
         if plan.observed_p95_ms is not None:
             observed.add_metric(list(k), plan.observed_p95_ms / 1000)
+        for source, joules in (
+            ("predicted", plan.predicted_energy_j),
+            ("observed", plan.observed_energy_j),
+        ):
+            if joules is not None:
+                energy.add_metric([*k, source], joules)
+        if plan.cascade is not None:
+            offload.add_metric([*k, "planned"], plan.cascade.offload_rate)
+            if plan.cascade.observed_offload_rate is not None:
+                offload.add_metric([*k, "observed"], plan.cascade.observed_offload_rate)
         for stage in plan.stages:
             index = str(stage.index)
             shards = stage.shards or []
@@ -316,6 +338,7 @@ def _model_families(models: list[ModelView]) -> Iterator[Metric]:
             if stage.predicted_transfer_ms is not None:
                 transfer.add_metric([*k, index], stage.predicted_transfer_ms / 1000)
     yield from (phase, slo, revision, stage_info, predicted, observed, compute, transfer, speed)
+    yield from (energy, offload)
 
 
 def _cluster_families(cluster: ClusterView) -> Iterator[Metric]:

@@ -41,6 +41,7 @@ from partita.control.loop import (
 from partita.control.models import reconcile_model
 from partita.control.outcome import Backoff, Outcome
 from partita.control.pools import reconcile_pool, status_changed
+from partita.control.quantization import int8_model
 from partita.control.telemetry import POOL, PROFILE, Telemetry
 from partita.kube.actuator import Actuator, ActuatorError
 from partita.kube.events import EventRecorder
@@ -194,6 +195,9 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     def profiler(path: Path, shapes: Mapping[str, Any] | None) -> Any:
         return profile_model(path, shapes, cache_dir=profiles)
 
+    def quantizer(path: Path, digest: str, shapes: Mapping[str, Any] | None, mode: Any) -> Any:
+        return int8_model(path, digest, shapes, mode, config.cache_dir)
+
     writer, events = StatusWriter(api_client), EventRecorder(api_client)
     models_report = Reporter(writer, events, MODEL_MANAGER)
     pools_report = Reporter(writer, events, POOL_MANAGER)
@@ -302,7 +306,13 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
             telemetry.error("EdgeModel", PROFILE, "Invalid")
             raise kopf.PermanentError(str(exc)) from None
         outcome = reconcile_model(
-            model, fetcher, profiler, now=_now(), retry=retry, backoff=config.backoff
+            model,
+            fetcher,
+            profiler,
+            now=_now(),
+            retry=retry,
+            backoff=config.backoff,
+            quantizer=quantizer,
         )
         telemetry.reconciled("EdgeModel", PROFILE, outcome)
         apply_outcome(models_report, body, outcome)
@@ -348,7 +358,7 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
             IndexView(nodes, pools, models, deployments, pods),
             Actuator(api_client),
             Reporter(writer, events, LOOP_MANAGER),
-            Catalog(fetcher, profiler),
+            Catalog(fetcher, profiler, quantizer=quantizer),
             LoopConfig(
                 image=config.server_image,
                 metrics_max_age_s=4 * config.poll_interval_s,

@@ -4,11 +4,17 @@ Per stage (or per shard of a sharded stage) one ConfigMap holding the inference
 server's stage spec, one Deployment pinned to the planned node, one Service; per model
 one entry Service with a stable name whose selector moves to a new revision only once
 that revision is ready (make-before-break, see `partita.kube.actuator`).
+
+With a confidence cascade the revision's entry is the small model's server
+(`<model>-r<revision>-cascade`, stage label `cascade`): it answers confident inputs and
+forwards the others, as they came, to the main model's first server. An int8 stage runs
+a file of its own (the operator's int8 cut of that stage, with its own sha256), whole.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,14 +57,21 @@ class ModelRef:
     input_shapes: dict[str, tuple[int, ...]]
     data_source_pool: str
     image: str = "partita-server:0.1.0"
+    # The cascade's small model (uri, sha256), the output holding its class probabilities
+    # and the confidence at or above which it answers.
+    cascade_source: tuple[str, str] | None = None
     cascade_output: str | None = None
     cascade_threshold: float | None = None
+    # stage index -> (uri, sha256) of the int8 file an int8 stage of the plan runs.
+    int8_sources: Mapping[int, tuple[str, str]] = field(default_factory=dict)
     # The model's tolerations as a Pod spec takes them (key, operator, value, effect): the
     # planner placed stages on tainted nodes only where these tolerate the taints.
     tolerations: tuple[tuple[str, str, str | None, str | None], ...] = ()
-    # The token that fetches the model from the operator's distribution endpoint (then
-    # `source_uri` is that endpoint's URL of the model), "" when servers read the source.
-    model_token: str = ""
+    # sha256 -> the token that fetches that file from the operator's distribution endpoint,
+    # for every file the revision's servers get there (the model, the cascade's small model,
+    # each int8 stage's file; their URIs are then that endpoint's URLs); empty when servers
+    # read the sources themselves.
+    model_tokens: Mapping[str, str] = field(default_factory=dict)
     # Where the model's entry routers run (see `EntryPlacement`).
     entry: EntryPlacement = field(default_factory=EntryPlacement)
 
@@ -110,6 +123,13 @@ def gateway_name(model: str, revision: int) -> str:
     return f"{model}-r{revision}-gw"
 
 
+def cascade_name(model: str, revision: int) -> str:
+    return f"{model}-r{revision}-cascade"
+
+
+CASCADE_STAGE = "cascade"  # the stage label and name of a cascade's small model
+
+
 def needs_gateway(plan: Plan) -> bool:
     """A sharded first stage needs one server in front that clients call and that fans out
     to the shards: the data source's scatter, run on the first shard's node."""
@@ -119,7 +139,9 @@ def needs_gateway(plan: Plan) -> bool:
 def server_names(model: str, plan: Plan) -> list[str]:
     """The name of every stage server of `plan`'s revision (its Deployment, Service and
     ConfigMap share it): the gateway first when there is one, then stage by stage."""
-    names = [gateway_name(model, plan.revision)] if needs_gateway(plan) else []
+    names = [cascade_name(model, plan.revision)] if plan.cascade is not None else []
+    if needs_gateway(plan):
+        names.append(gateway_name(model, plan.revision))
     for stage in plan.stages:
         if len(stage.shards) == 1:
             names.append(object_name(model, plan.revision, stage.index))
@@ -173,46 +195,72 @@ def stage_specs(ref: ModelRef, plan: Plan) -> dict[str, dict[str, Any]]:
         raise RenderError("the plan has no stages")
     base: dict[str, Any] = {
         "model": ref.name,
-        "source": {
-            "uri": ref.source_uri,
-            **({"sha256": ref.sha256} if ref.sha256 else {}),
-            **({"distributed": True} if ref.model_token else {}),
-        },
+        "source": _source(ref, ref.source_uri, ref.sha256),
         "input_shapes": {k: list(v) for k, v in ref.input_shapes.items()},
         "cache_dir": "/var/cache/partita",
     }
     specs: dict[str, dict[str, Any]] = {}
     gateway = needs_gateway(plan)
+    small = plan.cascade is not None
+    if small:
+        if ref.cascade_source is None or ref.cascade_output is None:
+            raise RenderError("the plan has a cascade but the model names no small model")
+        first = (
+            gateway_name(ref.name, plan.revision)
+            if gateway
+            else _shard_names(ref, plan, stages[0])[0]
+        )
+        uri, sha = ref.cascade_source
+        specs[cascade_name(ref.name, plan.revision)] = dict(
+            base,
+            source=_source(ref, uri, sha),
+            stage=CASCADE_STAGE,
+            entry=True,
+            cascade={"output": ref.cascade_output, "threshold": ref.cascade_threshold},
+            # The raw input, as it came, to the main model's first server.
+            next=[{"stage": "stage-0", "endpoints": [service_url(first, ref.namespace)]}],
+        )
     if gateway:
-        first = list(stages[0].inputs)
+        first_inputs = list(stages[0].inputs)
         specs[gateway_name(ref.name, plan.revision)] = dict(
             base,
             stage="gateway",
-            entry=True,
-            inputs=first,
-            outputs=first,
+            entry=not small,
+            inputs=first_inputs,
+            outputs=first_inputs,
             next=_hops_after(ref, plan, -1),
         )
     whole = len(stages) == 1 and not gateway
     for stage in stages:
         names = _shard_names(ref, plan, stage)
+        int8 = ref.int8_sources.get(stage.index) if stage.int8 else None
+        if stage.int8 and (int8 is None or len(names) > 1):
+            raise RenderError(
+                f"stage {stage.index} runs in int8 but has no int8 file of its own (or is "
+                "sharded): the operator cuts one per int8 stage"
+            )
         for k, name in enumerate(names):
-            spec = dict(base, stage=f"stage-{stage.index}", entry=stage.index == 0 and not gateway)
-            if not whole:
+            entry = stage.index == 0 and not gateway and not small
+            spec = dict(base, stage=f"stage-{stage.index}", entry=entry)
+            if int8 is not None:
+                spec["source"] = _source(ref, *int8)
+            elif not whole:
                 spec["inputs"] = list(stage.inputs)
                 spec["outputs"] = list(stage.outputs)
             if len(names) > 1:
                 spec["shard"] = {"index": k, "proportions": [s.proportion for s in stage.shards]}
             else:
-                hops = _hops_after(ref, plan, stage.index)
-                spec["next"] = hops
-                if stage.index == 0 and ref.cascade_output and hops:
-                    spec["cascade"] = {
-                        "output": ref.cascade_output,
-                        "threshold": ref.cascade_threshold,
-                    }
+                spec["next"] = _hops_after(ref, plan, stage.index)
             specs[name] = spec
     return specs
+
+
+def _source(ref: ModelRef, uri: str, sha256: str | None) -> dict[str, Any]:
+    return {
+        "uri": uri,
+        **({"sha256": sha256} if sha256 else {}),
+        **({"distributed": True} if sha256 in ref.model_tokens else {}),
+    }
 
 
 def _compression(c: Compression) -> str:
@@ -226,6 +274,19 @@ def render_revision(
     specs = stage_specs(ref, plan)
     objects: list[dict[str, Any]] = []
     cpu = plan.request.cpu
+    small = plan.prediction.cascade
+    if plan.cascade is not None and small is not None:
+        name = cascade_name(ref.name, plan.revision)
+        object_labels = {
+            **_labels(ref, plan.revision),
+            labels.COMPONENT: labels.STAGE_SERVER,
+            labels.STAGE: CASCADE_STAGE,
+            labels.ENTRY: "true",
+        }
+        memory = small.memory_bytes + memory_overhead
+        objects += _server_objects(
+            ref, name, object_labels, plan.cascade.node, cpu, memory, specs[name]
+        )
     if needs_gateway(plan):
         name = gateway_name(ref.name, plan.revision)
         object_labels = {
@@ -233,7 +294,8 @@ def render_revision(
             labels.COMPONENT: labels.STAGE_SERVER,
             labels.STAGE: "gw",
         }
-        object_labels[labels.ENTRY] = "true"
+        if specs[name]["entry"]:
+            object_labels[labels.ENTRY] = "true"
         node = plan.stages[0].shards[0].node
         objects += _server_objects(
             ref, name, object_labels, node, min(cpu, 0.5), 256 * 2**20, specs[name]
@@ -275,7 +337,7 @@ def _server_objects(
             "metadata": meta,
             "data": {"stage.json": json.dumps(spec, indent=1, sort_keys=True)},
         },
-        _deployment(ref, name, object_labels, node, cpu, memory, meta),
+        _deployment(ref, name, object_labels, node, cpu, memory, meta, spec),
         {
             "apiVersion": "v1",
             "kind": "Service",
@@ -293,14 +355,17 @@ def _deployment(
     cpu: float,
     memory: int,
     meta: dict[str, Any],
+    spec: dict[str, Any],
 ) -> dict[str, Any]:
-    """A stage server: one replica pinned to its planned node, with its revision's tokens."""
+    """A stage server: one replica pinned to its planned node, with its revision's token and
+    the token of the file it fetches from the operator (when it does)."""
     token = {"name": token_name(ref.name, int(object_labels[labels.REVISION])), "key": "token"}
     env: list[dict[str, Any]] = [
         {"name": "PARTITA_INTERNAL_TOKEN", "valueFrom": {"secretKeyRef": token}}
     ]
-    if ref.model_token:
-        model_token = {**token, "key": "model-token"}
+    source = spec["source"]
+    if source.get("distributed"):
+        model_token = {**token, "key": model_token_key(source["sha256"])}
         env.append({"name": "PARTITA_MODEL_TOKEN", "valueFrom": {"secretKeyRef": model_token}})
     pinned = {
         "nodeAffinity": {
@@ -534,6 +599,11 @@ def token_name(model: str, revision: int) -> str:
     return f"{model}-r{revision}-token"
 
 
+def model_token_key(sha256: str) -> str:
+    """The key of the token Secret that holds the distribution token of file `sha256`."""
+    return f"model-token-{sha256}"
+
+
 def token_secret(ref: ModelRef, revision: int, token: str) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
@@ -551,6 +621,6 @@ def token_secret(ref: ModelRef, revision: int, token: str) -> dict[str, Any]:
         "type": "Opaque",
         "stringData": {
             "token": token,
-            **({"model-token": ref.model_token} if ref.model_token else {}),
+            **{model_token_key(sha): t for sha, t in ref.model_tokens.items()},
         },
     }

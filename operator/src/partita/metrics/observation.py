@@ -21,7 +21,7 @@ NODE_QUERIES = ("node_cpu_utilisation", "node_memory_available", "node_memory_to
 LINK_QUERIES = ("link_rtt", "link_bandwidth")
 STAGE_QUERIES = ("stage_compute", "stage_latency_p95")
 HOP_QUERIES = ("hop_bytes_rate", "hop_seconds")
-MODEL_QUERIES = ("model_latency_p95",)
+MODEL_QUERIES = ("model_latency_p95", "cascade_offload")
 
 
 @dataclass(frozen=True)
@@ -97,6 +97,8 @@ class Observation:
     stages: Mapping[StageKey, StageObservation] = field(default_factory=dict)
     hops: Mapping[HopKey, HopObservation] = field(default_factory=dict)
     models: Mapping[tuple[str, str], float] = field(default_factory=dict)
+    # (namespace, model) -> share of a cascade's requests its small model forwarded.
+    offload: Mapping[tuple[str, str], float] = field(default_factory=dict)
     fresh: bool = True
     problems: tuple[str, ...] = ()
 
@@ -211,6 +213,7 @@ def build_observation(
     stages = _join(StageObservation, *(col(n, _stage_key) for n in STAGE_QUERIES))
     hops = _join(HopObservation, *(col(n, _hop_key) for n in HOP_QUERIES))
     models = col("model_latency_p95", _model_key)
+    offload = col("cascade_offload", _model_key)
     missing = _missing(results, nodes, links, expect) if expect is not None else []
     problems.extend(missing)
     return Observation(
@@ -220,6 +223,7 @@ def build_observation(
         stages=stages,
         hops=hops,
         models=dict(sorted(models.items())),
+        offload=dict(sorted(offload.items())),
         fresh=not failures and not missing,
         problems=tuple(problems),
     )

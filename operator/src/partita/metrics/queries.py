@@ -27,9 +27,10 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from .errors import MetricsError
 
-# The entry stage of a model: `stage-0` as the server labels itself, `0` where the scrape
-# copies the pod's `partita.dev/stage` label over it (the local cluster's agent does).
-ENTRY_STAGE = 'stage=~"0|stage-0"'
+# The server clients call: the pod's `partita.dev/entry` label, which the scrape copies (the
+# stage ServiceMonitor's relabelings, the local cluster's agent): the first stage, the
+# gateway of a sharded first stage, or a cascade's small model.
+ENTRY_STAGE = 'entry="true"'
 # Latency of answered requests only: a fast failure is not a fast answer.
 ANSWERED = 'code="200"'
 _STAGE_BY = "namespace, model, revision, stage, shard, node"
@@ -63,6 +64,10 @@ DEFAULTS: dict[str, str] = {
         "histogram_quantile(0.95, sum by (le, namespace, model)"
         f" (rate(partita_request_seconds_bucket{{{ENTRY_STAGE}, {ANSWERED}}}[1m])))"
     ),
+    "cascade_offload": (
+        'sum by (namespace, model) (rate(partita_cascade_requests_total{decision="forward"}[1m]))'
+        " / sum by (namespace, model) (rate(partita_cascade_requests_total[1m]))"
+    ),
 }
 
 # The chart's recording rules (charts/partita/files/prometheus-rules.yaml) record exactly these
@@ -78,6 +83,7 @@ RECORDING_RULES: dict[str, str] = {
     "hop_bytes_rate": "partita:hop_bytes:rate1m",
     "hop_seconds": "partita:hop_seconds:mean1m",
     "model_latency_p95": "partita:model_request_seconds:p95",
+    "cascade_offload": "partita:cascade_offload:ratio1m",
 }
 
 # The chart's keys (values.yaml `prometheus.queries`), by field name.
@@ -92,6 +98,7 @@ CHART_KEYS: dict[str, str] = {
     "hop_bytes_rate": "hopBytesPerSecond",
     "hop_seconds": "hopSeconds",
     "model_latency_p95": "modelLatencyP95Seconds",
+    "cascade_offload": "cascadeOffloadRatio",
 }
 
 
@@ -127,6 +134,9 @@ class Queries(BaseModel):
     hop_seconds: str = _query("hop_seconds", "mean network seconds of one hop to the next stage")
     model_latency_p95: str = _query(
         "model_latency_p95", "observed end-to-end p95 seconds of a model, at its entry stage"
+    )
+    cascade_offload: str = _query(
+        "cascade_offload", "share of a cascade's requests its small model forwarded"
     )
 
     @classmethod

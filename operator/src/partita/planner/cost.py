@@ -217,6 +217,7 @@ def predict_stages(
                 weight * scatter_gather,
                 weight * busy,
                 tuple(shard_preds),
+                float(table.wire[stage.input_compression][a]),
             )
         )
         latency += weight * (transfer + busy)

@@ -70,6 +70,7 @@ class StagePrediction:
     scatter_gather_s: float  # shard fan-out and gather over the pool's LAN
     busy_s: float  # what limits pipelined throughput at this stage
     shards: tuple[ShardPrediction, ...]
+    wire_bytes: float = 0.0  # bytes of its inputs on the wire per request reaching it
 
 
 @dataclass(frozen=True)

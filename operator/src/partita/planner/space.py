@@ -153,6 +153,8 @@ def options(prob: Problem, space: SearchSpace) -> list[Option]:
             members = [i for i in members if prob.nodes[i].name == space.single_node]
         for int8 in flags:
             out.extend(Option(q, (i,), int8) for i in _frontier(prob, members))
+            if int8:
+                continue  # an int8 stage runs its own int8 file whole, on one node
             if len(members) <= ALL_SUBSETS_UP_TO:
                 groups = [
                     g
