@@ -146,3 +146,18 @@ def test_model_request_follows_the_spec() -> None:
     assert request.data_source == model.spec.data_source
     assert request.partitioning.max_stages == model.spec.partitioning.max_stages
     assert request.rescheduling.cooldown_s == model.spec.rescheduling.cooldown_seconds
+
+
+def test_a_device_memory_cap_counts_only_the_use_that_reaches_below_it() -> None:
+    capped = pool("a", device={"memory": "64Mi"})
+    snap = snapshot_from_pools([capped], [node("a-1", "a")], reference_gflops=1.0)
+    # The node holds 1 GiB of its 4: a stage may still use its whole 64 MiB.
+    idle = NodeUsage(0.1, float(3 * GiB), float(4 * GiB))
+    seen = apply_observation(snap, Observation(taken_at=1.0, nodes={"a-1": idle}))
+    a1 = seen.node("a-1")
+    assert a1 is not None and a1.memory_free == 64 * 2**20
+    # With 4 GiB - 40 MiB held, only 40 MiB of the cap is left.
+    full = NodeUsage(0.1, float(40 * 2**20), float(4 * GiB))
+    seen = apply_observation(snap, Observation(taken_at=1.0, nodes={"a-1": full}))
+    a1 = seen.node("a-1")
+    assert a1 is not None and a1.memory_free == 40 * 2**20

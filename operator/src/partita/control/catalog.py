@@ -13,15 +13,19 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import onnx
+
 from partita.api.edgemodel import EdgeModel
 from partita.control.calibration import ReferenceSpeeds
 from partita.control.models import Profiler, Quantizer
 from partita.control.quantization import Int8Figures, int8_piece
 from partita.kube.fetch import FetchError, ModelFetcher
+from partita.model.compress import AccuracyDrop, ChainStage, chain_drop
 from partita.model.errors import ModelError
+from partita.model.load import load_model
 from partita.model.samples import Calibration
 from partita.model.types import ModelProfile
-from partita.planner import Plan
+from partita.planner import Compression, Plan
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,7 @@ class Catalog:
         self._speeds = speeds or ReferenceSpeeds()
         self._cut = cut or cut_refusal
         self._loaded: dict[tuple[str, ...], Profiled] = {}
+        self._accuracy: dict[tuple[str, str, str], AccuracyDrop] = {}
         self._cuts: dict[tuple[str, str, tuple[tuple[str, int, int, int], ...]], str | None] = {}
 
     def get(self, model: EdgeModel) -> Profiled | None:
@@ -93,6 +98,26 @@ class Catalog:
         profile = self._profiler(fetched.path, shapes or None)
         gflops = self._speeds.get(fetched.path, profile, shapes or None)
         return Profiled(fetched.path, profile, shapes, gflops)
+
+    def plan_accuracy(
+        self, profiled: Profiled, plan: Plan, calibration: Calibration
+    ) -> AccuracyDrop | None:
+        """The measured drop of `plan`'s final outputs against the whole float32 model, with
+        its compressed cuts and int8 stages as the servers run them; None when every stage
+        and cut is float32. Measured once per placement."""
+        lossy = [s for s in plan.stages if s.int8 or s.input_compression is not Compression.NONE]
+        if not lossy or (any(s.int8 for s in plan.stages) and profiled.int8 is None):
+            return None
+        key = (profiled.profile.digest, repr(plan.placement), calibration.value)
+        if key not in self._accuracy:
+            model = load_model(profiled.path, profiled.input_shapes or None)
+            int8 = onnx.load(str(profiled.int8.path)) if profiled.int8 is not None else None
+            stages = [
+                ChainStage(s.inputs, s.outputs, s.input_compression.value, s.int8)
+                for s in plan.stages
+            ]
+            self._accuracy[key] = chain_drop(model, int8, stages, calibration)
+        return self._accuracy[key]
 
     def int8_pieces(self, profiled: Profiled, plan: Plan) -> dict[int, tuple[str, str]]:
         """stage index -> (file:// uri, sha256) of the int8 file of every int8 stage of `plan`

@@ -208,9 +208,13 @@ def _usage(node: NodeState, usage: NodeUsage) -> NodeState:
     memory_used = node.memory_used
     if usage.memory_available is not None:
         # What the node's processes hold (a noisy neighbour counts too): MemTotal minus
-        # MemAvailable where the total is known, else what the pod limit leaves.
+        # MemAvailable where the total is known. A pool's device.memory caps what a stage
+        # may use (memory_allocatable), so only what the node's use leaves below the cap
+        # counts: free = min(cap, MemAvailable).
         total = usage.memory_total if usage.memory_total is not None else node.memory_allocatable
-        memory_used = int(min(max(total - usage.memory_available, 0.0), node.memory_allocatable))
+        held = max(total - usage.memory_available, 0.0)
+        beyond_cap = max(total - node.memory_allocatable, 0.0)
+        memory_used = int(min(max(held - beyond_cap, 0.0), node.memory_allocatable))
     return replace(node, cpu_used=cpu_used, memory_used=memory_used)
 
 

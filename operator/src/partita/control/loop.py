@@ -31,7 +31,7 @@ from partita.control.distribution import model_token, model_url
 from partita.control.inputs import NodeInfo, apply_observation, model_request, snapshot_from_pools
 from partita.control.models import MODEL_FETCHED, PROFILED
 from partita.control.outcome import Backoff, Event, EventType, Outcome
-from partita.control.quantization import planner_quantization
+from partita.control.quantization import accuracy_status, planner_quantization
 from partita.control.status import (
     PlanObservation,
     loop_status,
@@ -69,6 +69,8 @@ from partita.kube.manifests import (
     server_names,
 )
 from partita.metrics.observation import Observation, is_stale
+from partita.model.errors import ModelError
+from partita.model.samples import Calibration
 from partita.model.types import ModelProfile
 from partita.planner import ModelRequest, Plan, PlannerError
 
@@ -446,6 +448,16 @@ class ControlLoop:
         )
         p95 = observation.models.get((request.namespace, request.name)) if observation else None
         seen = plan_observation(state.serving, observation, snapshot)
+        if state.serving is not None:
+            mode = Calibration(model.spec.quantization.calibration.value)
+            try:
+                drop = await asyncio.to_thread(
+                    self._catalog.plan_accuracy, profiled, state.serving, mode
+                )
+            except ModelError as exc:  # measured nothing: say so, keep serving
+                log.warning("%s: cannot measure the plan's accuracy: %s", key, exc)
+                drop = None
+            seen = replace(seen, accuracy=accuracy_status(drop))
         # Status first: a rollout is on record before its objects exist.
         await self._write(model, body, state, result.report, p95, speeds, seen)
         live = [p for p in (state.serving, state.rollout.plan if state.rollout else None) if p]

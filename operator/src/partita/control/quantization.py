@@ -150,12 +150,7 @@ def quantization_status(spec: api.Quantization, figures: Int8Figures) -> api.Qua
         )
     return api.QuantizationStatus(
         mode=figures.mode,
-        accuracy=api.AccuracyStatus(
-            metric=figures.accuracy.metric,
-            drop=round(drop, 6),
-            inputs=figures.accuracy.inputs,
-            source=figures.accuracy.source,
-        ),
+        accuracy=accuracy_status(figures.accuracy),
         speedup=round(figures.speedup, 4),
         weight_bytes=figures.weight_bytes,
         usable=usable,
@@ -182,3 +177,11 @@ def _write(target: Path, data: bytes) -> None:
     tmp = target.with_suffix(f".{os.getpid()}.part")
     tmp.write_bytes(data)
     os.replace(tmp, target)
+
+
+def accuracy_status(drop: AccuracyDrop | None) -> api.AccuracyStatus | None:
+    if drop is None:
+        return None
+    return api.AccuracyStatus(
+        metric=drop.metric, drop=round(drop.drop, 6), inputs=drop.inputs, source=drop.source
+    )

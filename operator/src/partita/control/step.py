@@ -357,6 +357,13 @@ def _keep_or_move(turn: _Turn) -> StepResult:
             )
             return _serving(turn, "spec change; same placement")
         return _deploy(turn, decision.plan, "Rescheduled", why=decision.reason)
+    if serving.request != request and same_spec(serving.request, request):
+        # Only a measured figure moved (the cascade's offload rate): the plan stays and its
+        # prediction follows what was measured.
+        kept = replace(serving, request=request)
+        turn.state = replace(
+            turn.state, serving=replace(kept, prediction=predict(kept, inputs.profile, snapshot))
+        )
     cooldown = st.serving_since + request.rescheduling.cooldown_s
     if cooldown > turn.now:
         turn.wake.append(cooldown)

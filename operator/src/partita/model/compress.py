@@ -328,3 +328,68 @@ def _seconds(session: Any, feeds: Mapping[str, np.ndarray], clock: Callable[[], 
         session.run(feeds)
         times.append(clock() - start)
     return max(float(np.median(times)), 1e-9)
+
+
+# ---- what a plan's lossy levers do to the final outputs ------------------------------------
+
+
+def wire_roundtrip(array: np.ndarray, codec: str) -> np.ndarray:
+    """A float32 tensor as it arrives after crossing a cut encoded as `codec`, the way the
+    stage servers encode it (`partita_server.protocol.compress`/`decompress`): fp16 a cast;
+    int8 per tensor and per request, affine over the tensor's own range with 0 kept exact."""
+    if codec == "none" or array.dtype != np.float32 or array.size == 0:
+        return array
+    if codec == "fp16":
+        return array.astype(np.float16).astype(np.float32)
+    low, high = min(float(array.min()), 0.0), max(float(array.max()), 0.0)
+    scale = (high - low) / 255.0 or 1.0
+    zero_point = int(np.clip(round(-128 - low / scale), -128, 127))
+    quantized = np.clip(np.rint(array / scale) + zero_point, -128, 127).astype(np.int8)
+    return (quantized.astype(np.float32) - np.float32(zero_point)) * np.float32(scale)
+
+
+@dataclass(frozen=True)
+class ChainStage:
+    """One stage of a plan as the servers run it: its boundary tensors, the encoding of its
+    inputs on the wire, and whether it runs the int8 model's cut."""
+
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    codec: str = "none"
+    int8: bool = False
+
+
+def chain_drop(
+    model: onnx.ModelProto,
+    int8_model: onnx.ModelProto | None,
+    stages: Sequence[ChainStage],
+    calibration: Calibration,
+    *,
+    count: int = EVALUATION_INPUTS // 2,
+    seed: int = 0,
+) -> AccuracyDrop:
+    """The drop of the final outputs of `stages` (cut from `model`, or from `int8_model` for
+    int8 stages, their inputs encoded as on the wire) against the whole float32 model, on
+    the evaluation set."""
+    from partita import runtime
+    from partita.model.slice import extract_stage
+
+    sessions = []
+    for stage in stages:
+        source = int8_model if stage.int8 else model
+        if source is None:
+            raise CompressionError("an int8 stage needs the int8 model")
+        piece = extract_stage(source, list(stage.inputs), list(stage.outputs))
+        sessions.append(runtime.Session(piece.SerializeToString(), intra_op_threads=1))
+    whole = runtime.Session(model.SerializeToString(), intra_op_threads=1)
+    evaluation = sample_set(model, calibration, Split.EVALUATION, count, seed)
+    finals = [o.name for o in model.graph.output]
+    reference, measured = [], []
+    for feeds in evaluation.feeds:
+        reference.append(whole.run(feeds))
+        values = dict(feeds)
+        for stage, session in zip(stages, sessions, strict=True):
+            sent = {n: wire_roundtrip(values[n], stage.codec) for n in stage.inputs}
+            values.update(session.run(sent))
+        measured.append({n: values[n] for n in finals})
+    return accuracy_drop(reference, measured, classifier_output(model), evaluation.source)
