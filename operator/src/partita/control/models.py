@@ -138,7 +138,9 @@ def reconcile_model(
             retry_it = isinstance(exc, FetchError)
             message = f"cascade.model: {exc}" + (f" (retrying in {delay:.0f}s)" if retry_it else "")
             st.set(PROFILED, ConditionStatus.FALSE, "InvalidCascade", message)
-            out = st.outcome(model=summary.model_dump(by_alias=True, mode="json"))
+            out = st.outcome(
+                model=summary.model_dump(by_alias=True, mode="json", exclude_none=True)
+            )
             if retry_it:
                 return Outcome(out.status, out.events, retry_after_s=delay)
             return Outcome(out.status, out.events, permanent_error=message)
@@ -161,7 +163,7 @@ def reconcile_model(
         f"{len(profile.nodes)} nodes, {summary.total_flops / 1e9:.2f} GFLOP per inference, "
         f"{summary.cut_points} cut points",
     )
-    return st.outcome(model=summary.model_dump(by_alias=True, mode="json"))
+    return st.outcome(model=summary.model_dump(by_alias=True, mode="json", exclude_none=True))
 
 
 def _cascade_model(

@@ -46,6 +46,11 @@ _NON_FOLDABLE = frozenset(
         "SequenceConstruct",
         "SequenceEmpty",
         "SplitToSequence",
+        # An int8 model's weights stay int8: folding their dequantization would store them
+        # as float32 again (and onnx's reference evaluator lacks it below opset 19).
+        "DequantizeLinear",
+        "QuantizeLinear",
+        "DynamicQuantizeLinear",
     }
 )
 
