@@ -199,6 +199,12 @@ def test_a_serving_model_gives_way_to_a_higher_priority_one() -> None:
     assert conditions(r)["Planned"] == (ConditionStatus.FALSE, "Preempted")
     assert r.state.serving is None
     assert [(e.type, e.reason) for e in r.report.events] == [(EventType.WARNING, "Preempted")]
+    # Later steps keep saying why, and it is placed again once capacity returns.
+    later = run(r.state, inputs(FAST, request=low, others=others), 4.0)
+    assert later.report.phase == "Unschedulable" and later.actions == ()
+    assert conditions(later)["Ready"] == (ConditionStatus.FALSE, "Preempted")
+    back = run(later.state, inputs(FAST, request=low), 5.0)
+    assert back.report.phase == "Deploying" and not back.state.preempted
 
 
 def test_a_rollout_whose_node_is_lost_is_given_up_and_planned_again() -> None:

@@ -76,6 +76,9 @@ class ModelState:
     no_shards: str | None = None
     # The cluster refused the last action (a 403, a quota...): reason, message, retry time.
     failure: Failure | None = None
+    # It served until a higher-priority model took its capacity, and has not been placed
+    # since: its conditions say Preempted rather than Unschedulable.
+    preempted: bool = False
 
 
 @dataclass(frozen=True)
@@ -315,13 +318,14 @@ def _first_placement(turn: _Turn) -> StepResult:
     result = _plan_with_others(request, inputs)
     if isinstance(result, Unschedulable):
         msg = "; ".join(result.reasons)
+        reason = "Preempted" if st.preempted else "Unschedulable"
         if st.unschedulable != result.reasons:
-            turn.event(True, "Unschedulable", msg)  # once per new reason
+            turn.event(True, reason, msg)  # once per new reason
         turn.state = replace(turn.state, unschedulable=result.reasons)
-        turn.condition(PLANNED, False, "Unschedulable", msg)
-        turn.condition(READY, False, "Unschedulable", msg)
+        turn.condition(PLANNED, False, reason, msg)
+        turn.condition(READY, False, reason, msg)
         return turn.done(Phase.UNSCHEDULABLE, msg)
-    turn.state = replace(turn.state, unschedulable=())
+    turn.state = replace(turn.state, unschedulable=(), preempted=False)
     return _deploy(turn, result, "Deployed")
 
 
@@ -412,7 +416,12 @@ def _preempt(turn: _Turn, result: Unschedulable) -> StepResult:
     turn.condition(PLANNED, False, "Preempted", msg)
     turn.condition(READY, False, "Preempted", msg)
     turn.state = replace(
-        turn.state, serving=None, rollout=None, drain_until=None, unschedulable=result.reasons
+        turn.state,
+        serving=None,
+        rollout=None,
+        drain_until=None,
+        unschedulable=result.reasons,
+        preempted=True,
     )
     return turn.done(Phase.UNSCHEDULABLE, msg)
 
