@@ -30,6 +30,18 @@ class DeviceKind(StrEnum):
 class DeviceHints(ApiModel):
     """What the nodes of the pool are, when the node object does not say it well enough."""
 
+    kind: DeviceKind = DeviceKind.CPU
+    """The onnxruntime execution provider of the pool's stage servers: cpu
+    (CPUExecutionProvider). gpu and npu are refused: the stage server image carries only
+    onnxruntime's CPU provider."""
+    memory: str | None = Field(None, max_length=32, pattern=BYTES_PATTERN)
+    """Memory a stage may use on one node (a quantity, e.g. 2Gi); default: the node's
+    allocatable memory."""
+    throughput_gflops: float | None = Field(None, gt=0, le=1e7)
+    """Declared speed of one stage container in GFLOP/s; when absent Partita profiles it."""
+    speed_factor: float = Field(1.0, gt=0, le=1000)
+    """Speed relative to the profiling reference (0.25 = four times slower)."""
+
     cel_rules: ClassVar[tuple[CelRule, ...]] = (
         CelRule(
             rule="self.kind == 'cpu'",
@@ -45,18 +57,6 @@ class DeviceHints(ApiModel):
             field_path=".memory",
         ),
     )
-
-    kind: DeviceKind = DeviceKind.CPU
-    """The onnxruntime execution provider of the pool's stage servers: cpu
-    (CPUExecutionProvider). gpu and npu are refused: the stage server image carries only
-    onnxruntime's CPU provider."""
-    memory: str | None = Field(None, max_length=32, pattern=BYTES_PATTERN)
-    """Memory a stage may use on one node (a quantity, e.g. 2Gi); default: the node's
-    allocatable memory."""
-    throughput_gflops: float | None = Field(None, gt=0, le=1e7)
-    """Declared speed of one stage container in GFLOP/s; when absent Partita profiles it."""
-    speed_factor: float = Field(1.0, gt=0, le=1000)
-    """Speed relative to the profiling reference (0.25 = four times slower)."""
 
 
 class NetworkDefaults(ApiModel):

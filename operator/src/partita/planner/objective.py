@@ -55,7 +55,10 @@ def build(prob: Problem, path: Path, revision: int = 1) -> Plan:
                 int8=option.int8,
             )
         )
-    return plan_for(prob.request, stages, profile, prob.snapshot, revision, prob.table)
+    snapshot = prob.priced_on or prob.snapshot
+    return plan_for(
+        prob.request, stages, profile, snapshot, revision, prob.table, cascade=prob.cascade
+    )
 
 
 def better(a: Plan, b: Plan | None) -> bool:

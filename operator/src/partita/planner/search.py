@@ -16,7 +16,7 @@ from .objective import better, optimize
 from .plan import RELATIVE_TOLERANCE, CascadePlacement, Plan, PlanResult, Unschedulable
 from .request import ModelRequest
 from .snapshot import ClusterSnapshot
-from .space import Problem, SearchSpace, place_cascade, problem, reserve
+from .space import Problem, SearchSpace, cascade_busy_s, place_cascade, problem
 
 
 def plan_model(
@@ -60,13 +60,20 @@ def plan_problem(prob: Problem, current: Plan | None = None, *, explain: bool = 
             ("no allowed pool has a Ready node the model tolerates with enough free cpu",),
             exclusions,
         )
-    cascade = None
     if request.cascade is not None:
         placed = place_cascade(request, snapshot)
         if not isinstance(placed, CascadePlacement):
             return Unschedulable(request, placed, exclusions)
-        cascade = placed
-        prob = problem(profile, request, reserve(snapshot, request, cascade), prob.table)
+        searched = request
+        slo = request.slo
+        if slo.min_throughput_rps is not None and (
+            cascade_busy_s(request, snapshot, placed, profile.input_bytes) * slo.min_throughput_rps
+            > 1.0
+        ):
+            # The small model alone cannot keep the throughput asked for: no placement of the
+            # main model meets it, so the search does without it (the plan says it misses).
+            searched = replace(request, slo=replace(slo, min_throughput_rps=None))
+        prob = problem(profile, searched, snapshot, prob.table, cascade=placed)
         if not prob.pools:
             return Unschedulable(
                 request,
@@ -75,10 +82,14 @@ def plan_problem(prob: Problem, current: Plan | None = None, *, explain: bool = 
             )
 
     def finish(plan: Plan) -> Plan:
-        """The plan with the small model ahead, predicted on the whole snapshot."""
-        if cascade is None:
+        """The plan priced for the request as asked (the search may have left out a
+        throughput the small model cannot keep)."""
+        if plan.request is request:
             return plan
-        return plan_for(request, plan.stages, profile, snapshot, plan.revision, cascade=cascade)
+        return replace(
+            plan_for(request, plan.stages, profile, snapshot, plan.revision, cascade=plan.cascade),
+            notes=plan.notes,
+        )
 
     plan = optimize(prob, SearchSpace())
     notes: list[str] = []

@@ -59,6 +59,10 @@ class Problem:
     pools: list[str] = field(default_factory=list)  # visiting order, usable pools only
     nodes: list[NodeState] = field(default_factory=list)  # usable nodes
     exclusions: list[Exclusion] = field(default_factory=list)
+    # With a cascade: where its small model runs, and the snapshot plans are priced on
+    # (`snapshot` is then what the small model leaves, which the search places stages on).
+    cascade: CascadePlacement | None = None
+    priced_on: ClusterSnapshot | None = None
 
     def speedup(self, int8: bool) -> float:
         """How much faster int8 conv/matmul run than float32 (1 for a float32 stage)."""
@@ -70,12 +74,18 @@ def problem(
     request: ModelRequest,
     snapshot: ClusterSnapshot,
     table: RangeTable | None = None,
+    *,
+    cascade: CascadePlacement | None = None,
 ) -> Problem:
     """The search space; `table`: the profile's range table over its cut points, when
-    the caller plans the same model many times."""
+    the caller plans the same model many times. With `cascade` (where the small model
+    runs), the stages are searched on what it leaves and priced with it on `snapshot`."""
     if table is None:
         table = cut_table(profile)
-    out = Problem(profile, request, snapshot, table)
+    priced_on = None
+    if cascade is not None:
+        priced_on, snapshot = snapshot, reserve(snapshot, request, cascade)
+    out = Problem(profile, request, snapshot, table, cascade=cascade, priced_on=priced_on)
     for pool in snapshot.pools:
         if request.pools and pool.name not in request.pools:
             out.exclusions.append(
@@ -265,3 +275,21 @@ def reserve(
         for n in snapshot.nodes
     )
     return replace(snapshot, nodes=nodes)
+
+
+def cascade_busy_s(
+    request: ModelRequest,
+    snapshot: ClusterSnapshot,
+    placement: CascadePlacement,
+    input_bytes: float,
+) -> float:
+    """What bounds throughput at the small model: its compute, or sending it the raw input
+    (`input_bytes`, the main model's inputs)."""
+    node = snapshot.node(placement.node)
+    assert node is not None
+    compute = small_compute_s(small_table(request), node, request)
+    link = snapshot.link(request.data_source, placement.pool)
+    wire = 0.0
+    if link is not None:
+        wire = input_bytes * 8.0 / link.bandwidth_bps
+    return max(compute, wire)
