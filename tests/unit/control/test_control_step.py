@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import replace
+from typing import Any
 
 from partita.api.meta import ConditionStatus
 from partita.control.outcome import EventType
@@ -279,3 +280,39 @@ def test_a_relay_stage_teaches_nothing_about_node_speed() -> None:
     r = run(state, inputs(FAST, {1: True}, observed_compute=observed), 100.0)
     assert "edge-1" not in r.state.speed_factors
     assert r.state.speed_factors["cloud-1"] < 1.0
+
+
+def test_int8_over_the_measured_budget_is_planned_again_in_float32() -> None:
+    from partita.planner import Compression, Partitioning, Quantization
+
+    # Only int8 fits the edge node: the first plan runs int8; its measured drop is too high.
+    tight = replace(
+        REQUEST,
+        pools=("edge",),
+        partitioning=Partitioning(mode="none"),
+        quantization=Quantization(allowed=True, max_accuracy_drop=0.01, measured_accuracy_drop=0.0),
+    )
+    small = replace(
+        FAST,
+        nodes=tuple(
+            replace(n, memory_allocatable=35 * MiB) if n.pool == "edge" else n for n in FAST.nodes
+        ),
+    )  # float32 needs 37 MiB there, int8 34 MiB
+    measured: list[Any] = []
+
+    def over_budget(plan: Any) -> str | None:
+        measured.append(plan)
+        return "the plan's measured top1-disagreement is 0.0400 over 32 inputs, above 0.01"
+
+    first = run(ModelState(), inputs(small, request=tight, accuracy_check=over_budget), 0.0)
+    assert measured and any(s.int8 for s in measured[0].stages)
+    assert first.actions == () and first.report.phase == "Planning"
+    assert conditions(first)["Planned"] == (ConditionStatus.FALSE, "AccuracyRefused")
+    assert [e.reason for e in first.report.events] == ["AccuracyRefused"]
+    assert first.state.no_int8 is not None and first.wake_at == 0.0
+    # The next step plans without int8: no cut past fp16, no int8 stage.
+    again = run(first.state, inputs(small, request=tight, accuracy_check=over_budget), 0.0)
+    assert len(measured) == 1
+    assert again.report.phase == "Unschedulable"  # float32 fits nowhere, and it says so
+    assert not any(isinstance(a, ApplyRevision) for a in again.actions)
+    assert Compression.INT8 not in {s.input_compression for p in measured for s in p.stages}

@@ -16,6 +16,7 @@ from pathlib import Path
 import onnx
 
 from partita.api.edgemodel import EdgeModel
+from partita.api.edgemodel import Quantization as ApiQuantization
 from partita.control.calibration import ReferenceSpeeds
 from partita.control.models import Profiler, Quantizer
 from partita.control.quantization import Int8Figures, int8_piece
@@ -118,6 +119,22 @@ class Catalog:
             ]
             self._accuracy[key] = chain_drop(model, int8, stages, calibration)
         return self._accuracy[key]
+
+    def accuracy_refusal(self, profiled: Profiled, plan: Plan, spec: ApiQuantization) -> str | None:
+        """Why `plan`'s int8 stages and int8 cuts cannot serve: their measured drop is over
+        `spec.max_accuracy_drop` (or cannot be measured); None when within the budget."""
+        mode = Calibration(spec.calibration.value)
+        try:
+            drop = self.plan_accuracy(profiled, plan, mode)
+        except ModelError as exc:
+            return f"the plan's accuracy cannot be measured ({exc})"
+        if drop is not None and drop.drop > spec.max_accuracy_drop:
+            return (
+                f"the plan's measured {drop.metric} is {drop.drop:.4f} over "
+                f"{drop.inputs} inputs, above quantization.maxAccuracyDrop "
+                f"{spec.max_accuracy_drop:g}"
+            )
+        return None
 
     def int8_pieces(self, profiled: Profiled, plan: Plan) -> dict[int, tuple[str, str]]:
         """stage index -> (file:// uri, sha256) of the int8 file of every int8 stage of `plan`

@@ -426,6 +426,9 @@ class ControlLoop:
             others=[v for k, v in self._placed.items() if k != key],
             observed_compute=self._observed_compute(model, state),
             cut_check=lambda plan: self._catalog.cut_check(profiled, plan),
+            accuracy_check=lambda plan: self._catalog.accuracy_refusal(
+                profiled, plan, model.spec.quantization
+            ),
         )
         started = time.perf_counter()
         try:

@@ -22,6 +22,7 @@ from partita.model.types import ModelProfile
 from partita.planner import (
     Action,
     ClusterSnapshot,
+    Compression,
     ModelRequest,
     Plan,
     Unschedulable,
@@ -31,6 +32,7 @@ from partita.planner import (
     same_spec,
 )
 from partita.planner.calibration import apply_speed_factors, update_speed
+from partita.planner.request import COMPRESSION_ORDER
 
 PLANNED = "Planned"
 READY = "Ready"
@@ -74,6 +76,9 @@ class ModelState:
     speed_factors: Mapping[str, float] = field(default_factory=dict)
     # The planned shards could not be cut: plan this model without shards (the reason).
     no_shards: str | None = None
+    # A plan's int8 stages or int8 cuts measured over quantization.maxAccuracyDrop: plan
+    # this model in float32 with at most fp16 cuts (the reason).
+    no_int8: str | None = None
     # The cluster refused the last action (a 403, a quota...): reason, message, retry time.
     failure: Failure | None = None
     # It served until a higher-priority model took its capacity, and has not been placed
@@ -115,6 +120,9 @@ class ModelInputs:
     cut_check: Callable[[Plan], str | None] = lambda plan: None
     # The model's entry routers (what clients call) have a ready replica.
     entry_ready: bool = True
+    # Are this plan's int8 stages and int8 cuts within the accuracy budget, as measured?
+    # None, or the measured drop that is not.
+    accuracy_check: Callable[[Plan], str | None] = lambda plan: None
 
 
 @dataclass(frozen=True)
@@ -375,10 +383,19 @@ def _keep_or_move(turn: _Turn) -> StepResult:
 
 
 def _request(st: ModelState, inputs: ModelInputs) -> ModelRequest:
-    if st.no_shards is None:
-        return inputs.request
     request = inputs.request
-    return replace(request, partitioning=replace(request.partitioning, max_shards=1))
+    if st.no_shards is not None:
+        request = replace(request, partitioning=replace(request.partitioning, max_shards=1))
+    if st.no_int8 is not None:
+        cut = min(
+            request.partitioning.cut_compression, Compression.FP16, key=COMPRESSION_ORDER.index
+        )
+        request = replace(
+            request,
+            partitioning=replace(request.partitioning, cut_compression=cut),
+            quantization=replace(request.quantization, allowed=False),
+        )
+    return request
 
 
 def _plan_with_others(request: ModelRequest, inputs: ModelInputs) -> Plan | Unschedulable:
@@ -446,6 +463,18 @@ def _deploy(turn: _Turn, plan: Plan, reason: str, why: str = "") -> StepResult:
             turn.condition(READY, False, "ShardingRefused", msg)
             turn.wake.append(turn.now)  # plan again at once, without shards
             return turn.done(Phase.PLANNING, msg)
+    if _int8(plan):
+        refusal = inputs.accuracy_check(plan)
+        if refusal is not None:
+            msg = f"{refusal}; planning in float32 with at most fp16 cuts"
+            turn.event(True, "AccuracyRefused", msg)
+            turn.condition(PLANNED, False, "AccuracyRefused", msg)
+            turn.state = replace(st, no_int8=refusal)
+            if st.serving is not None:
+                return _serving(turn, msg)
+            turn.condition(READY, False, "AccuracyRefused", msg)
+            turn.wake.append(turn.now)  # plan again at once, in float32
+            return turn.done(Phase.PLANNING, msg)
     revision = st.revision + 1
     plan = replace(plan, revision=revision)
     turn.state = replace(
@@ -461,6 +490,11 @@ def _deploy(turn: _Turn, plan: Plan, reason: str, why: str = "") -> StepResult:
     else:
         turn.condition(READY, False, "Deploying", f"revision {revision} is being deployed")
     return turn.done(Phase.DEPLOYING, message)
+
+
+def _int8(plan: Plan) -> bool:
+    """Whether the plan runs an int8 stage or sends int8 tensors across a cut."""
+    return any(s.int8 or s.input_compression is Compression.INT8 for s in plan.stages)
 
 
 def _serving(turn: _Turn, why: str) -> StepResult:
