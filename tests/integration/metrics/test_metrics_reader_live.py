@@ -167,6 +167,7 @@ def bed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
                         "revision": "1",
                         "stage": str(i),
                         "component": "stage-server",
+                        **({"entry": "true"} if i == 0 else {}),
                     },
                 )
                 for i, (server, node, pool) in enumerate(
