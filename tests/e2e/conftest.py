@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,12 +34,21 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 
 
 @pytest.fixture(scope="module")
-def loop(cluster: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+def model_store_files() -> dict[str, Path]:
+    """The files of the chart's model store, by their name there (a module may add its own
+    by overriding this fixture)."""
+    return store_models()
+
+
+@pytest.fixture(scope="module")
+def loop(
+    cluster: Any, tmp_path_factory: pytest.TempPathFactory, model_store_files: dict[str, Path]
+) -> Iterator[Any]:
     """The chart's operator watching NAMESPACE, the test bed's pools, a namespace."""
     from partita.testbed.release import Release
 
     store = tmp_path_factory.mktemp("model-store")
-    for name, path in store_models().items():
+    for name, path in model_store_files.items():
         shutil.copyfile(path, store / name)
     # The namespace of the previous module may still be terminating: wait until it is gone.
     eventually(

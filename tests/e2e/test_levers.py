@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from e2e_loop import NAMESPACE, edge_model, entry_url, open_nsfw
+from e2e_loop import NAMESPACE, STORE, edge_model, entry_url, open_nsfw, store_models, stored
 
 from cluster_helpers import eventually, get_json
 
@@ -93,13 +93,15 @@ def test_only_the_int8_stage_fits_and_serves_with_its_measured_drop(loop: Any) -
         assert quantization["weightBytes"] < status["model"]["paramBytes"] / 3
         (stage,) = status["plan"]["stages"]
         assert stage["int8"] and stage["pool"] == "edge-b"
-        # The server runs the operator's int8 file, with its own digest.
+        # The server runs the operator's int8 file, with its own digest, which it fetched
+        # from the operator's distribution endpoint.
         (config,) = get_json(
-            loop, "configmaps", "-n", NAMESPACE, "-l", f"partita.dev/model={name}"
-        )["items"]
-        served = json.loads(config["data"]["stage.json"])
-        assert served["source"]["sha256"] != status["model"]["digest"]
-        assert Path(served["source"]["uri"].removeprefix("file://")).is_file()
+            loop, "configmaps", "-n", NAMESPACE, "-l",
+            f"partita.dev/model={name},partita.dev/component=stage-server",
+        )["items"]  # fmt: skip
+        served = json.loads(config["data"]["stage.json"])["source"]
+        assert served["sha256"] != status["model"]["digest"] and served["distributed"]
+        assert served["uri"].endswith(f"/v1/models/{served['sha256']}")
         # It answers like the float32 model, within int8's error.
         from partita.runtime import Session
 
@@ -110,6 +112,9 @@ def test_only_the_int8_stage_fits_and_serves_with_its_measured_drop(loop: Any) -
     finally:
         loop.kubectl("delete", "edgemodel", name, "-n", NAMESPACE, "--wait=false", check=False)
         _pool_memory(loop, "edge-b", "2Gi")
+
+
+SMALL = "open_nsfw_int8.onnx"  # the cascade's small model, in the model store
 
 
 @pytest.fixture(scope="module")
@@ -123,9 +128,15 @@ def small_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
     quantized = quantize_model(load_model(open_nsfw()[0], SHAPES), Calibration.CAFFE)
     data = quantized.model.SerializeToString()
-    path = tmp_path_factory.mktemp("small") / "open_nsfw_int8.onnx"
+    path = tmp_path_factory.mktemp("small") / SMALL
     path.write_bytes(data)
     return path, hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def model_store_files(small_model: tuple[Path, str]) -> dict[str, Path]:
+    """The e2e suite's store, with the cascade's small model next to the main one."""
+    return {**store_models(), SMALL: small_model[0]}
 
 
 def test_cascade_answers_at_the_edge_and_offloads_only_unconfident_inputs(
@@ -148,7 +159,7 @@ def test_cascade_answers_at_the_edge_and_offloads_only_unconfident_inputs(
             "privacy": {"rawInputTier": "edge"},
             "partitioning": {"mode": "vertical", "maxStages": 2, "cutCompression": "fp16"},
             "cascade": {
-                "model": {"uri": small_model[0].as_uri(), "sha256": small_model[1]},
+                "model": {"uri": f"file://{STORE}/{SMALL}", "sha256": small_model[1]},
                 "output": OUTPUT,
                 "threshold": threshold,
                 "expectedOffloadRate": 0.9,
@@ -225,19 +236,14 @@ def test_cascade_answers_at_the_edge_and_offloads_only_unconfident_inputs(
 
 
 def _ocr(name: str, priority: int) -> str:
-    import hashlib
-
-    from partita.model.zoo import model_path
-
-    path = model_path("ocr-cls")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    uri, digest = stored("ocr_cls.onnx")
     return json.dumps(
         {
             "apiVersion": "partita.dev/v1alpha1",
             "kind": "EdgeModel",
             "metadata": {"name": name, "namespace": NAMESPACE},
             "spec": {
-                "source": {"uri": f"file://{path}", "sha256": digest},
+                "source": {"uri": uri, "sha256": digest},
                 "inputShapes": {"x": [1, 3, 48, 192]},
                 "dataSource": "edge-b",
                 "pools": ["edge-b"],

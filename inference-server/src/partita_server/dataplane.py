@@ -282,20 +282,22 @@ class DataPlane:
         return self._answer(request, outputs, parameters)
 
     async def _relay(self, request: InferRequest, deadline: float) -> InferResponse:
-        """A router's answer: the request as it came, relayed (and retried) by `next`."""
+        """A router's answer: the request as it came, relayed (and retried) by `next`, and
+        the serving revision's answer as it came (its parameters too, e.g. where a cascade
+        answered)."""
         assert self._hops is not None
         feeds = {
             n: decompress(a, request.input_parameters.get(n, {}), name=n)
             for n, a in request.inputs.items()
         }
         try:
-            outputs = (await self._hops.forward(feeds, deadline)).outputs
+            answer = await self._hops.forward(feeds, deadline)
         except BadGateway as exc:
             status = exc.downstream_status
             if status is not None and 400 <= status < 500:
                 raise Relayed(status, exc.message) from exc
             raise
-        return self._answer(request, outputs, {})
+        return self._answer(request, answer.outputs, dict(answer.parameters))
 
     def _answer(
         self, request: InferRequest, outputs: dict[str, np.ndarray], parameters: dict[str, Any]

@@ -254,3 +254,45 @@ def test_an_int8_stage_runs_its_own_int8_file_whole() -> None:
     assert int8.inputs is None and int8.outputs is None
     fp32 = StageSpec.model_validate(specs["cam-r3-s1"])
     assert fp32.source.uri == REF.source_uri and fp32.inputs == ("h1",)
+
+
+def test_each_distributed_file_is_fetched_with_its_own_token() -> None:
+    from dataclasses import replace
+
+    from partita.kube.manifests import model_token_key, token_secret
+
+    main, small, int8 = REF.sha256 or "", "b" * 64, "c" * 64
+    url = "http://partita.partita-system.svc:8080/v1/models/"
+    ref = replace(
+        REF,
+        source_uri=url + main,
+        cascade_source=(url + small, small),
+        cascade_output="prob",
+        cascade_threshold=0.9,
+        int8_sources={1: (url + int8, int8)},
+        model_tokens={main: "t-main", small: "t-small", int8: "t-int8"},
+    )
+    plan = _cascade_plan(
+        _stage(0, "edge-a", ["e1"], ["x"], ["h1"]),
+        replace(_stage(1, "cloud", ["c1"], ["h1"], ["y"]), int8=True),
+    )
+    specs = stage_specs(ref, plan)
+    served = {n: StageSpec.model_validate(s).source for n, s in specs.items()}
+    assert {n: (s.sha256, s.distributed) for n, s in served.items()} == {
+        "cam-r3-cascade": (small, True),
+        "cam-r3-s0": (main, True),
+        "cam-r3-s1": (int8, True),
+    }
+    secret = token_secret(ref, 3, "internal")["stringData"]
+    assert {k: v for k, v in secret.items() if k != "token"} == {
+        model_token_key(main): "t-main",
+        model_token_key(small): "t-small",
+        model_token_key(int8): "t-int8",
+    }
+    for obj in render_revision(ref, plan):
+        if obj["kind"] != "Deployment":
+            continue
+        env = obj["spec"]["template"]["spec"]["containers"][0]["env"]
+        (fetch,) = [e for e in env if e["name"] == "PARTITA_MODEL_TOKEN"]
+        want = served[obj["metadata"]["name"]].sha256 or ""
+        assert fetch["valueFrom"]["secretKeyRef"]["key"] == model_token_key(want)
