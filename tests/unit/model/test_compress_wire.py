@@ -4,9 +4,11 @@ bit for bit (the server's codec is the oracle here; the operator's copy must not
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper
 
-from partita.model.compress import wire_roundtrip
+from partita.model.compress import classifier_output, wire_roundtrip
 from partita_server.protocol import compress, decompress
 from partita_server.spec import Compression
 
@@ -28,3 +30,27 @@ def test_wire_roundtrip_is_what_a_server_receives(codec: str, seed: int) -> None
 def test_non_float_tensors_cross_untouched() -> None:
     ids = np.arange(12, dtype=np.int64).reshape(1, 12)
     assert wire_roundtrip(ids, "int8") is ids
+
+
+def _head(op: str) -> onnx.ModelProto:
+    """x [1, 4] -> MatMul -> `op` -> Identity -> y [1, 3]."""
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 3], [0.1] * 12)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["z"])]
+    if op == "Softmax":
+        nodes.append(helper.make_node("Softmax", ["z"], ["p"], axis=-1))
+    else:
+        nodes.append(helper.make_node("Relu", ["z"], ["p"]))
+    nodes.append(helper.make_node("Identity", ["p"], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        "head",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+        [w],
+    )
+    return helper.make_model(graph)
+
+
+def test_only_softmax_scores_count_as_a_classifier_output() -> None:
+    assert classifier_output(_head("Softmax")) == "y"  # through the Identity
+    assert classifier_output(_head("Relu")) is None  # an [N, C] embedding or logits

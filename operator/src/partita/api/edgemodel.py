@@ -197,7 +197,7 @@ class Quantization(ApiModel):
     calibration images, when the model takes images and `calibration` is an image mode;
     dynamic otherwise) and measures, on inputs it did not calibrate on, the drop against
     float32: the share of inputs whose top-1 class differs for a classifier (an output of
-    shape [N, C], C >= 2), else the mean relative error of the outputs
+    shape [N, C], C >= 2, computed by a Softmax), else the mean relative error of the outputs
     (max |int8 - fp32| / max |fp32|). Above maxAccuracyDrop int8 is refused; otherwise the
     planner may run stages in int8 when no float32 plan fits or meets the SLO, with the
     speed and weight bytes measured on the quantized model."""

@@ -249,11 +249,22 @@ class Int8Model:
     float_weight_bytes: int
 
 
+# Ops that pass a tensor's values on unchanged, between a Softmax and a graph output.
+_PASS_THROUGH = frozenset({"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze"})
+
+
 def classifier_output(model: onnx.ModelProto) -> str | None:
-    """The first float output of shape [N, C] with C >= 2 (class scores), None if none."""
+    """The first float output of shape [N, C], C >= 2, that a Softmax computes (class
+    probabilities), None if none: an embedding or a logit of that shape is no class score."""
+    producers = {o: n for n in model.graph.node for o in n.output}
     for out in model.graph.output:
         dims = [d.dim_value for d in out.type.tensor_type.shape.dim]
-        if out.type.tensor_type.elem_type == TensorProto.FLOAT and len(dims) == 2 and dims[1] >= 2:
+        if out.type.tensor_type.elem_type != TensorProto.FLOAT or len(dims) != 2 or dims[1] < 2:
+            continue
+        node = producers.get(out.name)
+        while node is not None and node.op_type in _PASS_THROUGH and node.input:
+            node = producers.get(node.input[0])
+        if node is not None and node.op_type == "Softmax":
             return out.name
     return None
 
