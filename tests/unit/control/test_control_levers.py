@@ -26,7 +26,7 @@ from partita.control.status import plan_observation
 from partita.kube.fetch import ModelFetcher
 from partita.metrics.observation import HopKey, HopObservation, Observation, StageKey
 from partita.metrics.observation import StageObservation as Seen
-from partita.model.compress import TOP1, AccuracyDrop
+from partita.model.compress import RELATIVE_ERROR, TOP1, AccuracyDrop
 from partita.model.profile import profile_model
 from partita.model.samples import Calibration
 from partita.model.types import ModelProfile, NodeCost, OpClass, TensorInfo
@@ -118,8 +118,8 @@ def test_int8_is_measured_once_and_reported_in_status(tmp_path: Path, model_file
     out = reconcile_model(model, fetcher, _profiler, now=T0, quantizer=quantizer)
     q = out.status["model"]["quantization"]
     # The tiny model takes no images: dynamic int8, measured on seeded values; its output
-    # y[batch, 2] is class scores, so the drop is top-1 disagreement.
-    assert q["mode"] == "dynamic" and q["accuracy"]["metric"] == TOP1
+    # y[batch, 2] is no Softmax's, so the drop is the relative error of the outputs.
+    assert q["mode"] == "dynamic" and q["accuracy"]["metric"] == RELATIVE_ERROR
     assert q["accuracy"]["source"] == "seeded values" and q["accuracy"]["inputs"] == 32
     assert q["speedup"] > 0 and q["weightBytes"] > 0
     assert calls == [Calibration.SEEDED]
