@@ -256,8 +256,9 @@ def _ocr(name: str, priority: int) -> str:
 
 
 def _deployments(cluster: Any, model: str) -> list[dict[str, Any]]:
-    found = get_json(cluster, "deployments", "-n", NAMESPACE, "-l", f"partita.dev/model={model}")
-    return list(found["items"])
+    """The model's stage servers (its entry routers stay while it is preempted)."""
+    selector = f"partita.dev/model={model},partita.dev/component=stage-server"
+    return list(get_json(cluster, "deployments", "-n", NAMESPACE, "-l", selector)["items"])
 
 
 def test_a_higher_priority_model_preempts_a_serving_one_which_comes_back(loop: Any) -> None:
