@@ -10,7 +10,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from e2e_loop import NAMESPACE, STORE, edge_model, entry_url, open_nsfw, store_models, stored
+from e2e_loop import (
+    NAMESPACE,
+    STORE,
+    edge_model,
+    entry_url,
+    ocr_model,
+    open_nsfw,
+    store_models,
+)
 
 from cluster_helpers import eventually, get_json
 
@@ -236,23 +244,8 @@ def test_cascade_answers_at_the_edge_and_offloads_only_unconfident_inputs(
 
 
 def _ocr(name: str, priority: int) -> str:
-    uri, digest = stored("ocr_cls.onnx")
-    return json.dumps(
-        {
-            "apiVersion": "partita.dev/v1alpha1",
-            "kind": "EdgeModel",
-            "metadata": {"name": name, "namespace": NAMESPACE},
-            "spec": {
-                "source": {"uri": uri, "sha256": digest},
-                "inputShapes": {"x": [1, 3, 48, 192]},
-                "dataSource": "edge-b",
-                "pools": ["edge-b"],
-                "partitioning": {"mode": "none"},
-                "priority": priority,
-                "resources": {"cpu": 3},
-            },
-        }
-    )
+    """An OCR classifier of 3 cores: one fits an edge-b node of 4, two do not."""
+    return ocr_model(name, priority=priority, resources={"cpu": 3})
 
 
 def _deployments(cluster: Any, model: str) -> list[dict[str, Any]]:
