@@ -134,6 +134,8 @@ ALLOWED = [
     ("watch", "namespaces", ""),
 ]
 REFUSED = [
+    ("get", "nodes", ""),
+    ("get", "edgemodels.partita.dev", "-n default"),
     ("get", "secrets", "-n default"),
     ("list", "secrets", "-A"),
     ("create", "pods", "-n default"),
