@@ -72,3 +72,19 @@ def test_the_root_is_never_covered() -> None:
         _plan(Bind("/pods/p/cache", "/models"))
     with pytest.raises(SandboxError, match="not absolute"):
         _plan(Bind("/pods/p/cache", "models"))
+
+
+def test_a_volume_over_the_image_files_gets_them_bound_back() -> None:
+    # The checkout (the image's files) lives under /tmp; the pod mounts an emptyDir at /tmp.
+    host = HOST | {"/tmp/checkout", "/pods/p/tmp"}
+    steps = plan(
+        [Bind("/pods/p/tmp", "/tmp")],
+        exists=host.__contains__,
+        is_dir=lambda p: True,
+        keep=["/tmp/checkout", "/usr"],
+    )
+    assert steps == [
+        Bind("/pods/p/tmp", "/tmp"),
+        Make("/tmp/checkout", directory=True),  # inside the pod's own volume
+        Bind("/tmp/checkout", "/tmp/checkout", read_only=True),
+    ]  # /usr is under no volume: nothing to do

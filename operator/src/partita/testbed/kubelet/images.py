@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,6 +136,14 @@ def local_command(
         [_find(exe, exe_dir), *local.listen([expand(a, env) for a in rest], port)],
         dict(local.env),
     )
+
+
+def image_files(exe_dir: Path) -> list[str]:
+    """Where the images' files are on this machine: the venv `exe_dir` belongs to, the
+    checkout its packages are installed from (editable), and the Python it runs on."""
+    checkout = Path(__file__).resolve().parents[5]
+    places = {exe_dir.resolve().parent, checkout, Path(sys.base_prefix)}
+    return sorted(str(p) for p in places if not any(q in p.parents for q in places))
 
 
 def _find(exe: str, exe_dir: Path) -> str:

@@ -296,6 +296,7 @@ class PodRunner:
             "mounts": [
                 {"source": str(m.source), "target": m.path, "read_only": m.read_only} for m in binds
             ],
+            "keep": images.image_files(self.exe_dir),
             "argv": argv,
         }
         path = pod_dir / "sandbox.json"

@@ -4,8 +4,8 @@ store at /var/lib/partita/models, a kubelet-written /etc/hosts.
 
     python -m partita.testbed.kubelet.sandbox SPEC.json
 
-SPEC.json: {"mounts": [{"target", "source", "read_only"}], "argv": [...]}. The launcher
-unshares its mount namespace (private propagation: nothing leaks back to the host), binds
+SPEC.json: {"mounts": [{"target", "source", "read_only"}], "keep": [...], "argv": [...]}. The
+launcher unshares its mount namespace (private propagation: nothing leaks back to the host), binds
 every source at its target and execs argv with its own environment. A mountPath that does not
 exist on this machine is made without touching the host's files: its nearest existing parent
 is covered, in this namespace only, by a tmpfs holding binds of that parent's entries plus
@@ -66,9 +66,15 @@ def plan(
     binds: Sequence[Bind],
     exists: Callable[[str], bool] = os.path.lexists,
     is_dir: Callable[[str], bool] = os.path.isdir,
+    keep: Sequence[str] = (),
 ) -> list[Step]:
     """The steps that put every bind in place, parents first (pure, given the host's view).
-    Mount points are made only in a tmpfs of ours or inside a pod's own volume."""
+    Mount points are made only in a tmpfs of ours or inside a pod's own volume.
+
+    `keep` are the image's files on this machine (the venv and the checkout it runs from): a
+    container's volumes never hide its image, so a volume mounted over one of them (an
+    emptyDir at /tmp while the checkout lives under /tmp) gets it bound back, read-only, at
+    its own path (its mount point is made inside that volume)."""
     steps: list[Step] = []
     ours: set[PurePosixPath] = set()  # tmpfs roots and what we made in them
     mounted: list[tuple[PurePosixPath, str]] = []  # bind targets so far, with their sources
@@ -108,6 +114,16 @@ def plan(
                 ours.add(p)
         steps.append(Bind(bind.source, str(target), bind.read_only))
         mounted.append((target, bind.source))
+    for path in keep:
+        kept = PurePosixPath(path)
+        if not any(t == kept or t in kept.parents for t, _ in mounted):
+            continue
+        for p in sorted([kept, *kept.parents], key=lambda q: len(q.parts)):
+            if not present(p):
+                steps.append(Make(str(p), directory=True))
+                ours.add(p)
+        steps.append(Bind(path, path, read_only=True))
+        mounted.append((kept, path))
     return steps
 
 
@@ -222,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(2)
     doc = json.loads(Path(args[0]).read_text())
     try:
-        execute(plan(spec_binds(doc)))
+        execute(plan(spec_binds(doc), keep=[str(p) for p in doc.get("keep") or []]))
     except (SandboxError, OSError) as exc:
         print(f"sandbox: cannot set up the pod's mounts: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
