@@ -11,7 +11,7 @@ import hashlib
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,18 +88,15 @@ def profile_loaded(
     param_bytes: list[int] = []
     seen_params: set[str] = set()
     for node in nodes_proto:
+        costs.append(node_flops(node, shape_map, view.initializers))
         if node.op_type in CONTROL_FLOW_OPS or any(True for _ in subgraphs(node)):
-            trip = _trip_count(node, view)
-            flops = control_flow_cost(node, shape_map.get, shape_map, trip)
-            costs.append((flops, 0))
+            trip = _trip_count(node, view.initializers)
             inner = sum(len(g.node) for g in subgraphs(node))
             notes.append(
                 f"node {node.name or node.output[0]!r} ({node.op_type}) holds a subgraph of "
                 f"{inner} nodes: it is kept whole in one stage, never cut into or sharded"
                 + ("" if node.op_type != "Loop" or trip else "; trip count unknown, costed once")
             )
-        else:
-            costs.append(node_cost(node, shape_map.get))
         pb = 0
         for name in node_inputs(node):
             if name in view.initializers and name not in seen_params:
@@ -107,26 +104,19 @@ def profile_loaded(
                 pb += view.nbytes(name)
         param_bytes.append(pb)
 
-    # Activation lifetimes: a tensor lives from its producer to its last consumer
-    # (graph outputs to the end; graph inputs from before node 0).
+    sizes = {name: view.nbytes(name) for name in _sized(view, nodes_proto)}
+    live = live_bytes(nodes_proto, sizes, view.input_names, view.output_names, view.initializers)
+    born: dict[str, int] = {name: -1 for name in view.input_names}
+    for i, node in enumerate(nodes_proto):
+        for o in node.output:
+            if o:
+                born[o] = i
     last_use: dict[str, int] = {}
     for name, users in view.consumers.items():
         if name not in view.initializers:
             last_use[name] = max(users)
     for name in view.output_names:
         last_use[name] = n
-    born: dict[str, int] = {name: -1 for name in view.input_names}
-    for i, node in enumerate(nodes_proto):
-        for o in node.output:
-            if o:
-                born[o] = i
-    delta = np.zeros(n + 2, dtype=np.int64)
-    for name, b in born.items():
-        end = last_use.get(name, b)  # dead outputs live only right after their node
-        size = view.nbytes(name)
-        delta[b + 1] += size
-        delta[end + 1 if end >= b + 1 else b + 2] -= size
-    live = np.cumsum(delta)[1 : n + 1]
 
     node_costs = tuple(
         NodeCost(
@@ -171,10 +161,63 @@ def _shape_map(view: GraphView) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _trip_count(node: onnx.NodeProto, view: GraphView) -> int | None:
+def _sized(view: GraphView, nodes: Sequence[onnx.NodeProto]) -> list[str]:
+    names = list(view.input_names)
+    for node in nodes:
+        names.extend(o for o in node.output if o)
+    return names
+
+
+def node_flops(
+    node: onnx.NodeProto,
+    shapes: Mapping[str, tuple[int, ...]],
+    initializers: Mapping[str, onnx.TensorProto],
+) -> tuple[int, int]:
+    """(FLOPs, MACs) of one node at these tensor shapes (subgraph ops: their bodies)."""
+    if node.op_type in CONTROL_FLOW_OPS or any(True for _ in subgraphs(node)):
+        trip = _trip_count(node, initializers)
+        return control_flow_cost(node, shapes.get, dict(shapes), trip), 0
+    return node_cost(node, shapes.get)
+
+
+def live_bytes(
+    nodes: Sequence[onnx.NodeProto],
+    sizes: Mapping[str, int],
+    inputs: Sequence[str],
+    outputs: Sequence[str],
+    constants: Container[str],
+) -> np.ndarray:
+    """Activation bytes alive right after each node ran (graph inputs included).
+
+    A tensor lives from its producer to its last consumer (graph inputs from before the
+    first node, graph outputs to the end; a dead output only right after its node).
+    """
+    n = len(nodes)
+    last_use: dict[str, int] = {}
+    for i, node in enumerate(nodes):
+        for name in node_inputs(node):
+            if name not in constants:
+                last_use[name] = i
+    for name in outputs:
+        last_use[name] = n
+    born: dict[str, int] = {name: -1 for name in inputs}
+    for i, node in enumerate(nodes):
+        for o in node.output:
+            if o:
+                born[o] = i
+    delta = np.zeros(n + 2, dtype=np.int64)
+    for name, b in born.items():
+        end = last_use.get(name, b)
+        size = sizes[name]
+        delta[b + 1] += size
+        delta[end + 1 if end >= b + 1 else b + 2] -= size
+    return np.cumsum(delta)[1 : n + 1]
+
+
+def _trip_count(node: onnx.NodeProto, initializers: Mapping[str, onnx.TensorProto]) -> int | None:
     if node.op_type != "Loop" or not node.input or not node.input[0]:
         return None
-    init = view.initializers.get(node.input[0])
+    init = initializers.get(node.input[0])
     if init is None:
         return None
     return int(onnx.numpy_helper.to_array(init).reshape(-1)[0])

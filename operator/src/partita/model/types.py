@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+import numpy as np
+
 
 class OpClass(StrEnum):
     """Operator families whose speed is measured separately per device."""
@@ -97,10 +99,11 @@ class ModelProfile:
 
 
 class GatherMode(StrEnum):
-    """How the partial outputs of a stage's shards rebuild one stage output."""
+    """How the partial outputs of a stage's shards rebuild one tensor."""
 
-    CONCAT = "concat"  # concatenate the shards' parts along `axis`, in shard order
-    SUM = "sum"  # add the shards' parts (row-parallel MatMul, split reductions)
+    CONCAT = "concat"  # concatenate the shards' rows along `axis`, in shard order
+    SUM = "sum"  # add the shards' summands (row-parallel MatMul, split reductions)
+    MAX = "max"  # the largest of the shards' partial maxima (a max pool over tiles)
     TAKE = "take"  # one shard computes the whole tensor (branch parallelism)
 
 
@@ -118,17 +121,129 @@ class GatherSpec:
         return f"{output}__shard{shard}"
 
 
+Span = tuple[int, int]  # rows [start, stop) along an exchange's axis
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """One tensor the shards swap between two segments of a sharded stage.
+
+    After the segment, shard i outputs `GatherSpec.part_name(tensor, i)`: rows `parts[i]`
+    of the tensor along `axis` (CONCAT), or a summand / partial maximum of the whole tensor
+    (SUM / MAX; `parts[i]` is then the whole axis). Before the next segment, shard j must
+    hold rows `needs[j]` of the assembled tensor under the tensor's own name (None: shard j
+    does not need it). `partita.model.exchange` does the arithmetic.
+    """
+
+    tensor: str
+    mode: GatherMode
+    axis: int
+    shape: tuple[int, ...]
+    dtype: str
+    parts: tuple[Span | None, ...]
+    needs: tuple[Span | None, ...]
+
+    @property
+    def row_bytes(self) -> int:
+        rows = self.shape[self.axis] if self.shape else 1
+        total = int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+        return total // max(rows, 1)
+
+    def sent_rows(self, source: int, target: int) -> int:
+        """Rows shard `source` sends shard `target` (peer to peer, only what it needs)."""
+        part, need = self.parts[source], self.needs[target]
+        if source == target or part is None or need is None:
+            return 0
+        if self.mode is GatherMode.CONCAT:
+            return max(0, min(part[1], need[1]) - max(part[0], need[0]))
+        return need[1] - need[0]
+
+    @property
+    def received_bytes(self) -> tuple[int, ...]:
+        k = len(self.parts)
+        return tuple(sum(self.sent_rows(i, j) for i in range(k)) * self.row_bytes for j in range(k))
+
+    @property
+    def sent_bytes(self) -> tuple[int, ...]:
+        k = len(self.parts)
+        return tuple(sum(self.sent_rows(i, j) for j in range(k)) * self.row_bytes for i in range(k))
+
+
+@dataclass(frozen=True)
+class Scatter:
+    """What each shard reads of one stage input: rows `spans[i]` along `axis`, or None."""
+
+    tensor: str
+    axis: int
+    shape: tuple[int, ...]
+    dtype: str
+    spans: tuple[Span | None, ...]
+
+    @property
+    def shard_bytes(self) -> tuple[int, ...]:
+        rows = self.shape[self.axis] if self.shape else 1
+        total = int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+        return tuple(0 if s is None else (s[1] - s[0]) * total // max(rows, 1) for s in self.spans)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Nodes [start, end) of the model that every shard runs before the next exchange.
+
+    `inputs[i]` are the tensors shard i's segment model reads (stage inputs, tensors it
+    received in an exchange, tensors it kept from an earlier segment); the figures are
+    those of shard i's segment model. A shard with nothing to do in a segment (`active`
+    False) has no model for it.
+    """
+
+    start: int
+    end: int
+    active: tuple[bool, ...]
+    inputs: tuple[tuple[str, ...], ...]
+    exchanges: tuple[Exchange, ...]  # swapped after this segment (none after the last)
+    shard_flops: tuple[int, ...]
+    shard_param_bytes: tuple[int, ...]
+    shard_peak_bytes: tuple[int, ...]
+
+
 @dataclass(frozen=True)
 class ShardLayout:
-    """How one stage is split horizontally; each shard is a standalone ONNX model
-    that reads (a subset of) the stage inputs and produces the part tensors."""
+    """How one stage is split horizontally: the single source of truth the planner's
+    figures, the shard models and the data plane's exchanges are all read from.
+
+    Each shard runs `segments` in order; between two segments the shards swap the
+    segment's `exchanges`; at the end `gathers` rebuild the stage outputs from the
+    shards' part tensors. `partita.model.shard.build_shards` cuts exactly this layout.
+    """
 
     proportions: tuple[float, ...]
     gathers: tuple[GatherSpec, ...]
-    strategy: str  # "column", "conv-channel", "megatron", "branch", ...
-    # Estimated FLOPs each shard runs (replicated prefix included), in shard order.
+    strategy: str  # "tile", "megatron", "column", "conv-channel", "branch"
+    # FLOPs each shard runs (replicated and halo work included), in shard order.
     shard_flops: tuple[int, ...] = ()
+    start: int = 0  # the node range [start, end) of the loaded model it splits
+    end: int = 0
+    segments: tuple[Segment, ...] = ()
+    scatter: tuple[Scatter, ...] = ()
+    shard_param_bytes: tuple[int, ...] = ()
+    # Peak activation bytes of the shard's largest segment model.
+    shard_peak_bytes: tuple[int, ...] = ()
+    # FLOPs per shard per op class, in `OpClass` order (the planner times them per class).
+    shard_class_flops: tuple[tuple[int, ...], ...] = ()
+    # Bytes of the part tensors each shard sends to whoever gathers the stage outputs.
+    gather_bytes: tuple[int, ...] = ()
+    # The shard models read the stage inputs whole (one segment, served by a plain fan-out).
+    whole_inputs: bool = False
 
     @property
     def shards(self) -> int:
         return len(self.proportions)
+
+    @property
+    def exchanges(self) -> tuple[Exchange, ...]:
+        return tuple(x for s in self.segments for x in s.exchanges)
+
+    @property
+    def scatter_bytes(self) -> tuple[int, ...]:
+        """Bytes of the stage inputs each shard must be sent."""
+        return tuple(sum(x.shard_bytes[i] for x in self.scatter) for i in range(self.shards))
