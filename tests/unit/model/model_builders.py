@@ -59,3 +59,80 @@ def mlp() -> onnx.ModelProto:
             weight("b2", (6,), 3),
         ],
     )
+
+
+def conv_stack(height: int = 24, width: int = 20) -> onnx.ModelProto:
+    """Three 3x3 convolutions (one strided), a max pool, a global pool and a Gemm head:
+    halos that grow through the stack, a stride that shrinks them, a reduction over rows."""
+    return make(
+        [
+            helper.make_node("Conv", ["x", "w1"], ["c1"], kernel_shape=[3, 3], pads=[1] * 4,
+                             name="conv1"),
+            helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+            helper.make_node("Conv", ["r1", "w2"], ["c2"], kernel_shape=[3, 3], pads=[1] * 4,
+                             strides=[2, 2], name="conv2"),
+            helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+            helper.make_node("MaxPool", ["r2"], ["p"], kernel_shape=[3, 3], pads=[1] * 4,
+                             strides=[1, 1], name="pool"),
+            helper.make_node("Conv", ["p", "w3", "b3"], ["c3"], kernel_shape=[3, 3],
+                             pads=[1] * 4, name="conv3"),
+            helper.make_node("Add", ["c3", "p"], ["res"], name="residual"),
+            helper.make_node("GlobalAveragePool", ["res"], ["g"], name="gap"),
+            helper.make_node("Flatten", ["g"], ["f"], name="flat"),
+            helper.make_node("Gemm", ["f", "wh", "bh"], ["y"], transB=1, name="head"),
+        ],  # fmt: skip
+        [f32("x", [1, 3, height, width])],
+        [f32("y", [1, 5])],
+        [
+            weight("w1", (8, 3, 3, 3)),
+            weight("w2", (16, 8, 3, 3), 1),
+            weight("w3", (16, 16, 3, 3), 2),
+            weight("b3", (16,), 3),
+            weight("wh", (5, 16), 4),
+            weight("bh", (5,), 5),
+        ],
+    )
+
+
+def attention_block(tokens: int = 8, hidden: int = 16, heads: int = 4) -> onnx.ModelProto:
+    """One pre-norm transformer block: attention heads, output projection, residual, MLP."""
+    d = hidden // heads
+    shape4 = np.array([1, tokens, heads, d], dtype=np.int64)
+    shape3 = np.array([1, tokens, hidden], dtype=np.int64)
+    nodes = [
+        helper.make_node("LayerNormalization", ["x", "g1", "be1"], ["n1"], axis=-1, name="ln1"),
+        *[
+            helper.make_node("MatMul", ["n1", f"w{p}"], [f"{p}m"], name=f"{p}_proj")
+            for p in "qkv"
+        ],
+        *[
+            helper.make_node("Reshape", [f"{p}m", "shape4"], [f"{p}h"], name=f"{p}_heads")
+            for p in "qkv"
+        ],
+        helper.make_node("Transpose", ["qh"], ["qt"], perm=[0, 2, 1, 3], name="q_t"),
+        helper.make_node("Transpose", ["kh"], ["kt"], perm=[0, 2, 3, 1], name="k_t"),
+        helper.make_node("Transpose", ["vh"], ["vt"], perm=[0, 2, 1, 3], name="v_t"),
+        helper.make_node("MatMul", ["qt", "kt"], ["s"], name="scores"),
+        helper.make_node("Mul", ["s", "scale"], ["ss"], name="scale"),
+        helper.make_node("Softmax", ["ss"], ["a"], axis=-1, name="softmax"),
+        helper.make_node("MatMul", ["a", "vt"], ["ctx"], name="context"),
+        helper.make_node("Transpose", ["ctx"], ["ct"], perm=[0, 2, 1, 3], name="ctx_t"),
+        helper.make_node("Reshape", ["ct", "shape3"], ["cm"], name="merge"),
+        helper.make_node("MatMul", ["cm", "wo"], ["o"], name="out_proj"),
+        helper.make_node("Add", ["o", "x"], ["h1"], name="residual1"),
+        helper.make_node("LayerNormalization", ["h1", "g2", "be2"], ["n2"], axis=-1, name="ln2"),
+        helper.make_node("MatMul", ["n2", "wu"], ["u"], name="up"),
+        helper.make_node("Relu", ["u"], ["ur"], name="act"),
+        helper.make_node("MatMul", ["ur", "wd"], ["dn"], name="down"),
+        helper.make_node("Add", ["dn", "h1"], ["y"], name="residual2"),
+    ]
+    inits = [
+        weight("g1", (hidden,), 1), weight("be1", (hidden,), 2),
+        weight("g2", (hidden,), 3), weight("be2", (hidden,), 4),
+        weight("wq", (hidden, hidden), 5), weight("wk", (hidden, hidden), 6),
+        weight("wv", (hidden, hidden), 7), weight("wo", (hidden, hidden), 8),
+        weight("wu", (hidden, 4 * hidden), 9), weight("wd", (4 * hidden, hidden), 10),
+        numpy_helper.from_array(shape4, "shape4"), numpy_helper.from_array(shape3, "shape3"),
+        numpy_helper.from_array(np.array(d**-0.5, dtype=np.float32), "scale"),
+    ]  # fmt: skip
+    return make(nodes, [f32("x", [1, tokens, hidden])], [f32("y", [1, tokens, hidden])], inits)

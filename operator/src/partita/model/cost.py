@@ -8,12 +8,13 @@ cost one FLOP per output element (transcendentals a few), data movement costs no
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import onnx
 from onnx import helper
 
+from partita.model.graph import CONTROL_FLOW_OPS, subgraphs, value_shape
 from partita.model.types import OpClass
 
 ShapeOf = Callable[[str], "tuple[int, ...] | None"]
@@ -143,8 +144,6 @@ def node_cost(node: onnx.NodeProto, shape_of: ShapeOf) -> tuple[int, int]:
 def graph_cost(graph: onnx.GraphProto, outer: dict[str, tuple[int, ...]]) -> int:
     """FLOPs of a subgraph, using the shapes shape inference recorded inside it."""
     shapes = dict(outer)
-    from partita.model.graph import value_shape
-
     for t in graph.initializer:
         shapes[t.name] = tuple(t.dims)
     for vi in [*graph.input, *graph.value_info, *graph.output]:
@@ -199,3 +198,24 @@ def is_shardable(node: onnx.NodeProto, is_constant: Callable[[str], bool]) -> bo
     if node.op_type in ("MatMul", "Gemm"):
         return len(node.input) > 1 and is_constant(node.input[1])
     return False
+
+
+def node_flops(
+    node: onnx.NodeProto,
+    shapes: Mapping[str, tuple[int, ...]],
+    initializers: Mapping[str, onnx.TensorProto],
+) -> tuple[int, int]:
+    """(FLOPs, MACs) of one node at these tensor shapes (subgraph ops: their bodies)."""
+    if node.op_type in CONTROL_FLOW_OPS or any(True for _ in subgraphs(node)):
+        trip = trip_count(node, initializers)
+        return control_flow_cost(node, shapes.get, dict(shapes), trip), 0
+    return node_cost(node, shapes.get)
+
+
+def trip_count(node: onnx.NodeProto, initializers: Mapping[str, onnx.TensorProto]) -> int | None:
+    if node.op_type != "Loop" or not node.input or not node.input[0]:
+        return None
+    init = initializers.get(node.input[0])
+    if init is None:
+        return None
+    return int(onnx.numpy_helper.to_array(init).reshape(-1)[0])

@@ -27,10 +27,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from partita.model.cost import is_shardable, op_class
+from partita.model.cost import is_shardable, node_flops, op_class
 from partita.model.errors import CutError, ShardingError
 from partita.model.exchange import gather
-from partita.model.graph import CONTROL_FLOW_OPS, GraphView, node_inputs, subgraphs
+from partita.model.graph import CONTROL_FLOW_OPS, GraphView, live_bytes, node_inputs, subgraphs
 from partita.model.placement import (
     REFERENCE,
     SUMMAND,
@@ -42,7 +42,6 @@ from partita.model.placement import (
     TensorShards,
     partition,
 )
-from partita.model.profile import live_bytes, node_flops
 from partita.model.tiling import TileAnalysis, tile_range
 from partita.model.types import (
     Exchange,
@@ -52,6 +51,7 @@ from partita.model.types import (
     Scatter,
     Segment,
     ShardLayout,
+    ShardTable,
 )
 from partita.model.width import WidthRefusal, width_range
 
@@ -118,6 +118,7 @@ class ShardAnalysis:
         self._structure: dict[int, tuple[int, tuple[int, ...]]] = {}
         self._arrays: dict[str, np.ndarray] = {}
         self._placements: dict[ShardLayout, RangePlacement] = {}
+        self._global: dict[tuple[str, int], RangePlacement] = {}
         self._opset = next(
             (o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1
         )
@@ -387,10 +388,9 @@ class ShardAnalysis:
         """(tiled spatial dim, halo exchange points) of the whole model at `shards` equal
         shards, kept for every range so a range's layout is the whole model's restricted."""
         if shards not in self._structure:
-            best: tuple[float, int, tuple[int, ...]] | None = None
+            best: tuple[float, int, tuple[int, ...], RangePlacement] | None = None
             props = (1.0,) * shards
-            dims = (0, 1) if self._has_2d_windows() else (0,)
-            for dim in dims:
+            for dim in self._tile_dims():
                 ana = self._tile_analysis(shards, dim)
                 if not ana.axis:
                     continue
@@ -404,14 +404,111 @@ class ShardAnalysis:
                 except (ValueError, ShardingError):
                     continue
                 if best is None or cost < best[0]:
-                    best = (cost, dim, points)
+                    best = (cost, dim, points, placement)
             self._structure[shards] = (best[1], best[2]) if best else (0, ())
+            if best is not None:
+                self._global[("tile", shards)] = best[3]
         return self._structure[shards]
 
-    def _has_2d_windows(self) -> bool:
-        return any(
-            n.op_type in ("Conv", "MaxPool", "AveragePool") and len(self.shape(n.input[0])) == 4
-            for n in self.nodes
+    def _tile_dims(self) -> tuple[int, ...]:
+        """The spatial dims worth trying: the height, and the width of 2-D windows when it
+        is larger (text lines, spectrograms)."""
+        for n in self.nodes:
+            if n.op_type in ("Conv", "MaxPool", "AveragePool") and len(self.shape(n.input[0])) == 4:
+                shape = self.shape(n.output[0])
+                return (0, 1) if shape[3] > shape[2] else (0,)
+        return (0,)
+
+    def _global_placement(self, strategy: str, shards: int) -> RangePlacement:
+        key = (strategy, shards)
+        if key not in self._global:
+            props = (1.0,) * shards
+            if strategy == "tile":
+                self.tile_structure(shards)
+                if key not in self._global:
+                    raise ShardingError("no node of the model can run on row tiles")
+            else:
+                self._global[key] = self._place(strategy, 0, len(self.nodes), props, False)
+        return self._global[key]
+
+    def table(self, shards: int, strategy: str, positions: Sequence[int]) -> ShardTable:
+        """The figures of every range between `positions` for the planner's search."""
+        placement = self._global_placement(strategy, shards)
+        n, k, c = len(self.nodes), shards, len(OP_CLASSES)
+        node_flops = np.zeros((n, k, c), dtype=np.int64)
+        node_params = np.zeros((n, k), dtype=np.int64)
+        node_live = np.zeros((n, k), dtype=np.int64)
+        for per_shard in self._programs(placement):
+            for i, seg in enumerate(per_shard):
+                if not seg.nodes:
+                    continue
+                flops, params, live = self._op_figures(seg)
+                owners = list(seg.owners)
+                nxt = next((o for o in reversed(owners) if o >= 0), 0)
+                for t in range(len(owners) - 1, -1, -1):  # added ops count with the next node
+                    if owners[t] < 0:
+                        owners[t] = nxt
+                    nxt = owners[t]
+                idx = np.asarray(owners, dtype=np.int64)
+                np.add.at(node_flops[:, i, :], idx, flops)
+                np.add.at(node_params[:, i], idx, params)
+                np.maximum.at(node_live[:, i], idx, live)
+        pos = np.asarray(positions, dtype=np.int64)
+        zero = np.zeros((1, k), dtype=np.int64)
+        cum_flops = np.concatenate([np.zeros((1, k, c), np.int64), np.cumsum(node_flops, 0)])
+        cum_params = np.concatenate([zero, np.cumsum(node_params, 0)])
+        peak = (
+            np.stack(
+                [node_live[pos[j] : pos[j + 1]].max(axis=0, initial=0) for j in range(len(pos) - 1)]
+            )
+            if len(pos) > 1
+            else np.zeros((0, k), np.int64)
+        )
+        points: dict[int, np.ndarray] = {}
+        for name, ts in placement.tensors.items():
+            if ts.exchange_at is not None:
+                got = np.asarray(self._exchange(name, ts, k).received_bytes, dtype=np.int64)
+                points[ts.exchange_at] = points.get(ts.exchange_at, 0) + got
+        at = np.asarray(sorted(points), dtype=np.int64)
+        recv = np.stack([points[p] for p in sorted(points)]) if points else np.zeros((0, k))
+        cum_recv = np.concatenate([zero, np.cumsum(recv, 0)]).astype(np.int64)
+        before = np.searchsorted(at, pos, side="left")
+        upto = np.searchsorted(at, pos, side="right")
+        scatter = np.zeros((len(pos), k), dtype=np.int64)
+        gather_b = np.zeros((len(pos), k), dtype=np.int64)
+        starts = np.ones(len(pos), dtype=np.bool_)
+        for j, p in enumerate(pos):
+            for name in self.crossing(int(p)):
+                crossing = placement.tensors.get(name)
+                if crossing is None:
+                    continue
+                shape, size = self.shape(name), self.dtype(name).itemsize
+                for i in range(k):
+                    piece = crossing.version(i, int(p))
+                    if piece is None:
+                        continue
+                    scatter[j, i] += piece.nbytes(shape, size)
+                    if not piece.whole and strategy == "width":
+                        starts[j] = False
+                    if crossing.mode is GatherMode.CONCAT and crossing.owned is not None:
+                        lo, hi = crossing.owned[i]
+                        gather_b[j, i] += Piece(crossing.axis, lo, hi).nbytes(shape, size)
+                    elif crossing.mode is not GatherMode.TAKE or i == crossing.take_from:
+                        gather_b[j, i] += math.prod(shape) * size
+        return ShardTable(
+            shards=k,
+            strategy=strategy,
+            positions=pos,
+            class_flops=cum_flops[pos],
+            param_bytes=cum_params[pos],
+            peak_bytes=peak,
+            points_before=before.astype(np.int64),
+            points_upto=upto.astype(np.int64),
+            bytes_before=cum_recv[before],
+            bytes_upto=cum_recv[upto],
+            scatter_bytes=scatter,
+            gather_bytes=gather_b,
+            starts=starts,
         )
 
     def _tile_analysis(self, shards: int, dim: int) -> TileAnalysis:
@@ -597,7 +694,7 @@ class ShardAnalysis:
             node = self.nodes[q]
             inputs = list(node.input)
             for slot, name in enumerate(node.input):
-                if not name:
+                if not name or (plan.identity_of is not None and slot != plan.identity_of):
                     continue
                 if slot in plan.drop:
                     inputs[slot] = ""
@@ -684,33 +781,41 @@ class ShardAnalysis:
         return piece.shape(dims), self.dtype(name).itemsize
 
     def _figures(self, seg: _SegmentModel) -> _Figures:
+        flops, params, live = self._op_figures(seg)
+        return _Figures(
+            int(flops.sum()),
+            tuple(int(x) for x in flops.sum(axis=0)),
+            int(params.sum()),
+            int(live.max(initial=0)),
+        )
+
+    def _op_figures(self, seg: _SegmentModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per node of a segment model: FLOPs per op class, parameter bytes first read there,
+        activation bytes alive after it (what `profile_loaded` finds in the built model)."""
         shapes = dict(seg.shapes)
         const_sizes: dict[str, int] = {}
         for name, value in seg.consts.items():
             shape, itemsize = self._const_shape(value)
             shapes[name] = shape
             const_sizes[name] = math.prod(shape) * itemsize
-        per_class = [0] * len(OP_CLASSES)
-        total = 0
+        flops = np.zeros((len(seg.nodes), len(OP_CLASSES)), dtype=np.int64)
+        params = np.zeros(len(seg.nodes), dtype=np.int64)
         used: set[str] = set()
-        params = 0
         loops = (
             self._trip_counts(seg) if any(n.op_type in CONTROL_FLOW_OPS for n in seg.nodes) else {}
         )
-        for node, owner in zip(seg.nodes, seg.owners, strict=True):
-            flops = node_flops(node, shapes, loops)[0]
+        for t, (node, owner) in enumerate(zip(seg.nodes, seg.owners, strict=True)):
             cls = OpClass.OTHER if node.op_type in CONTROL_FLOW_OPS else op_class(node.op_type)
-            per_class[OP_CLASSES.index(cls)] += flops
-            total += flops
+            flops[t, OP_CLASSES.index(cls)] = node_flops(node, shapes, loops)[0]
             for name in (*node.input, *self._captures.get(owner, ())):
                 if name in const_sizes and name not in used:
                     used.add(name)
-                    params += const_sizes[name]
+                    params[t] += const_sizes[name]
         sizes = {
             name: math.prod(shape) * seg.dtypes[name].itemsize for name, shape in seg.shapes.items()
         }
         live = live_bytes(seg.nodes, sizes, seg.inputs, seg.outputs, const_sizes)
-        return _Figures(total, tuple(per_class), params, int(live.max(initial=0)))
+        return flops, params, live
 
     def _trip_counts(self, seg: _SegmentModel) -> dict[str, onnx.TensorProto]:
         out = {}

@@ -88,6 +88,13 @@ class ModelProfile:
     # How many node-output tensors each loading step resolved the shape of:
     # (("tensors", n), ("inference", a), ("folding", b), ("runtime", c)).
     shape_coverage: tuple[tuple[str, int], ...] = field(default_factory=tuple)
+    # Sharded figures of the ranges between cut points, per shard count and strategy.
+    shard_tables: tuple[ShardTable, ...] = field(default=(), compare=False, repr=False)
+
+    def shard_table(self, shards: int, strategy: str) -> ShardTable | None:
+        return next(
+            (t for t in self.shard_tables if t.shards == shards and t.strategy == strategy), None
+        )
 
     @property
     def input_bytes(self) -> int:
@@ -247,3 +254,44 @@ class ShardLayout:
     def scatter_bytes(self) -> tuple[int, ...]:
         """Bytes of the stage inputs each shard must be sent."""
         return tuple(sum(x.shard_bytes[i] for x in self.scatter) for i in range(self.shards))
+
+
+@dataclass(frozen=True, eq=False)
+class ShardTable:
+    """Figures of every range between `positions` sharded `shards` ways with one strategy at
+    equal proportions, for the planner's search; `ShardAnalysis.layout` gives the exact
+    layout of the range and proportions finally chosen.
+
+    They come from the strategy placed over the whole model (the halo points, splits and
+    exchanges a range's own layout keeps), restricted to the range: for positions index
+    a < b, a shard's FLOPs are `class_flops[b] - class_flops[a]` (per op class, in `OpClass`
+    order), its parameter bytes `param_bytes[b] - param_bytes[a]`, its activation peak the
+    max of `peak_bytes[a:b]`; the exchanges inside are `points_before[b] - points_upto[a]`
+    moving `bytes_before[b] - bytes_upto[a]` into each shard; the range reads
+    `scatter_bytes[a]` of its inputs into each shard and gathers `gather_bytes[b]` from
+    each. A range may start only where `starts` is true (for "width": where no tensor
+    crossing it is split, so the range's own walk is the whole model's).
+    """
+
+    shards: int
+    strategy: str  # "tile" or "width"
+    positions: np.ndarray  # (P,) node positions: 0, the profile's cut points, len(nodes)
+    class_flops: np.ndarray  # (P, shards, classes) prefix sums
+    param_bytes: np.ndarray  # (P, shards) prefix sums
+    peak_bytes: np.ndarray  # (P - 1, shards): largest activation bytes in each block
+    points_before: np.ndarray  # (P,) exchange points strictly before each position
+    points_upto: np.ndarray  # (P,) exchange points at or before each position
+    bytes_before: np.ndarray  # (P, shards) bytes received at those points, prefix sums
+    bytes_upto: np.ndarray  # (P, shards)
+    scatter_bytes: np.ndarray  # (P, shards)
+    gather_bytes: np.ndarray  # (P, shards)
+    starts: np.ndarray  # (P,) bool
+
+    FIELDS = (
+        "positions", "class_flops", "param_bytes", "peak_bytes", "points_before",
+        "points_upto", "bytes_before", "bytes_upto", "scatter_bytes", "gather_bytes", "starts",
+    )  # fmt: skip
+
+    def flops(self, a: int, b: int) -> np.ndarray:
+        """(shards,) FLOPs of positions[a]..positions[b] per shard."""
+        return (self.class_flops[b] - self.class_flops[a]).sum(axis=-1)

@@ -158,6 +158,12 @@ class _Walk:
             or not self.worth_splitting(node)
         ):
             return None, None
+        try:
+            return self._anchor(node)
+        except _Refuse:
+            return None, None  # too few channels to split: run it whole
+
+    def _anchor(self, node: onnx.NodeProto) -> tuple[State, _Rewrite | None]:
         w = self.view.shape(node.input[1])
         out_rank = len(self.view.shape(node.output[0]))
         if node.op_type == "Conv":
