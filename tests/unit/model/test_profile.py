@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 from model_builders import diamond, mlp
-
 from partita.model import synthetic
 from partita.model.profile import (
     FRONTIER_TOLERANCE,

@@ -8,12 +8,13 @@ The cut shards are profiled on their own (`profile_loaded` of each segment model
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import pairwise
 
 import numpy as np
 import onnx
 import pytest
-from model_builders import attention_block, conv_stack
 
+from model_builders import attention_block, conv_stack
 from partita.model import synthetic
 from partita.model.errors import ShardingError
 from partita.model.exchange import exchange_receive, exchange_sends, gather
@@ -38,7 +39,7 @@ def _built_figures(
             prof = profile_loaded(load_model(m))
             flops[i] += prof.total_flops
             params[i] += prof.param_bytes
-            peak[i] = max(peak[i], max(n.live_bytes for n in prof.nodes))
+            peak[i] = max(peak[i], *(n.live_bytes for n in prof.nodes))
     return flops, params, peak
 
 
@@ -60,7 +61,7 @@ def test_conv_stack_tiles_carry_their_halo_and_reduce_the_pool() -> None:
     spans = layout.scatter[0].spans
     assert spans[0] is not None and spans[0][0] == 0 and spans[-1] is not None
     assert spans[-1][1] == 24
-    assert all(a is not None and b is not None and a[1] > b[0] for a, b in zip(spans, spans[1:]))
+    assert all(a is not None and b is not None and a[1] > b[0] for a, b in pairwise(spans))
     # The global pool runs on each shard's own rows; the partial means are summed. The
     # other exchanges swap only the halo rows of a tensor the next stretch needs.
     modes = {x.tensor: x.mode for x in layout.exchanges}

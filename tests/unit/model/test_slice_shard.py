@@ -1,14 +1,13 @@
 from __future__ import annotations
 
-import numpy as np
 import pytest
-from model_builders import diamond, mlp
 
+from model_builders import diamond, mlp
 from partita.model import synthetic
 from partita.model.errors import CutError, ShardingError
 from partita.model.load import load_model
-from partita.model.profile import profile_model
 from partita.model.placement import ReferenceCosts
+from partita.model.profile import profile_model
 from partita.model.shard import allocate, shard_stage
 from partita.model.slice import extract_stage, split_at
 from partita.model.types import GatherMode, GatherSpec
@@ -79,8 +78,9 @@ def test_unsupported_op_in_shard_names_the_node() -> None:
 def test_old_softmax_over_flattened_channels_is_not_split() -> None:
     # Before opset 13 Softmax's default axis is 1 and it normalises every axis from there:
     # splitting channels would give each shard its own normalisation (a wrong answer).
-    from model_builders import f32, make, weight
     from onnx import helper
+
+    from model_builders import f32, make, weight
 
     model = make(
         [

@@ -122,11 +122,13 @@ class _Walk:
         proportions: Sequence[float],
         costs: ReferenceCosts,
         anchor_from: int,
+        single_segment: bool = False,
     ) -> None:
         self.view = view
         self.proportions = tuple(proportions)
         self.costs = costs
         self.anchor_from = anchor_from
+        self.single_segment = single_segment
         self.granularity = 1
         self.states: dict[str, State] = {}
 
@@ -146,7 +148,10 @@ class _Walk:
             raise _Refuse(node, f"its {total} output channels are too few: {exc}") from exc
 
     def worth_splitting(self, node: onnx.NodeProto) -> bool:
-        """Splitting saves more compute than the exchange it will cost."""
+        """Splitting saves more compute than the exchange it will cost (with one segment
+        there is no exchange to pay for)."""
+        if self.single_segment:
+            return True
         flops = node_cost(node, self._shape)[0]
         saved = flops * (1 - max(self.proportions) / sum(self.proportions))
         return saved / self.costs.speed(op_class(node.op_type).value) > self.costs.exchange_s
@@ -462,7 +467,9 @@ def width_range(
     only nodes from `anchor_from` on are split and a node without a rule is refused."""
     k = len(proportions)
     nodes = list(view.nodes)
-    walk = _Walk(view, proportions, costs, start if anchor_from is None else anchor_from)
+    walk = _Walk(
+        view, proportions, costs, start if anchor_from is None else anchor_from, single_segment
+    )
     last_use: dict[str, int] = {}
     for q in range(start, end):
         for name in node_inputs(nodes[q]):

@@ -66,21 +66,37 @@ def conv_stack(height: int = 24, width: int = 20) -> onnx.ModelProto:
     halos that grow through the stack, a stride that shrinks them, a reduction over rows."""
     return make(
         [
-            helper.make_node("Conv", ["x", "w1"], ["c1"], kernel_shape=[3, 3], pads=[1] * 4,
-                             name="conv1"),
+            helper.make_node(
+                "Conv", ["x", "w1"], ["c1"], kernel_shape=[3, 3], pads=[1] * 4, name="conv1"
+            ),
             helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-            helper.make_node("Conv", ["r1", "w2"], ["c2"], kernel_shape=[3, 3], pads=[1] * 4,
-                             strides=[2, 2], name="conv2"),
+            helper.make_node(
+                "Conv",
+                ["r1", "w2"],
+                ["c2"],
+                kernel_shape=[3, 3],
+                pads=[1] * 4,
+                strides=[2, 2],
+                name="conv2",
+            ),
             helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
-            helper.make_node("MaxPool", ["r2"], ["p"], kernel_shape=[3, 3], pads=[1] * 4,
-                             strides=[1, 1], name="pool"),
-            helper.make_node("Conv", ["p", "w3", "b3"], ["c3"], kernel_shape=[3, 3],
-                             pads=[1] * 4, name="conv3"),
+            helper.make_node(
+                "MaxPool",
+                ["r2"],
+                ["p"],
+                kernel_shape=[3, 3],
+                pads=[1] * 4,
+                strides=[1, 1],
+                name="pool",
+            ),
+            helper.make_node(
+                "Conv", ["p", "w3", "b3"], ["c3"], kernel_shape=[3, 3], pads=[1] * 4, name="conv3"
+            ),
             helper.make_node("Add", ["c3", "p"], ["res"], name="residual"),
             helper.make_node("GlobalAveragePool", ["res"], ["g"], name="gap"),
             helper.make_node("Flatten", ["g"], ["f"], name="flat"),
             helper.make_node("Gemm", ["f", "wh", "bh"], ["y"], transB=1, name="head"),
-        ],  # fmt: skip
+        ],
         [f32("x", [1, 3, height, width])],
         [f32("y", [1, 5])],
         [
@@ -101,10 +117,7 @@ def attention_block(tokens: int = 8, hidden: int = 16, heads: int = 4) -> onnx.M
     shape3 = np.array([1, tokens, hidden], dtype=np.int64)
     nodes = [
         helper.make_node("LayerNormalization", ["x", "g1", "be1"], ["n1"], axis=-1, name="ln1"),
-        *[
-            helper.make_node("MatMul", ["n1", f"w{p}"], [f"{p}m"], name=f"{p}_proj")
-            for p in "qkv"
-        ],
+        *[helper.make_node("MatMul", ["n1", f"w{p}"], [f"{p}m"], name=f"{p}_proj") for p in "qkv"],
         *[
             helper.make_node("Reshape", [f"{p}m", "shape4"], [f"{p}h"], name=f"{p}_heads")
             for p in "qkv"
