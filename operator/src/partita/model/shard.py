@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from partita.model.cost import is_shardable, node_flops, op_class
+from partita.model.cost import is_shardable, node_cost, node_flops, op_class
 from partita.model.errors import CutError, ShardingError
 from partita.model.exchange import gather
 from partita.model.graph import CONTROL_FLOW_OPS, GraphView, live_bytes, node_inputs, subgraphs
@@ -65,6 +65,17 @@ __all__ = [
 
 STRATEGIES = ("tile", "width", "branch")
 OP_CLASSES = tuple(OpClass)
+
+
+class _ClassIndex(dict[str, int]):
+    """Op type -> index of its op class in OP_CLASSES, filled on first use."""
+
+    def __missing__(self, op_type: str) -> int:
+        self[op_type] = OP_CLASSES.index(op_class(op_type))
+        return self[op_type]
+
+
+_CLASS_INDEX = _ClassIndex()
 # A layout whose busiest shard still runs this share of the range's FLOPs splits nothing
 # worth a device: the range is refused, naming the node that kept the work whole.
 USELESS_SHARE = 0.9
@@ -556,9 +567,29 @@ class ShardAnalysis:
         share = self._node_flops(heaviest) / total
         raise ShardingError(
             f"{node.op_type} node {node.name or node.output[0]!r} ({share:.0%} of the range's "
-            f"FLOPs) stays whole in every shard: shard {busiest} would still run "
-            f"{max(layout.shard_flops) / total:.0%} of the work"
+            f"FLOPs) runs whole ({self._why_whole(placement, heaviest)}): shard {busiest} "
+            f"would still run {max(layout.shard_flops) / total:.0%} of the work"
         )
+
+    def _why_whole(self, placement: RangePlacement, q: int) -> str:
+        node = self.nodes[q]
+        if q in self._captures:
+            return "control flow is never split"
+        k = placement.shards
+        if placement.strategy == "tile":
+            ana = next((a for (shards, _), a in self._tiles.items() if shards == k), None)
+            out = self.shape(node.output[0])
+            if ana is not None and all(
+                ana.map_rows(node, x) is None for x in range(len(out)) if out[x] >= k
+            ):
+                return f"{node.op_type} has no rule to run on a part of its rows"
+            return (
+                "its output is needed whole, and swapping it costs more than computing it on "
+                "the reference device and LAN"
+            )
+        if is_shardable(node, self.view.is_constant):
+            return "splitting it saves less than one exchange costs on the reference device and LAN"
+        return f"{node.op_type} has no rule for a split input, and nothing before it is split"
 
     # -- from a placement to segment programs ----------------------------------------
 
@@ -777,8 +808,7 @@ class ShardAnalysis:
         if isinstance(value, np.ndarray):
             return tuple(value.shape), value.dtype.itemsize
         name, piece = value
-        dims = tuple(int(d) for d in self.view.initializers[name].dims)
-        return piece.shape(dims), self.dtype(name).itemsize
+        return piece.shape(self.shape(name)), self.dtype(name).itemsize
 
     def _figures(self, seg: _SegmentModel) -> _Figures:
         flops, params, live = self._op_figures(seg)
@@ -805,8 +835,10 @@ class ShardAnalysis:
             self._trip_counts(seg) if any(n.op_type in CONTROL_FLOW_OPS for n in seg.nodes) else {}
         )
         for t, (node, owner) in enumerate(zip(seg.nodes, seg.owners, strict=True)):
-            cls = OpClass.OTHER if node.op_type in CONTROL_FLOW_OPS else op_class(node.op_type)
-            flops[t, OP_CLASSES.index(cls)] = node_flops(node, shapes, loops)[0]
+            if owner in self._captures or node.op_type in CONTROL_FLOW_OPS:
+                flops[t, OP_CLASSES.index(OpClass.OTHER)] = node_flops(node, shapes, loops)[0]
+            else:
+                flops[t, _CLASS_INDEX[node.op_type]] = node_cost(node, shapes.get)[0]
             for name in (*node.input, *self._captures.get(owner, ())):
                 if name in const_sizes and name not in used:
                     used.add(name)

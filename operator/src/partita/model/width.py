@@ -13,6 +13,7 @@ a transformer block becomes two segments, each ending in one all-reduce.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -65,7 +66,7 @@ class Split:
 
     @property
     def offsets(self) -> tuple[int, ...]:
-        return tuple(int(x) for x in np.concatenate([[0], np.cumsum(self.sizes)[:-1]]))
+        return (0, *itertools.accumulate(self.sizes[:-1]))
 
     def piece(self, shard: int) -> Piece:
         off = self.offsets[shard]
@@ -484,9 +485,11 @@ def width_range(
                       dict[str, int]] = (start, {}, {}, {}, {})  # fmt: skip
     retries = 0
     q = start
+    split_live: dict[str, int] = {}  # split or summed tensors still to be read -> last use
     while q < end:
-        live = [n for n, st in walk.states.items() if st is not None and last_use.get(n, -1) >= q]
-        if not live and q > checkpoint[0]:
+        for name in [n for n, last in split_live.items() if last < q]:
+            del split_live[name]
+        if not split_live and q > checkpoint[0]:
             checkpoint = (q, dict(walk.states), dict(rewrites), dict(produced), dict(exchanged))
             walk.granularity = 1
         node = nodes[q]
@@ -502,12 +505,9 @@ def width_range(
             g = walk.granularity
             walk.granularity = g * more.granularity // math.gcd(g, more.granularity)
             q, states, rws, prods, xs = checkpoint
-            walk.states, rewrites, produced, exchanged = (
-                dict(states),
-                dict(rws),
-                dict(prods),
-                dict(xs),
-            )
+            walk.states, rewrites = dict(states), dict(rws)
+            produced, exchanged = dict(prods), dict(xs)
+            split_live = {n: last_use.get(n, -1) for n, st in walk.states.items() if st is not None}
             continue
         except _Refuse as refusal:
             if single_segment:
@@ -516,6 +516,7 @@ def width_range(
                 if walk.state(name) is not None:
                     exchanged.setdefault(name, q)
                     walk.states[name] = None
+                    split_live.pop(name, None)
             out, rw = _place(walk, q, node)
         if rw is not None:
             rewrites[q] = rw
@@ -523,6 +524,8 @@ def width_range(
             if o:
                 walk.states[o] = out
                 produced[o] = out
+                if out is not None:
+                    split_live[o] = last_use.get(o, -1)
         q += 1
 
     # Which shards run each whole node: those that need one of its outputs.
