@@ -29,7 +29,6 @@ from partita.model.shard import ShardAnalysis
 from partita.model.slice import extract_stage
 from partita.model.types import ModelProfile, ShardLayout
 from partita.runtime import Session
-from zoo_inputs import zoo_inputs
 
 FREE = ReferenceCosts(exchange_s=0.0, lan_bytes_per_s=1e18)
 
@@ -135,7 +134,7 @@ def test_four_shards_split_the_work_of_the_whole_model(name: str) -> None:
     model, profile, analysis = _zoo(name)
     layout = analysis.layout(0, len(profile.nodes), [1, 1, 1, 1])
     assert max(layout.shard_flops) <= FOUR_SHARDS[name] * profile.total_flops, layout.strategy
-    _check(model, analysis, layout, zoo_inputs(name, model))
+    _check(model, analysis, layout, zoo.sample_inputs(name, model))
 
 
 PROPERTY_MODELS = ["open-nsfw", "minilm", "ocr-rec", "ocr-cls", "light-squeezenet"]
@@ -164,4 +163,4 @@ def test_layouts_are_the_shards_they_cut(name: str, data: st.DataObject) -> None
         assert " node " in str(exc) or "branch" in str(exc), exc  # the refusal names why
         return
     assert layout.start == a and layout.end == b and layout.shards == k
-    _check(model, analysis, layout, zoo_inputs(name, model))
+    _check(model, analysis, layout, zoo.sample_inputs(name, model))

@@ -114,6 +114,19 @@ def register(app: typer.Typer) -> None:
                 f"{c.flops_before / max(prof.total_flops, 1):.1%}",
             )
         console.print(cuts)
+        if prof.shard_tables:
+            shards = Table(title="the whole model in equal shards (busiest shard's share)")
+            for col in ("shards", "strategy", "FLOPs", "params", "exchanges"):
+                shards.add_column(col, justify="right" if col != "strategy" else "left")
+            for t in prof.shard_tables:
+                last = len(t.positions) - 1
+                flops = t.flops(0, last).max() / max(prof.total_flops, 1)
+                params = (t.param_bytes[last] - t.param_bytes[0]).max() / max(prof.param_bytes, 1)
+                count = int(t.points_before[last] - t.points_upto[0])
+                shards.add_row(
+                    str(t.shards), t.strategy, f"{flops:.0%}", f"{params:.0%}", str(count)
+                )
+            console.print(shards)
         for note in prof.notes:
             console.print(f"note: {note}")
 

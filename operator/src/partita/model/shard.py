@@ -189,14 +189,19 @@ class ShardAnalysis:
         self._placements[layout] = placement
         return layout
 
-    def build(self, layout: ShardLayout) -> list[list[onnx.ModelProto | None]]:
+    def build(
+        self, layout: ShardLayout, shard: int | None = None
+    ) -> list[list[onnx.ModelProto | None]]:
         """The segment models of `layout`: result[segment][shard] (None: the shard is idle
-        in that segment)."""
+        in that segment). With `shard`, only that shard's models are cut (a shard server
+        needs no other); the other entries are None."""
         placement = self._placements.get(layout) or self._placement_of(layout)
         programs = self._programs(placement)
         return [
             [
-                self._model(seg, f"s{j}_shard{i}") if seg.nodes else None
+                self._model(seg, f"s{j}_shard{i}")
+                if seg.nodes and (shard is None or shard == i)
+                else None
                 for i, seg in enumerate(per_shard)
             ]
             for j, per_shard in enumerate(programs)

@@ -481,16 +481,15 @@ def width_range(
     rewrites: dict[int, _Rewrite] = {}
     produced: dict[str, State] = {}
     exchanged: dict[str, int] = {}
-    checkpoint: tuple[int, dict[str, State], dict[int, _Rewrite], dict[str, State],
-                      dict[str, int]] = (start, {}, {}, {}, {})  # fmt: skip
+    checkpoint = start  # the last position where nothing was split (a restart point)
     retries = 0
     q = start
     split_live: dict[str, int] = {}  # split or summed tensors still to be read -> last use
     while q < end:
         for name in [n for n, last in split_live.items() if last < q]:
             del split_live[name]
-        if not split_live and q > checkpoint[0]:
-            checkpoint = (q, dict(walk.states), dict(rewrites), dict(produced), dict(exchanged))
+        if not split_live and q > checkpoint:
+            checkpoint = q
             walk.granularity = 1
         node = nodes[q]
         try:
@@ -504,9 +503,12 @@ def width_range(
                 ) from None
             g = walk.granularity
             walk.granularity = g * more.granularity // math.gcd(g, more.granularity)
-            q, states, rws, prods, xs = checkpoint
-            walk.states, rewrites = dict(states), dict(rws)
-            produced, exchanged = dict(prods), dict(xs)
+            # Walk again from the restart point: forget what was decided after it.
+            q = checkpoint
+            rewrites = {i: r for i, r in rewrites.items() if i < q}
+            produced = {n: st for n, st in produced.items() if view.producer[n] < q}
+            exchanged = {n: at for n, at in exchanged.items() if at < q}
+            walk.states = {n: None if n in exchanged else st for n, st in produced.items()}
             split_live = {n: last_use.get(n, -1) for n, st in walk.states.items() if st is not None}
             continue
         except _Refuse as refusal:
