@@ -149,3 +149,25 @@ def attention_block(tokens: int = 8, hidden: int = 16, heads: int = 4) -> onnx.M
         numpy_helper.from_array(np.array(d**-0.5, dtype=np.float32), "scale"),
     ]  # fmt: skip
     return make(nodes, [f32("x", [1, tokens, hidden])], [f32("y", [1, tokens, hidden])], inits)
+
+
+def embedding_block(vocab: int = 4096, hidden: int = 256, tokens: int = 8) -> onnx.ModelProto:
+    """Token ids -> a 4 MiB embedding table + positions -> LayerNorm -> a projection."""
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, [1, tokens])
+    return make(
+        [
+            helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+            helper.make_node("Add", ["e", "pos"], ["ep"], name="positions"),
+            helper.make_node("LayerNormalization", ["ep", "g", "b"], ["n"], axis=-1, name="ln"),
+            helper.make_node("MatMul", ["n", "w"], ["y"], name="proj"),
+        ],
+        [ids],
+        [f32("y", [1, tokens, hidden])],
+        [
+            weight("table", (vocab, hidden)),
+            weight("pos", (1, tokens, hidden), 1),
+            weight("g", (hidden,), 2),
+            weight("b", (hidden,), 3),
+            weight("w", (hidden, hidden), 4),
+        ],
+    )

@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from model_builders import attention_block, conv_stack
+from model_builders import attention_block, conv_stack, embedding_block
 from partita.model import zoo
 from partita.model.errors import ShardingError
 from partita.model.exchange import run_sharded
@@ -106,21 +106,23 @@ def _check(
     assert list(received) == planned
 
 
-def test_small_conv_stack_and_attention_block_rebuild_their_outputs() -> None:
+def test_small_graphs_rebuild_their_outputs() -> None:
     for model, strategy, props in (
         (load_model(conv_stack(24, 20)), "tile", [1, 2, 1]),
         (load_model(conv_stack(24, 20)), "width", [1, 1]),
         (load_model(attention_block()), "width", [3, 1]),
+        (load_model(embedding_block()), "width", [1, 2, 1]),
     ):
         analysis = ShardAnalysis(model, FREE)
         layout = analysis.layout(0, len(model.graph.node), props, strategy)
         rng = np.random.default_rng(1)
-        feeds = {
-            i.name: rng.standard_normal([d.dim_value for d in i.type.tensor_type.shape.dim]).astype(
-                np.float32
-            )
-            for i in model.graph.input
-        }
+        feeds = {}
+        for i in model.graph.input:
+            shape = [d.dim_value for d in i.type.tensor_type.shape.dim]
+            if i.type.tensor_type.elem_type == onnx.TensorProto.INT64:
+                feeds[i.name] = rng.integers(0, 4096, shape).astype(np.int64)  # every shard's rows
+            else:
+                feeds[i.name] = rng.standard_normal(shape).astype(np.float32)
         _check(model, analysis, layout, feeds)
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import pytest
 
-from model_builders import attention_block, conv_stack
+from model_builders import attention_block, conv_stack, embedding_block
 from partita.model import synthetic
 from partita.model.errors import ShardingError
 from partita.model.exchange import exchange_receive, exchange_sends, gather
@@ -88,6 +88,18 @@ def test_attention_block_is_one_megatron_pair_per_half() -> None:
     assert layout.gathers == (GatherSpec("y", GatherMode.SUM),)
     total = profile_loaded(model).param_bytes
     assert all(p < 0.6 * total for p in layout.shard_param_bytes)
+    _check(layout, analysis)
+
+
+def test_a_large_embedding_table_is_split_by_rows() -> None:
+    model = load_model(embedding_block())
+    analysis = ShardAnalysis(model, FREE)
+    layout = analysis.layout(0, len(model.graph.node), [1, 1, 1, 1], "width")
+    # Each shard looks up only the ids of its quarter of the table; the lookups are summed
+    # before the LayerNorm.
+    assert layout.exchanges[0].tensor == "ep" and layout.exchanges[0].mode is GatherMode.SUM
+    table = 4096 * 256 * 4
+    assert all(table / 4 <= p < table / 4 + 2**19 for p in layout.shard_param_bytes)
     _check(layout, analysis)
 
 

@@ -119,6 +119,7 @@ class NodeShard:
     drop: tuple[int, ...] = ()  # input slots left empty (a bias only shard 0 adds)
     identity_of: int | None = None  # run Identity(input[slot]) instead (summand pass-through)
     scale: float | None = None  # multiply the output by this (a shard's share of a mean)
+    vocab: tuple[int, int] | None = None  # embedding lookup of only these table rows
 
 
 @dataclass

@@ -728,6 +728,9 @@ class ShardAnalysis:
             if plan is None:
                 continue
             node = self.nodes[q]
+            if plan.vocab is not None:
+                self._embedding(seg, placement, shard, q, plan.vocab)
+                continue
             inputs = list(node.input)
             for slot, name in enumerate(node.input):
                 if not name or (plan.identity_of is not None and slot != plan.identity_of):
@@ -801,6 +804,54 @@ class ShardAnalysis:
                 seg.add(outs[0], seg.shapes[new.output[0]], self.dtype(outs[0]))
                 seg.produced.add(outs[0])
         return seg
+
+    def _embedding(
+        self,
+        seg: _SegmentModel,
+        placement: RangePlacement,
+        shard: int,
+        q: int,
+        rows: tuple[int, int],
+    ) -> None:
+        """Look up only the table rows [lo, hi) this shard holds: ids outside give zeros."""
+        node = self.nodes[q]
+        table, ids = node.input[0], node.input[1]
+        out = node.output[0]
+        self._read(seg, placement, ids, shard, q)
+        lo, hi = rows
+        part = f"{table}__rows0_{lo}_{hi}"
+        seg.consts[part] = (table, Piece(0, lo, hi))
+        id_type, value_type = self.dtype(ids), self.dtype(out)
+        for name, value in (("lo", lo), ("hi", hi), ("zero", 0)):
+            seg.consts[f"{out}__{name}"] = np.asarray(value, dtype=id_type)
+        id_shape = self.shape(ids)
+        mask_shape = (*id_shape, 1)
+        boolean = np.dtype(np.bool_)
+
+        def emit(op: str, ins: list[str], name: str, shape: tuple[int, ...], dtype: np.dtype,
+                 **attrs: object) -> None:  # fmt: skip
+            seg.nodes.append(helper.make_node(op, ins, [name], name=name, **attrs))  # type: ignore[arg-type]
+            seg.owners.append(q)
+            seg.add(name, shape, dtype)
+            seg.produced.add(name)
+
+        emit("GreaterOrEqual", [ids, f"{out}__lo"], f"{out}__ge", id_shape, boolean)
+        emit("Less", [ids, f"{out}__hi"], f"{out}__lt", id_shape, boolean)
+        emit("And", [f"{out}__ge", f"{out}__lt"], f"{out}__held", id_shape, boolean)
+        emit("Sub", [ids, f"{out}__lo"], f"{out}__local", id_shape, id_type)
+        emit("Where", [f"{out}__held", f"{out}__local", f"{out}__zero"], f"{out}__safe",
+             id_shape, id_type)  # fmt: skip
+        emit("Gather", [part, f"{out}__safe"], f"{out}__rows", self.shape(out), value_type)
+        if self._opset >= 13:
+            seg.consts[f"{out}__axes"] = np.asarray([len(id_shape)], dtype=np.int64)
+            emit("Unsqueeze", [f"{out}__held", f"{out}__axes"], f"{out}__mask", mask_shape,
+                 boolean)  # fmt: skip
+        else:
+            emit("Unsqueeze", [f"{out}__held"], f"{out}__mask", mask_shape, boolean,
+                 axes=[len(id_shape)])  # fmt: skip
+        elem = helper.np_dtype_to_tensor_dtype(value_type)
+        emit("Cast", [f"{out}__mask"], f"{out}__maskf", mask_shape, value_type, to=elem)
+        emit("Mul", [f"{out}__rows", f"{out}__maskf"], out, self.shape(out), value_type)
 
     # -- figures -----------------------------------------------------------------------
 

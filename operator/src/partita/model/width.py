@@ -55,6 +55,8 @@ _BINARY = frozenset(
 _POOLS = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool"})
 _RESHAPES = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze"})
 _LINEAR_ON_PARTIAL = frozenset({"Identity", "Dropout", "Neg", "Transpose", *_RESHAPES})
+# Embedding tables at least this large are split by rows (their memory is worth an exchange).
+EMBEDDING_SPLIT_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,7 @@ class _Rewrite:
     identity_off_zero: int | None = None  # shards != 0 pass this (summand) input through
     local_group: bool = False  # depthwise conv: group = local channels
     reshape: Split | None = None  # Reshape: local target shape along this split
+    vocab: Split | None = None  # embedding lookup: rows of the table each shard holds
 
 
 class _NeedGranularity(Exception):
@@ -158,6 +161,16 @@ class _Walk:
         return saved / self.costs.speed(op_class(node.op_type).value) > self.costs.exchange_s
 
     def anchor(self, i: int, node: onnx.NodeProto) -> tuple[State, _Rewrite | None]:
+        if i >= self.anchor_from and self._is_embedding(node):
+            # Megatron's vocabulary-parallel embedding: each shard holds a share of the
+            # table's rows and looks up only the ids it holds (zeros elsewhere); the sum
+            # over shards is the lookup. It saves memory, not time.
+            rows = self.view.shape(node.input[0])[0]
+            try:
+                sizes = partition(rows, self.proportions)
+            except ValueError:
+                return None, None
+            return PARTIAL, _Rewrite(vocab=Split(0, sizes))
         if (
             i < self.anchor_from
             or not is_shardable(node, self.view.is_constant)
@@ -168,6 +181,14 @@ class _Walk:
             return self._anchor(node)
         except _Refuse:
             return None, None  # too few channels to split: run it whole
+
+    def _is_embedding(self, node: onnx.NodeProto) -> bool:
+        if node.op_type != "Gather" or not self.view.is_constant(node.input[0]):
+            return False
+        if self.view.is_constant(node.input[1]) or int(_attr(node, "axis", 0)) != 0:  # type: ignore[call-overload]
+            return False
+        table = self.view.shape(node.input[0])
+        return len(table) == 2 and self.view.nbytes(node.input[0]) >= EMBEDDING_SPLIT_BYTES
 
     def _anchor(self, node: onnx.NodeProto) -> tuple[State, _Rewrite | None]:
         w = self.view.shape(node.input[1])
@@ -611,6 +632,10 @@ def _place(walk: _Walk, q: int, node: onnx.NodeProto) -> tuple[State, _Rewrite |
 def _node_shard(view: GraphView, node: onnx.NodeProto, rw: _Rewrite | None, j: int) -> NodeShard:
     shard = NodeShard()
     if rw is None:
+        return shard
+    if rw.vocab is not None:
+        piece = rw.vocab.piece(j)
+        shard.vocab = (piece.start, piece.stop)
         return shard
     if rw.identity_off_zero is not None and j != 0:
         shard.identity_of = rw.identity_off_zero
