@@ -171,3 +171,45 @@ def embedding_block(vocab: int = 4096, hidden: int = 256, tokens: int = 8) -> on
             weight("w", (hidden, hidden), 4),
         ],
     )
+
+
+def upsampler(height: int = 12, width: int = 10) -> onnx.ModelProto:
+    """A decoder: conv, nearest x2 resize, a stride-2 transposed conv, a 3x3 conv."""
+    scales = numpy_helper.from_array(np.array([1, 1, 2, 2], dtype=np.float32), "scales")
+    roi = numpy_helper.from_array(np.array([], dtype=np.float32), "roi")
+    return make(
+        [
+            helper.make_node(
+                "Conv", ["x", "w1"], ["c1"], kernel_shape=[3, 3], pads=[1] * 4, name="conv1"
+            ),
+            helper.make_node(
+                "Resize",
+                ["c1", "roi", "scales"],
+                ["up"],
+                mode="nearest",
+                coordinate_transformation_mode="asymmetric",
+                nearest_mode="floor",
+                name="resize",
+            ),
+            helper.make_node(
+                "ConvTranspose",
+                ["up", "wt"],
+                ["t"],
+                kernel_shape=[2, 2],
+                strides=[2, 2],
+                name="deconv",
+            ),
+            helper.make_node(
+                "Conv", ["t", "w2"], ["y"], kernel_shape=[3, 3], pads=[1] * 4, name="conv2"
+            ),
+        ],
+        [f32("x", [1, 3, height, width])],
+        [f32("y", [1, 2, 4 * height, 4 * width])],
+        [
+            weight("w1", (4, 3, 3, 3)),
+            weight("wt", (4, 4, 2, 2), 1),
+            weight("w2", (2, 4, 3, 3), 2),
+            scales,
+            roi,
+        ],
+    )

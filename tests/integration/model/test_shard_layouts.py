@@ -18,7 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from model_builders import attention_block, conv_stack, embedding_block
+from model_builders import attention_block, conv_stack, embedding_block, upsampler
 from partita.model import zoo
 from partita.model.errors import ShardingError
 from partita.model.exchange import run_sharded
@@ -112,6 +112,7 @@ def test_small_graphs_rebuild_their_outputs() -> None:
         (load_model(conv_stack(24, 20)), "width", [1, 1]),
         (load_model(attention_block()), "width", [3, 1]),
         (load_model(embedding_block()), "width", [1, 2, 1]),
+        (load_model(upsampler()), "tile", [2, 1, 1]),
     ):
         analysis = ShardAnalysis(model, FREE)
         layout = analysis.layout(0, len(model.graph.node), props, strategy)
@@ -128,7 +129,7 @@ def test_small_graphs_rebuild_their_outputs() -> None:
 
 # Shard counts and, for each zoo model, the share of the range's FLOPs the busiest of four
 # equal shards runs at most (1/4 plus halo and replicated work).
-FOUR_SHARDS = {"open-nsfw": 0.32, "minilm": 0.26, "ocr-rec": 0.33}
+FOUR_SHARDS = {"open-nsfw": 0.32, "minilm": 0.26, "ocr-rec": 0.33, "ocr-det": 0.3}
 
 
 @pytest.mark.parametrize("name", sorted(FOUR_SHARDS))
@@ -139,7 +140,7 @@ def test_four_shards_split_the_work_of_the_whole_model(name: str) -> None:
     _check(model, analysis, layout, zoo.sample_inputs(name, model))
 
 
-PROPERTY_MODELS = ["open-nsfw", "minilm", "ocr-rec", "ocr-cls", "light-squeezenet"]
+PROPERTY_MODELS = ["open-nsfw", "minilm", "ocr-rec", "ocr-det", "ocr-cls", "light-squeezenet"]
 
 
 @pytest.mark.parametrize("name", PROPERTY_MODELS)

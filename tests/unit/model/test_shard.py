@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import pytest
 
-from model_builders import attention_block, conv_stack, embedding_block
+from model_builders import attention_block, conv_stack, embedding_block, upsampler
 from partita.model import synthetic
 from partita.model.errors import ShardingError
 from partita.model.exchange import exchange_receive, exchange_sends, gather
@@ -74,6 +74,16 @@ def test_conv_stack_tiles_carry_their_halo_and_reduce_the_pool() -> None:
     whole = profile_loaded(model).total_flops
     assert all(f < 0.75 * whole for f in layout.shard_flops)
     assert sum(layout.shard_flops) > whole  # the halo is computed twice
+    _check(layout, analysis)
+
+
+def test_upsampling_runs_on_tiles_and_keeps_the_rows_it_owes() -> None:
+    model = load_model(upsampler())
+    analysis = ShardAnalysis(model, FREE)
+    layout = analysis.layout(0, len(model.graph.node), [1, 1, 1], "tile")
+    assert layout.strategy == "tile" and layout.gathers[0].mode is GatherMode.CONCAT
+    whole = profile_loaded(model).total_flops
+    assert all(f < 0.45 * whole for f in layout.shard_flops)
     _check(layout, analysis)
 
 

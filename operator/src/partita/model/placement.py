@@ -120,6 +120,7 @@ class NodeShard:
     identity_of: int | None = None  # run Identity(input[slot]) instead (summand pass-through)
     scale: float | None = None  # multiply the output by this (a shard's share of a mean)
     vocab: tuple[int, int] | None = None  # embedding lookup of only these table rows
+    computed: Piece | None = None  # rows the node computes (it keeps those it owes)
 
 
 @dataclass

@@ -770,7 +770,12 @@ class ShardAnalysis:
                 new = helper.make_node(
                     "Identity", [inputs[plan.identity_of]], [outs[0]], name=node.name
                 )
-            elif not plan.attrs and plan.scale is None and inputs == list(node.input):
+            elif (
+                not plan.attrs
+                and plan.scale is None
+                and plan.computed is None
+                and inputs == list(node.input)
+            ):
                 new = node
             else:
                 new = onnx.NodeProto()
@@ -785,6 +790,8 @@ class ShardAnalysis:
             if plan.scale is not None:
                 unscaled = f"{outs[0]}__shard_mean"
                 new.output[0] = unscaled
+            if plan.computed is not None:
+                new.output[0] = f"{outs[0]}__computed"
             seg.nodes.append(new)
             seg.owners.append(q)
             for o, real in zip(new.output, outs, strict=True):
@@ -792,8 +799,12 @@ class ShardAnalysis:
                     continue
                 ts = placement.tensors.get(real)
                 piece = ts.held[shard] if ts is not None else WHOLE
+                if plan.computed is not None and real == outs[0]:
+                    piece = plan.computed
                 seg.add(o, (piece or WHOLE).shape(self.shape(real)), self.dtype(real))
                 seg.produced.add(o)
+            if plan.computed is not None:
+                self._crop(seg, placement, shard, q, plan.computed)
             if plan.scale is not None:
                 factor = f"{outs[0]}__share_s{shard}"
                 seg.consts[factor] = np.asarray(plan.scale, dtype=self.dtype(outs[0]))
@@ -804,6 +815,31 @@ class ShardAnalysis:
                 seg.add(outs[0], seg.shapes[new.output[0]], self.dtype(outs[0]))
                 seg.produced.add(outs[0])
         return seg
+
+    def _crop(
+        self, seg: _SegmentModel, placement: RangePlacement, shard: int, q: int, computed: Piece
+    ) -> None:
+        """Keep of the rows a node computed those the shard holds of its output."""
+        out = self.nodes[q].output[0]
+        want = placement.tensors[out].held[shard]
+        assert want is not None and computed.axis is not None
+        whole = self.shape(out)
+        lo, hi = (0, whole[computed.axis]) if want.axis is None else (want.start, want.stop)
+        lo, hi = lo - computed.start, hi - computed.start
+        src = f"{out}__computed"
+        if self._opset < 10:
+            node = helper.make_node(
+                "Slice", [src], [out], axes=[computed.axis], starts=[lo], ends=[hi], name=out
+            )
+        else:
+            names = [f"{out}__crop_{k}" for k in ("starts", "ends", "axes")]
+            for n, v in zip(names, (lo, hi, computed.axis), strict=True):
+                seg.consts[n] = np.array([v], dtype=np.int64)
+            node = helper.make_node("Slice", [src, *names], [out], name=f"{out}__crop")
+        seg.nodes.append(node)
+        seg.owners.append(q)
+        seg.add(out, want.shape(whole), self.dtype(out))
+        seg.produced.add(out)
 
     def _embedding(
         self,

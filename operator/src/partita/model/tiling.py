@@ -418,6 +418,10 @@ class TileAnalysis:
             if w is None:
                 return None
             return RowMap(((0, x),) + (None,) * (len(ins) - 1))
+        if op in ("Resize", "ConvTranspose"):
+            if x < 2 or self._upsampling(node, x) is None:
+                return None
+            return RowMap(((0, x),) + (None,) * (len(ins) - 1))
         if op == "MatMul":
             ra, rb = len(self.shape(ins[0])), len(self.shape(ins[1]))
             if ra < 2 or rb < 2:
@@ -543,7 +547,57 @@ class TileAnalysis:
             shape = list(self.shape(node.output[0]))
             shape[x] = hi - lo
             shard.consts[1] = np.asarray(shape, dtype=np.int64)
+        elif op in ("Resize", "ConvTranspose"):
+            up = self._upsampling(node, x)
+            assert up is not None
+            stride, reach, pad = up
+            size = self.shape(ins[0])[x]
+            first = max(0, -((-(lo + pad - reach)) // stride))  # ceil
+            last = min(size, (hi - 1 + pad) // stride + 1)
+            pieces[0] = rows(x, first, last, size)
+            # The node runs on those input rows whole (no padding on this axis); the rows
+            # it computes start at first * stride - pad, and the shard keeps [lo, hi).
+            computed = (last - first - 1) * stride + reach + 1
+            shard.computed = Piece(x, first * stride - pad, first * stride - pad + computed)
+            if op == "ConvTranspose":
+                given = _ints(_attr(node, "pads")) or [0] * (2 * (len(self.shape(ins[0])) - 2))
+                nd = len(given) // 2
+                given[x - 2], given[nd + x - 2] = 0, 0
+                shard.attrs["pads"] = given
+            elif len(ins) > 3 and ins[3]:
+                sizes = list(self.shape(node.output[0]))
+                sizes[x] = computed
+                shard.consts[3] = np.asarray(sizes, dtype=np.int64)
         return pieces, shard
+
+    def _upsampling(self, node: onnx.NodeProto, x: int) -> tuple[int, int, int] | None:
+        """(stride, reach, pad) of a Resize (nearest, asymmetric, integer scale) or a
+        ConvTranspose along axis x: input row i feeds output rows
+        [i * stride - pad, i * stride - pad + reach]."""
+        in_size, out_size = self.shape(node.input[0])[x], self.shape(node.output[0])[x]
+        if node.op_type == "Resize":
+            mode = _attr(node, "mode", b"nearest")
+            transform = _attr(node, "coordinate_transformation_mode", b"half_pixel")
+            nearest = _attr(node, "nearest_mode", b"round_prefer_floor")
+            if (mode, transform, nearest) != (b"nearest", b"asymmetric", b"floor"):
+                return None
+            if out_size % in_size:
+                return None
+            return out_size // in_size, out_size // in_size - 1, 0
+        if _attr(node, "output_shape") is not None or _attr(node, "auto_pad", b"NOTSET") not in (
+            b"NOTSET",
+            "NOTSET",
+        ):
+            return None
+        d = x - 2
+        kernel = self.shape(node.input[1])[2 + d]
+        strides = _ints(_attr(node, "strides")) or [1] * (len(self.shape(node.input[0])) - 2)
+        dilations = _ints(_attr(node, "dilations")) or [1] * len(strides)
+        extra = _ints(_attr(node, "output_padding")) or [0] * len(strides)
+        pads = _ints(_attr(node, "pads")) or [0] * (2 * len(strides))
+        if extra[d]:
+            return None
+        return strides[d], dilations[d] * (kernel - 1), pads[d]
 
     def reduce_pieces(
         self, q: int, node: onnx.NodeProto, owned: tuple[int, int]
