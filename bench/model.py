@@ -130,7 +130,7 @@ def flops_vs_time(names: tuple[str, ...]) -> dict[str, object]:
     return {"models": list(names), "classes": per_class}
 
 
-SHARD_MODELS = ("open-nsfw", "minilm", "ocr-rec", "ocr-cls", "light-resnet50")
+SHARD_MODELS = ("open-nsfw", "minilm", "ocr-rec", "ocr-det", "ocr-cls", "light-resnet50")
 
 
 def _layout_row(name: str, total: int, what: str, layout: ShardLayout) -> dict[str, object]:

@@ -164,6 +164,19 @@ def test_table_of_the_whole_range_is_its_layout() -> None:
         assert table.points_before[1] - table.points_upto[0] == len(layout.segments) - 1
 
 
+def test_a_column_holds_every_range_ending_at_a_position() -> None:
+    model = load_model(conv_stack(24, 20))
+    analysis = ShardAnalysis(model, FREE)
+    n = len(model.graph.node)
+    positions = list(range(n + 1))
+    table = analysis.table(2, "tile", positions)
+    column = table.column(n)
+    for a in (0, 3, n - 1):
+        assert column.class_flops[a].sum(axis=-1).tolist() == table.flops(a, n).tolist()
+    # The head alone (pooling and a Gemm on one shard) is no split worth proposing.
+    assert column.allowed[0] and not column.allowed[n - 1]
+
+
 def test_width_ranges_start_only_where_nothing_is_split() -> None:
     model = load_model(attention_block())
     analysis = ShardAnalysis(model, FREE)

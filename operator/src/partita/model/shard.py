@@ -471,6 +471,9 @@ class ShardAnalysis:
                 np.maximum.at(node_live[:, i], idx, live)
         pos = np.asarray(positions, dtype=np.int64)
         zero = np.zeros((1, k), dtype=np.int64)
+        whole = np.concatenate(
+            [[0], np.cumsum([self._node_flops(q) for q in range(n)], dtype=np.int64)]
+        )
         cum_flops = np.concatenate([np.zeros((1, k, c), np.int64), np.cumsum(node_flops, 0)])
         cum_params = np.concatenate([zero, np.cumsum(node_params, 0)])
         peak = (
@@ -515,6 +518,7 @@ class ShardAnalysis:
             shards=k,
             strategy=strategy,
             positions=pos,
+            total_flops=whole[pos],
             class_flops=cum_flops[pos],
             param_bytes=cum_params[pos],
             peak_bytes=peak,

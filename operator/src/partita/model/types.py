@@ -256,6 +256,11 @@ class ShardLayout:
         return tuple(sum(x.shard_bytes[i] for x in self.scatter) for i in range(self.shards))
 
 
+# The planner proposes a sharded range only when its busiest shard runs less than this
+# share of the range's FLOPs (stricter than the layout's refusal, so what it proposes cuts).
+PROPOSE_SHARE = 0.85
+
+
 @dataclass(frozen=True, eq=False)
 class ShardTable:
     """Figures of every range between `positions` sharded `shards` ways with one strategy at
@@ -263,35 +268,65 @@ class ShardTable:
     layout of the range and proportions finally chosen.
 
     They come from the strategy placed over the whole model (the halo points, splits and
-    exchanges a range's own layout keeps), restricted to the range: for positions index
-    a < b, a shard's FLOPs are `class_flops[b] - class_flops[a]` (per op class, in `OpClass`
-    order), its parameter bytes `param_bytes[b] - param_bytes[a]`, its activation peak the
-    max of `peak_bytes[a:b]`; the exchanges inside are `points_before[b] - points_upto[a]`
-    moving `bytes_before[b] - bytes_upto[a]` into each shard; the range reads
-    `scatter_bytes[a]` of its inputs into each shard and gathers `gather_bytes[b]` from
-    each. A range may start only where `starts` is true (for "width": where no tensor
-    crossing it is split, so the range's own walk is the whole model's).
+    exchanges a range's own layout keeps), restricted to the range. `column(b)` gives the
+    figures of every range ending at positions[b] at once. The FLOPs are exact for width
+    ranges (which start only where `starts` is true: where no tensor crossing is split)
+    and for tile ranges up to their last halo stretch, where the whole model's halo is kept
+    (an overestimate for short ranges).
     """
 
     shards: int
     strategy: str  # "tile" or "width"
     positions: np.ndarray  # (P,) node positions: 0, the profile's cut points, len(nodes)
-    class_flops: np.ndarray  # (P, shards, classes) prefix sums
+    total_flops: np.ndarray  # (P,) prefix sums of the unsharded FLOPs
+    class_flops: np.ndarray  # (P, shards, classes) prefix sums, classes in `OpClass` order
     param_bytes: np.ndarray  # (P, shards) prefix sums
     peak_bytes: np.ndarray  # (P - 1, shards): largest activation bytes in each block
     points_before: np.ndarray  # (P,) exchange points strictly before each position
     points_upto: np.ndarray  # (P,) exchange points at or before each position
     bytes_before: np.ndarray  # (P, shards) bytes received at those points, prefix sums
     bytes_upto: np.ndarray  # (P, shards)
-    scatter_bytes: np.ndarray  # (P, shards)
-    gather_bytes: np.ndarray  # (P, shards)
+    scatter_bytes: np.ndarray  # (P, shards): stage inputs each shard reads, range from here
+    gather_bytes: np.ndarray  # (P, shards): output parts each shard sends, range to here
     starts: np.ndarray  # (P,) bool
 
     FIELDS = (
-        "positions", "class_flops", "param_bytes", "peak_bytes", "points_before",
-        "points_upto", "bytes_before", "bytes_upto", "scatter_bytes", "gather_bytes", "starts",
+        "positions", "total_flops", "class_flops", "param_bytes", "peak_bytes",
+        "points_before", "points_upto", "bytes_before", "bytes_upto", "scatter_bytes",
+        "gather_bytes", "starts",
     )  # fmt: skip
 
     def flops(self, a: int, b: int) -> np.ndarray:
         """(shards,) FLOPs of positions[a]..positions[b] per shard."""
         return (self.class_flops[b] - self.class_flops[a]).sum(axis=-1)
+
+    def column(self, b: int) -> ShardColumn:
+        """Every range [positions[a], positions[b]) with a < b."""
+        flops = self.class_flops[b][None] - self.class_flops[:b]
+        total = self.total_flops[b] - self.total_flops[:b]
+        busiest = flops.sum(axis=-1).max(axis=-1)
+        peak = np.maximum.accumulate(self.peak_bytes[:b][::-1], axis=0)[::-1]
+        return ShardColumn(
+            class_flops=flops,
+            param_bytes=self.param_bytes[b][None] - self.param_bytes[:b],
+            peak_bytes=peak,
+            exchanges=self.points_before[b] - self.points_upto[:b],
+            exchange_bytes=self.bytes_before[b][None] - self.bytes_upto[:b],
+            scatter_bytes=self.scatter_bytes[:b],
+            gather_bytes=self.gather_bytes[b],
+            allowed=self.starts[:b] & (busiest < PROPOSE_SHARE * np.maximum(total, 1)),
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class ShardColumn:
+    """The figures of every sharded range ending at one position, indexed by its start."""
+
+    class_flops: np.ndarray  # (b, shards, classes)
+    param_bytes: np.ndarray  # (b, shards)
+    peak_bytes: np.ndarray  # (b, shards)
+    exchanges: np.ndarray  # (b,) exchange points inside the range
+    exchange_bytes: np.ndarray  # (b, shards) bytes each shard receives in them
+    scatter_bytes: np.ndarray  # (b, shards)
+    gather_bytes: np.ndarray  # (shards,)
+    allowed: np.ndarray  # (b,) bool: may be proposed
