@@ -173,8 +173,10 @@ def test_a_column_holds_every_range_ending_at_a_position() -> None:
     column = table.column(n)
     for a in (0, 3, n - 1):
         assert column.class_flops[a].sum(axis=-1).tolist() == table.flops(a, n).tolist()
-    # The head alone (pooling and a Gemm on one shard) is no split worth proposing.
+    # The head alone (pooling and a Gemm on one shard) is no split worth proposing, and
+    # the table names what keeps it whole.
     assert column.allowed[0] and not column.allowed[n - 1]
+    assert model.graph.node[table.heaviest_whole(n - 1, n)].name == "head"
 
 
 def test_width_ranges_start_only_where_nothing_is_split() -> None:

@@ -483,6 +483,14 @@ class ShardAnalysis:
             if len(pos) > 1
             else np.zeros((0, k), np.int64)
         )
+        whole_node = np.full(max(len(pos) - 1, 0), -1, dtype=np.int64)
+        whole_flops = np.zeros(max(len(pos) - 1, 0), dtype=np.int64)
+        for j in range(len(pos) - 1):
+            for q in range(int(pos[j]), int(pos[j + 1])):
+                if not self._split_anywhere(placement, q):
+                    f = self._node_flops(q)
+                    if f > whole_flops[j]:
+                        whole_node[j], whole_flops[j] = q, f
         points: dict[int, np.ndarray] = {}
         for name, ts in placement.tensors.items():
             if ts.exchange_at is not None:
@@ -529,7 +537,17 @@ class ShardAnalysis:
             scatter_bytes=scatter,
             gather_bytes=gather_b,
             starts=starts,
+            whole_node=whole_node,
+            whole_flops=whole_flops,
         )
+
+    def _split_anywhere(self, placement: RangePlacement, q: int) -> bool:
+        """Some shard runs node q on a part of its output (rows, channels, a summand)."""
+        for o in self.nodes[q].output:
+            ts = placement.tensors.get(o)
+            if ts is not None and any(p is not None and not p.whole for p in ts.held):
+                return True
+        return False
 
     def _tile_analysis(self, shards: int, dim: int) -> TileAnalysis:
         key = (shards, dim)

@@ -289,12 +289,23 @@ class ShardTable:
     scatter_bytes: np.ndarray  # (P, shards): stage inputs each shard reads, range from here
     gather_bytes: np.ndarray  # (P, shards): output parts each shard sends, range to here
     starts: np.ndarray  # (P,) bool
+    # (P - 1,) per block: the heaviest node no shard splits (-1: none) and its FLOPs, to
+    # name what keeps a range from splitting.
+    whole_node: np.ndarray
+    whole_flops: np.ndarray
 
     FIELDS = (
         "positions", "total_flops", "class_flops", "param_bytes", "peak_bytes",
         "points_before", "points_upto", "bytes_before", "bytes_upto", "scatter_bytes",
-        "gather_bytes", "starts",
+        "gather_bytes", "starts", "whole_node", "whole_flops",
     )  # fmt: skip
+
+    def heaviest_whole(self, a: int, b: int) -> int:
+        """Index of the heaviest node of positions[a]..positions[b] no shard splits, or -1."""
+        if b <= a:
+            return -1
+        j = a + int(np.argmax(self.whole_flops[a:b]))
+        return int(self.whole_node[j]) if self.whole_flops[j] > 0 else -1
 
     def flops(self, a: int, b: int) -> np.ndarray:
         """(shards,) FLOPs of positions[a]..positions[b] per shard."""
