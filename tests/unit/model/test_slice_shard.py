@@ -6,9 +6,9 @@ from model_builders import diamond, mlp
 from partita.model import synthetic
 from partita.model.errors import CutError, ShardingError
 from partita.model.load import load_model
-from partita.model.placement import ReferenceCosts
+from partita.model.placement import ReferenceCosts, partition
 from partita.model.profile import profile_model
-from partita.model.shard import allocate, shard_stage
+from partita.model.shard import shard_stage
 from partita.model.slice import extract_stage, split_at
 from partita.model.types import GatherMode, GatherSpec
 
@@ -48,12 +48,12 @@ def test_cut_inside_a_subgraph_is_refused() -> None:
         extract_stage(model, ["x"], ["gated"])
 
 
-def test_allocate_is_proportional_and_granular() -> None:
-    assert allocate(10, [1, 1]) == (5, 5)
-    assert allocate(384, [0.7, 0.3], 32) == (256, 128)
-    assert sum(allocate(1000, [3, 2, 1])) == 1000
+def test_partition_is_proportional_and_granular() -> None:
+    assert partition(10, [1, 1]) == (5, 5)
+    assert partition(384, [0.7, 0.3], 32) == (256, 128)
+    assert sum(partition(1000, [3, 2, 1])) == 1000
     with pytest.raises(ValueError):
-        allocate(3, [1, 1, 1, 1])
+        partition(3, [1, 1, 1, 1])
 
 
 def test_mlp_is_one_megatron_pair() -> None:

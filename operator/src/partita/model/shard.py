@@ -20,6 +20,7 @@ work whole, never answered with a silently wrong shard.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -40,7 +41,6 @@ from partita.model.placement import (
     RangePlacement,
     ReferenceCosts,
     TensorShards,
-    partition,
 )
 from partita.model.tiling import TileAnalysis, tile_range
 from partita.model.types import (
@@ -55,13 +55,7 @@ from partita.model.types import (
 )
 from partita.model.width import WidthRefusal, width_range
 
-__all__ = [
-    "STRATEGIES",
-    "ShardAnalysis",
-    "allocate",
-    "gather",
-    "shard_stage",
-]
+__all__ = ["STRATEGIES", "ShardAnalysis", "gather", "shard_stage"]
 
 STRATEGIES = ("tile", "width", "branch")
 OP_CLASSES = tuple(OpClass)
@@ -79,7 +73,7 @@ _CLASS_INDEX = _ClassIndex()
 # A layout whose busiest shard still runs this share of the range's FLOPs splits nothing
 # worth a device: the range is refused, naming the node that kept the work whole.
 USELESS_SHARE = 0.9
-allocate = partition
+PLACEMENTS_KEPT = 64
 
 
 @dataclass
@@ -128,7 +122,9 @@ class ShardAnalysis:
         self._tiles: dict[tuple[int, int], TileAnalysis] = {}
         self._structure: dict[int, tuple[int, tuple[int, ...]]] = {}
         self._arrays: dict[str, np.ndarray] = {}
-        self._placements: dict[ShardLayout, RangePlacement] = {}
+        # The placements of the last layouts planned, for `build` (bounded: a server or the
+        # control loop keeps one analysis per model for its whole life).
+        self._placements: OrderedDict[ShardLayout, RangePlacement] = OrderedDict()
         self._global: dict[tuple[str, int], RangePlacement] = {}
         self._opset = next(
             (o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1
@@ -187,6 +183,8 @@ class ShardAnalysis:
         """
         layout, placement = self._best(start, end, proportions, strategy, single_segment)
         self._placements[layout] = placement
+        while len(self._placements) > PLACEMENTS_KEPT:
+            self._placements.popitem(last=False)
         return layout
 
     def build(
