@@ -179,6 +179,27 @@ def test_a_column_holds_every_range_ending_at_a_position() -> None:
     assert model.graph.node[table.heaviest_whole(n - 1, n)].name == "head"
 
 
+@pytest.mark.parametrize("builder", [conv_stack, attention_block])
+def test_the_proportional_rule_bounds_every_shard(builder) -> None:  # type: ignore[no-untyped-def]
+    model = load_model(builder())
+    analysis = ShardAnalysis(model, FREE)
+    n = len(model.graph.node)
+    checked = 0
+    for strategy, k in (("tile", 3), ("width", 2)):
+        try:
+            table = analysis.table(k, strategy, list(range(n + 1)))
+        except ShardingError:
+            continue  # the attention block has no rows to tile
+        checked += 1
+        for a, b in ((0, n), (1, n - 1), (2, 5)):
+            rule = (table.split_flops[b] - table.split_flops[a]).sum() / k + (
+                table.shared_flops[b] - table.shared_flops[a]
+            ).sum()
+            busiest = table.flops(a, b).max()
+            assert busiest <= rule <= 1.5 * busiest + 1, (strategy, a, b)
+    assert checked
+
+
 def test_width_ranges_start_only_where_nothing_is_split() -> None:
     model = load_model(attention_block())
     analysis = ShardAnalysis(model, FREE)

@@ -452,6 +452,7 @@ class ShardAnalysis:
         node_flops = np.zeros((n, k, c), dtype=np.int64)
         node_params = np.zeros((n, k), dtype=np.int64)
         node_live = np.zeros((n, k), dtype=np.int64)
+        node_ops = np.zeros((n, k), dtype=np.int64)
         for per_shard in self._programs(placement):
             for i, seg in enumerate(per_shard):
                 if not seg.nodes:
@@ -467,7 +468,22 @@ class ShardAnalysis:
                 np.add.at(node_flops[:, i, :], idx, flops)
                 np.add.at(node_params[:, i], idx, params)
                 np.maximum.at(node_live[:, i], idx, live)
+                np.add.at(node_ops[:, i], idx, 1)
         pos = np.asarray(positions, dtype=np.int64)
+        # The planner's proportional rule, read off this placement: a split node's own
+        # FLOPs divide by proportion and what a shard runs beyond its share (halo, masks,
+        # the bias shard 0 adds) is work every shard may have; a node no shard splits runs
+        # in full. Sliced weights divide by proportion too.
+        split = np.array([self._split_anywhere(placement, q) for q in range(n)], dtype=np.bool_)
+        own = np.zeros((n, c), dtype=np.int64)
+        for q in range(n):
+            if split[q]:
+                own[q, self._class_of(q)] = self._node_flops(q)
+        extra = np.clip(node_flops - own[:, None, :] // k, 0, None).max(axis=1)
+        shared_flops = np.where(split[:, None], extra, node_flops.max(axis=1))
+        sliced = split & (node_params.max(axis=1) < node_params.sum(axis=1) / k * 1.5)
+        split_params = np.where(sliced, node_params.sum(axis=1), 0)
+        shared_params = np.where(sliced, 0, node_params.max(axis=1))
         zero = np.zeros((1, k), dtype=np.int64)
         whole = np.concatenate(
             [[0], np.cumsum([self._node_flops(q) for q in range(n)], dtype=np.int64)]
@@ -520,11 +536,21 @@ class ShardAnalysis:
                         gather_b[j, i] += Piece(crossing.axis, lo, hi).nbytes(shape, size)
                     elif crossing.mode is not GatherMode.TAKE or i == crossing.take_from:
                         gather_b[j, i] += math.prod(shape) * size
+
+        def prefix(values: np.ndarray) -> np.ndarray:
+            rows = np.zeros((1, *values.shape[1:]), dtype=np.int64)
+            return np.concatenate([rows, np.cumsum(values, 0)])[pos]
+
         return ShardTable(
             shards=k,
             strategy=strategy,
             positions=pos,
             total_flops=whole[pos],
+            split_flops=prefix(own),
+            shared_flops=prefix(shared_flops),
+            split_params=prefix(split_params),
+            shared_params=prefix(shared_params),
+            op_counts=prefix(node_ops),
             class_flops=cum_flops[pos],
             param_bytes=cum_params[pos],
             peak_bytes=peak,
@@ -538,6 +564,12 @@ class ShardAnalysis:
             whole_node=whole_node,
             whole_flops=whole_flops,
         )
+
+    def _class_of(self, q: int) -> int:
+        node = self.nodes[q]
+        if q in self._captures or node.op_type in CONTROL_FLOW_OPS:
+            return OP_CLASSES.index(OpClass.OTHER)
+        return _CLASS_INDEX[node.op_type]
 
     def _split_anywhere(self, placement: RangePlacement, q: int) -> bool:
         """Some shard runs node q on a part of its output (rows, channels, a summand)."""

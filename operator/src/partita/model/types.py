@@ -279,6 +279,14 @@ class ShardTable:
     strategy: str  # "tile" or "width"
     positions: np.ndarray  # (P,) node positions: 0, the profile's cut points, len(nodes)
     total_flops: np.ndarray  # (P,) prefix sums of the unsharded FLOPs
+    # The planner's proportional rule (a shard holding proportion p of [a, b) runs
+    # p * split + shared), prefix sums per op class: the split nodes' own FLOPs, and what
+    # a shard runs beyond its share (halo, replicated nodes; the largest over shards).
+    split_flops: np.ndarray  # (P, classes)
+    shared_flops: np.ndarray  # (P, classes)
+    split_params: np.ndarray  # (P,) bytes of sliced weights, all shards together
+    shared_params: np.ndarray  # (P,) bytes of weights every shard holds whole
+    op_counts: np.ndarray  # (P, shards) nodes of each shard's segment models (fixed costs)
     class_flops: np.ndarray  # (P, shards, classes) prefix sums, classes in `OpClass` order
     param_bytes: np.ndarray  # (P, shards) prefix sums
     peak_bytes: np.ndarray  # (P - 1, shards): largest activation bytes in each block
@@ -295,7 +303,8 @@ class ShardTable:
     whole_flops: np.ndarray
 
     FIELDS = (
-        "positions", "total_flops", "class_flops", "param_bytes", "peak_bytes",
+        "positions", "total_flops", "split_flops", "shared_flops", "split_params",
+        "shared_params", "op_counts", "class_flops", "param_bytes", "peak_bytes",
         "points_before", "points_upto", "bytes_before", "bytes_upto", "scatter_bytes",
         "gather_bytes", "starts", "whole_node", "whole_flops",
     )  # fmt: skip
