@@ -212,10 +212,18 @@ def register(app: typer.Typer) -> None:
         strategy: Strategy = None,
         tolerance: float = 1e-4,
         seed: int = 0,
+        inputs: Annotated[
+            Path | None,
+            typer.Option(
+                "--inputs", help="an .npz of the model's inputs (default: seeded random values)"
+            ),
+        ] = None,
         json_out: Json = False,
     ) -> None:
-        """Run MODEL whole and in pieces on seeded inputs; exit 1 over tolerance or when a
-        stage asked to be sharded cannot be."""
+        """Run MODEL whole and in pieces on seeded (or given) inputs; exit 1 over tolerance
+        or when a stage asked to be sharded cannot be."""
+        import numpy as np
+
         from partita.model.errors import ModelError
         from partita.model.load import load_model_with_report, parse_input_shapes, read_model
         from partita.model.profile import profile_loaded
@@ -241,6 +249,13 @@ def register(app: typer.Typer) -> None:
                 shard_map = _shards(
                     shards or ("2" if auto else None), len(positions) + 1, strategy, not auto
                 )
+            feeds = None
+            if inputs is not None:
+                try:
+                    with np.load(inputs) as stored:
+                        feeds = {name: stored[name] for name in stored.files}
+                except (OSError, ValueError) as exc:
+                    _fail(f"--inputs {inputs}: {exc}")
             report = verify(
                 loaded.model,
                 prof,
@@ -249,6 +264,7 @@ def register(app: typer.Typer) -> None:
                 seed=seed,
                 tolerance=tolerance,
                 reference=read_model(model),
+                feeds=feeds,
             )
         except ModelError as exc:
             _fail(str(exc))

@@ -44,6 +44,7 @@ class StagePieces:
     segments: tuple[tuple[onnx.ModelProto | None, ...], ...] = ()  # [segment][shard]
     refusal: str = ""  # why a stage asked to be sharded cannot be
     required: bool = True
+    flops: int = 0  # the stage's FLOPs run whole
 
 
 @dataclass(frozen=True)
@@ -97,8 +98,9 @@ def build_pieces(
     bounds = [0, *cuts, len(model.graph.node)]
     for i, stage in enumerate(split_at(model, cuts, profile)):
         request = (shards or {}).get(i)
+        flops = sum(n.flops for n in profile.nodes[bounds[i] : bounds[i + 1]])
         if request is None:
-            pieces.append(StagePieces(stage, bounds[i], bounds[i + 1]))
+            pieces.append(StagePieces(stage, bounds[i], bounds[i + 1], flops=flops))
             continue
         analysis = analysis or ShardAnalysis(model)
         try:
@@ -109,11 +111,16 @@ def build_pieces(
         except ModelError as exc:
             pieces.append(
                 StagePieces(
-                    stage, bounds[i], bounds[i + 1], refusal=str(exc), required=request.required
+                    stage,
+                    bounds[i],
+                    bounds[i + 1],
+                    refusal=str(exc),
+                    required=request.required,
+                    flops=flops,
                 )
             )
             continue
-        pieces.append(StagePieces(stage, bounds[i], bounds[i + 1], layout, segments))
+        pieces.append(StagePieces(stage, bounds[i], bounds[i + 1], layout, segments, flops=flops))
     return pieces
 
 
@@ -161,12 +168,11 @@ def describe(piece: StagePieces, index: int, moved: tuple[int, ...] | None = Non
             verdict = "cannot be sharded" if piece.required else "stays whole"
             return f"stage {index}: {verdict}: {piece.refusal}"
         return f"stage {index}: whole"
-    total = sum(layout.shard_flops) or 1
-    shares = ", ".join(f"{f / total * layout.shards:.2f}" for f in layout.shard_flops)
+    shares = ", ".join(f"{f / max(piece.flops, 1):.3f}" for f in layout.shard_flops)
     planned = [sum(x.received_bytes[j] for x in layout.exchanges) for j in range(layout.shards)]
     text = (
         f"stage {index}: {layout.strategy} x{layout.shards}, {len(layout.segments)} segment(s), "
-        f"{len(layout.exchanges)} exchange(s); shard FLOPs / even share: {shares}; "
+        f"{len(layout.exchanges)} exchange(s); shard FLOPs / stage FLOPs: {shares}; "
         f"exchange bytes per shard planned {planned}"
     )
     if moved is not None:
@@ -189,7 +195,12 @@ def verify(
     by default the loaded model is the reference. `feeds` default to seeded inputs."""
     from partita import runtime
 
-    inputs = dict(feeds) if feeds is not None else seeded_inputs(model, seed)
+    inputs = seeded_inputs(model, seed)
+    if feeds is not None:
+        missing = sorted(set(inputs) - set(feeds))
+        if missing:
+            raise ModelError(f"the given inputs lack {missing}")
+        inputs = {name: np.asarray(feeds[name]) for name in inputs}
     ref = reference if reference is not None else model
     whole = runtime.Session(ref.SerializeToString(), intra_op_threads=1).run(inputs)
     pieces = build_pieces(model, cuts, profile, shards)
