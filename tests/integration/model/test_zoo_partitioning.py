@@ -168,3 +168,16 @@ def test_cli_verify_plan_fails_on_shards_it_cannot_cut(tmp_path) -> None:
     result = runner.invoke(app, ["verify", path, "-i", "x=1x3x48x320", "--plan", str(plan)])
     assert result.exit_code == 0, result.output
     assert "stage 0: tile x4" in result.output and "OK" in result.output
+
+    # Real inputs instead of seeded noise: an image of printed text for the detector.
+    path = str(zoo.model_path("ocr-det"))
+    loaded = load_model_with_report(path, zoo.default_input_shapes("ocr-det"))
+    feeds = tmp_path / "inputs.npz"
+    np.savez(feeds, **zoo.sample_inputs("ocr-det", loaded.model))
+    plan.write_text(json.dumps({"cuts": [], "shards": {"0": [1, 1]}}))
+    args = ["verify", path, "-i", "x=1x3x160x160", "--plan", str(plan), "--inputs", str(feeds)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0 and "OK" in result.output, result.output
+    np.savez(feeds, y=np.zeros(3, dtype=np.float32))
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "lack ['x']" in result.output
