@@ -51,6 +51,9 @@ class ShardPrediction:
     node: str
     compute_s: float  # not weighted by the cascade offload rate (inf when the node is lost)
     memory_bytes: int  # params + peak activations + runtime overhead
+    # FLOPs the shard runs per request (its share of the split work, halo and replicated
+    # work included): the figure of the shard model model analysis cuts for this stage.
+    flops: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,9 @@ class StagePrediction:
     scatter_gather_s: float  # shard fan-out and gather over the pool's LAN
     busy_s: float  # what limits pipelined throughput at this stage
     shards: tuple[ShardPrediction, ...]
+    strategy: str = ""  # how a sharded stage splits ("tile", "width"), "" when run whole
+    exchanges: int = 0  # exchange points between the stage's segments
+    exchange_bytes: int = 0  # bytes the busiest shard receives in them
 
 
 @dataclass(frozen=True)

@@ -1,11 +1,15 @@
 """What a range of graph nodes costs, run whole or split k ways: the one place that says so.
 
-Today's rule: an op flagged `shardable` divides its FLOPs and parameters among the shards
-in proportion, every other op runs (and is held) in full by every shard; each shard keeps
-the range's peak live activations; a split scatters k-1 copies of the stage input and
-gathers (k-1)/k of its output over the pool's LAN. The cost model (`cost.predict`) and the
-search (`shortest_path`) both read ranges through `RangeTable` only, so replacing the rule
-by exact per-range shard layouts changes this module and nothing that prices a plan.
+Run whole, a range costs the sum of its ops. Split k ways, it costs what model analysis
+says the shards it would cut cost: the profile's shard tables (`ShardTable`, one per
+shard count and strategy, computed by the same placement that cuts the shard models)
+give each shard's FLOPs per op class, weights, peak activations, the stage inputs it
+reads, the bytes it receives at each exchange between segments and the output parts it
+sends. At equal proportions these are the cut shards' figures; a shard given proportion
+p instead of 1/k runs (p - 1/k) of the split work more. A range the tables do not allow
+(it starts inside a split, or its busiest shard saves too little) is never priced as
+shards, and a profile without tables is never sharded. The cost model (`cost.predict`)
+and the search (`shortest_path`) both read ranges through `RangeTable` only.
 
 A table is built over boundary positions (0, cut points, the end); its methods take
 boundary *indexes* into those positions and broadcast over numpy arrays of them.
@@ -19,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from partita.model.types import CutPoint, ModelProfile, OpClass
+from partita.model.types import PROPOSE_SHARE, CutPoint, ModelProfile, OpClass, ShardTable
 
 from .errors import PlannerError
 from .request import COMPRESSION_ORDER, Compression
@@ -56,6 +60,8 @@ class RangeTable:
     block_live: Array  # peak live bytes between consecutive positions
     wire: dict[Compression, Array]  # bytes crossing each position, per cut encoding
     raw: npt.NDArray[np.bool_]  # the raw model input crosses this position
+    # Per shard count, the strategies whose shard tables cover these positions.
+    sharded: dict[int, tuple[ShardedRanges, ...]] = field(default_factory=dict)
     _times: dict[tuple[float, ...], tuple[Array, Array]] = field(default_factory=dict)
     _peak: Array | None = None
     _index: dict[int, int] | None = None
@@ -92,6 +98,11 @@ class RangeTable:
         input_names = {t.name for t in profile.inputs}
         raw = np.array([any(t[0] in input_names for t in tensors) for tensors in crossing])
         raw[pos == 0] = True
+        sharded: dict[int, list[ShardedRanges]] = {}
+        for t in profile.shard_tables:
+            ranges = ShardedRanges.restrict(t, pos)
+            if ranges is not None:
+                sharded.setdefault(t.shards, []).append(ranges)
         block_live = np.maximum.reduceat(live, pos[:-1]) if n and len(pos) > 1 else np.zeros(0)
         return cls(
             positions=pos,
@@ -103,6 +114,7 @@ class RangeTable:
             block_live=block_live,
             wire=wire,
             raw=raw,
+            sharded={k: tuple(v) for k, v in sorted(sharded.items())},
         )
 
     @property
@@ -139,6 +151,11 @@ class RangeTable:
             )
         return self._times[kind]
 
+    def flops(self, a: int, b: int) -> float:
+        """FLOPs of [a, b) run whole."""
+        split, whole = self.split_flops, self.whole_flops
+        return float((split[b] - split[a]).sum() + (whole[b] - whole[a]).sum())
+
     def peak_live(self) -> Array:
         """(a, b) → peak live bytes of [a, b) for a < b (-inf elsewhere); computed once."""
         if self._peak is None:
@@ -166,11 +183,140 @@ class RangeTable:
             peak = np.maximum(self.peak_live()[a, b], 0.0)
         return np.asarray(proportion * split + whole + peak + overhead)
 
-    def exchange_bytes(self, a: IndexLike, b: IndexLike, k: int) -> tuple[Array, Array]:
-        """(scatter, gather) bytes on the LAN when [a, b) runs as k > 1 shards."""
-        scatter = (k - 1) * self.wire[Compression.NONE][a]
-        gather = (k - 1) / k * self.wire[Compression.NONE][b]
-        return np.asarray(scatter), np.asarray(gather)
+
+@dataclass
+class ShardedRanges:
+    """One shard table restricted to a range table's positions (prefix sums over them)."""
+
+    shards: int
+    strategy: str
+    class_flops: Array  # (P, shards, classes)
+    flops: Array  # (P, shards)
+    total_flops: Array  # (P,) unsharded
+    split_flops: Array  # (P, classes): the split nodes' own FLOPs, all shards together
+    params: Array  # (P, shards)
+    split_params: Array  # (P,)
+    ops: Array  # (P, shards)
+    block_peak: Array  # (P - 1, shards)
+    points_before: Array  # (P,)
+    points_upto: Array
+    bytes_before: Array  # (P, shards)
+    bytes_upto: Array
+    scatter: Array  # (P,) stage-input bytes sent to all shards, range from here
+    gather: Array  # (P,) output-part bytes all shards send, range to here
+    starts: npt.NDArray[np.bool_]  # (P,)
+    table: ShardTable
+    index: npt.NDArray[np.int64]  # positions in `table`
+    _times: dict[tuple[float, ...], tuple[Array, Array]] = field(default_factory=dict)
+    _peaks: dict[int, Array] = field(default_factory=dict)
+
+    @classmethod
+    def restrict(cls, t: ShardTable, pos: npt.NDArray[np.int64]) -> ShardedRanges | None:
+        idx = np.searchsorted(t.positions, pos)
+        if np.any(idx >= len(t.positions)) or np.any(
+            t.positions[np.minimum(idx, len(t.positions) - 1)] != pos
+        ):
+            return None  # a profile made before these cut points: no sharding
+        f = np.asarray
+        peak = f(t.peak_bytes, dtype=np.float64)
+        block_peak = (
+            np.maximum.reduceat(peak, idx[:-1], axis=0)
+            if len(idx) > 1 and len(peak)
+            else np.zeros((max(len(idx) - 1, 0), t.shards))
+        )
+        class_flops = f(t.class_flops, dtype=np.float64)[idx]
+        return cls(
+            shards=t.shards,
+            strategy=t.strategy,
+            class_flops=class_flops,
+            flops=class_flops.sum(axis=-1),
+            total_flops=f(t.total_flops, dtype=np.float64)[idx],
+            split_flops=f(t.split_flops, dtype=np.float64)[idx],
+            params=f(t.param_bytes, dtype=np.float64)[idx],
+            split_params=f(t.split_params, dtype=np.float64)[idx],
+            ops=f(t.op_counts, dtype=np.float64)[idx],
+            block_peak=block_peak,
+            points_before=f(t.points_before, dtype=np.float64)[idx],
+            points_upto=f(t.points_upto, dtype=np.float64)[idx],
+            bytes_before=f(t.bytes_before, dtype=np.float64)[idx],
+            bytes_upto=f(t.bytes_upto, dtype=np.float64)[idx],
+            scatter=f(t.scatter_bytes, dtype=np.float64)[idx].sum(axis=-1),
+            gather=f(t.gather_bytes, dtype=np.float64)[idx].sum(axis=-1),
+            starts=f(t.starts, dtype=np.bool_)[idx],
+            table=t,
+            index=idx.astype(np.int64),
+        )
+
+    def allowed(self, a: IndexLike, b: IndexLike) -> npt.NDArray[np.bool_]:
+        """[a, b) may be proposed as these shards: it starts where nothing is split and its
+        busiest shard runs less than `PROPOSE_SHARE` of its FLOPs."""
+        busiest = (self.flops[b] - self.flops[a]).max(axis=-1)
+        total = self.total_flops[b] - self.total_flops[a]
+        return np.asarray(
+            (a < b) & self.starts[a] & (total > 0) & (busiest < PROPOSE_SHARE * total)
+        )
+
+    def times(self, kind: tuple[float, ...]) -> tuple[Array, Array]:
+        """Prefix (per-shard, split) seconds on a device of `kind` (`device_kind`): each
+        shard's work at equal proportions (fixed cost per op included), and the split work."""
+        if kind not in self._times:
+            inverse = 1.0 / np.array(kind[:-1])
+            self._times[kind] = (
+                self.class_flops @ inverse + self.ops * kind[-1],
+                self.split_flops @ inverse,
+            )
+        return self._times[kind]
+
+    def memory(
+        self,
+        a: IndexLike,
+        b: IndexLike,
+        shard: int,
+        proportion: Array | float,
+        int8: bool,
+        overhead: float,
+    ) -> Array:
+        """Bytes shard `shard` holding `proportion` of [a, b)'s split weights needs."""
+        factor = INT8_WEIGHT_FACTOR if int8 else 1.0
+        own = self.params[b, shard] - self.params[a, shard]
+        split = self.split_params[b] - self.split_params[a]
+        weights = np.maximum(own + (proportion - 1.0 / self.shards) * split, 0.0) * factor
+        if isinstance(a, int) and isinstance(b, int):
+            peak = self.block_peak[a:b, shard].max(initial=0.0)
+        else:
+            peak = self._peak_matrix(shard)[a, b]
+        return np.asarray(weights + peak + overhead)
+
+    def _peak_matrix(self, shard: int) -> Array:
+        """(a, b) -> shard's peak activation bytes over [a, b); computed once per shard."""
+        if shard not in self._peaks:
+            m = len(self.starts)
+            blocks = np.where(
+                np.arange(m - 1)[None, :] >= np.arange(m)[:, None],
+                self.block_peak[None, :, shard],
+                0.0,
+            )
+            peak = np.zeros((m, m))
+            peak[:, 1:] = np.maximum.accumulate(blocks, axis=1)
+            self._peaks[shard] = peak
+        return self._peaks[shard]
+
+    def exchange(self, a: IndexLike, b: IndexLike) -> tuple[Array, Array]:
+        """(bytes on the LAN that the stage waits for, round trips) of [a, b) as shards: the
+        stage inputs sent to the shards, the busiest receiver's exchanges, the output parts."""
+        count = self.points_before[b] - self.points_upto[a]
+        received = (self.bytes_before[b] - self.bytes_upto[a]).max(axis=-1)
+        return np.asarray(self.scatter[a] + received + self.gather[b]), np.asarray(2.0 + count)
+
+    def refusal(self, profile: ModelProfile, a: int, b: int) -> str:
+        """Why [a, b) is not proposed as these shards, naming the node that keeps it whole."""
+        if not self.starts[a]:
+            return f"{self.strategy}: the range starts inside a split"
+        q = self.table.heaviest_whole(int(self.index[a]), int(self.index[b]))
+        if q < 0:
+            return f"{self.strategy}: no shard saves work"
+        node = profile.nodes[q]
+        return f"{self.strategy}: {node.op_type} node {node.name!r} runs whole"
 
 
 def boundary_tensors(profile: ModelProfile, position: int) -> tuple[tuple[str, str, int], ...]:
