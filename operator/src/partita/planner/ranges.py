@@ -209,6 +209,7 @@ class ShardedRanges:
     index: npt.NDArray[np.int64]  # positions in `table`
     _times: dict[tuple[float, ...], tuple[Array, Array]] = field(default_factory=dict)
     _peaks: dict[int, Array] = field(default_factory=dict)
+    _allowed: npt.NDArray[np.bool_] | None = None
 
     @classmethod
     def restrict(cls, t: ShardTable, pos: npt.NDArray[np.int64]) -> ShardedRanges | None:
@@ -249,12 +250,18 @@ class ShardedRanges:
 
     def allowed(self, a: IndexLike, b: IndexLike) -> npt.NDArray[np.bool_]:
         """[a, b) may be proposed as these shards: it starts where nothing is split and its
-        busiest shard runs less than `PROPOSE_SHARE` of its FLOPs."""
-        busiest = (self.flops[b] - self.flops[a]).max(axis=-1)
-        total = self.total_flops[b] - self.total_flops[a]
-        return np.asarray(
-            (a < b) & self.starts[a] & (total > 0) & (busiest < PROPOSE_SHARE * total)
-        )
+        busiest shard runs less than `PROPOSE_SHARE` of its FLOPs (every pair computed once)."""
+        if self._allowed is None:
+            busiest = (self.flops[None, :, :] - self.flops[:, None, :]).max(axis=-1)
+            total = self.total_flops[None, :] - self.total_flops[:, None]
+            m = len(self.starts)
+            self._allowed = (
+                (np.arange(m)[:, None] < np.arange(m)[None, :])
+                & self.starts[:, None]
+                & (total > 0)
+                & (busiest < PROPOSE_SHARE * total)
+            )
+        return np.asarray(self._allowed[a, b])
 
     def times(self, kind: tuple[float, ...]) -> tuple[Array, Array]:
         """Prefix (per-shard, split) seconds on a device of `kind` (`device_kind`): each
