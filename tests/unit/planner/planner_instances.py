@@ -139,6 +139,8 @@ def with_ideal_shards(profile: ModelProfile, counts: tuple[int, ...] = (2, 3, 4)
                 scatter_bytes=wire[:, None] * ones,
                 gather_bytes=wire[:, None] * ones / k,
                 starts=np.ones(len(pos), dtype=np.bool_),
+                ends=np.ones(len(pos), dtype=np.bool_),
+                crop_params=0 * ones,
                 whole_node=np.array([h[0] for h in heaviest], dtype=np.int64),
                 whole_flops=np.array([h[1] for h in heaviest]),
             )

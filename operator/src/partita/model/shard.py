@@ -41,6 +41,7 @@ from partita.model.placement import (
     RangePlacement,
     ReferenceCosts,
     TensorShards,
+    rows,
 )
 from partita.model.tiling import TileAnalysis, tile_range
 from partita.model.types import (
@@ -269,6 +270,7 @@ class ShardAnalysis:
                     halo_points=() if single_segment else points,
                     single_segment=single_segment,
                     crossing=self.crossing,
+                    outputs_held=None if single_segment else self._held_at(end, props),
                 )
             except ValueError as exc:
                 raise ShardingError(str(exc)) from exc
@@ -424,6 +426,23 @@ class ShardAnalysis:
                 self._global[("tile", shards)] = best[3]
         return self._structure[shards]
 
+    def _held_at(self, end: int, props: tuple[float, ...]) -> dict[str, list[Piece | None]] | None:
+        """At equal proportions, what the whole model's tile placement has each shard hold
+        of the tensors crossing `end` (their owned rows and the halo later nodes need): a
+        range ending there keeps it, so its figures are those of the shard tables."""
+        k = len(props)
+        if len(set(props)) != 1 or end == len(self.nodes):
+            return None
+        whole = self._global.get(("tile", k))
+        if whole is None:
+            return None
+        out = {}
+        for name in self.crossing(end):
+            ts = whole.tensors.get(name)
+            if ts is not None and ts.mode is not GatherMode.TAKE:
+                out[name] = [ts.version(i, end) for i in range(k)]
+        return out
+
     def _tile_dims(self) -> tuple[int, ...]:
         """The spatial dims worth trying: the height, and the width of 2-D windows when it
         is larger (text lines, spectrograms)."""
@@ -518,6 +537,8 @@ class ShardAnalysis:
         scatter = np.zeros((len(pos), k), dtype=np.int64)
         gather_b = np.zeros((len(pos), k), dtype=np.int64)
         starts = np.ones(len(pos), dtype=np.bool_)
+        ends = np.ones(len(pos), dtype=np.bool_)
+        crops = np.zeros((len(pos), k), dtype=np.int64)
         for j, p in enumerate(pos):
             for name in self.crossing(int(p)):
                 crossing = placement.tensors.get(name)
@@ -531,15 +552,20 @@ class ShardAnalysis:
                     scatter[j, i] += piece.nbytes(shape, size)
                     if not piece.whole and strategy == "width":
                         starts[j] = False
+                    if not piece.whole and not piece.partial and crossing.mode is GatherMode.TAKE:
+                        ends[j] = False  # held in rows no gather can join: needed whole here
                     if crossing.mode is GatherMode.CONCAT and crossing.owned is not None:
                         lo, hi = crossing.owned[i]
                         gather_b[j, i] += Piece(crossing.axis, lo, hi).nbytes(shape, size)
+                        owns = rows(crossing.axis, lo, hi, shape[crossing.axis])
+                        if piece != owns and self._opset >= 10:
+                            crops[j, i] += 3 * 8  # the int64 starts, ends, axes of the crop
                     elif crossing.mode is not GatherMode.TAKE or i == crossing.take_from:
                         gather_b[j, i] += math.prod(shape) * size
 
         def prefix(values: np.ndarray) -> np.ndarray:
-            rows = np.zeros((1, *values.shape[1:]), dtype=np.int64)
-            return np.concatenate([rows, np.cumsum(values, 0)])[pos]
+            first = np.zeros((1, *values.shape[1:]), dtype=np.int64)
+            return np.concatenate([first, np.cumsum(values, 0)])[pos]
 
         return ShardTable(
             shards=k,
@@ -561,6 +587,8 @@ class ShardAnalysis:
             scatter_bytes=scatter,
             gather_bytes=gather_b,
             starts=starts,
+            ends=ends,
+            crop_params=crops,
             whole_node=whole_node,
             whole_flops=whole_flops,
         )

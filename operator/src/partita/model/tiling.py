@@ -21,7 +21,7 @@ is the whole model's restricted to it.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -624,6 +624,12 @@ def owned_rows(
     return bounds(partition(ana.shape(name)[axis], proportions))
 
 
+def _in_rows(pieces: Sequence[Piece | None] | None) -> bool:
+    return pieces is not None and any(
+        p is not None and p.axis is not None and not p.partial for p in pieces
+    )
+
+
 def tile_range(
     ana: TileAnalysis,
     start: int,
@@ -633,9 +639,12 @@ def tile_range(
     halo_points: Sequence[int] | None = None,
     single_segment: bool = False,
     crossing: Callable[[int], Sequence[str]],
+    outputs_held: Mapping[str, Sequence[Piece | None]] | None = None,
 ) -> tuple[RangePlacement, tuple[int, ...]]:
     """Place nodes [start, end) on row tiles; returns the placement and the halo points
-    used (found here when `halo_points` is None)."""
+    used (found here when `halo_points` is None). `outputs_held`: what each shard must hold
+    of the range's outputs beyond the rows it owns (the whole model's placement keeps the
+    halo its later nodes need), so the range is that placement restricted."""
     view = ana.view
     k = len(proportions)
     nodes = list(view.nodes)
@@ -677,13 +686,19 @@ def tile_range(
     for name in outputs:
         if name in partial_of:
             gathers[name] = partial_of[name]
-        elif name in ana.axis and in_range(name):
+        elif name in ana.axis and (in_range(name) or _in_rows((outputs_held or {}).get(name))):
+            # (a tensor passing the range by travels in rows too where the whole model's
+            # placement keeps it so)
             gathers[name] = GatherMode.CONCAT
             for j, (lo, hi) in enumerate(owned(name)):
                 add(name, j, rows(ana.axis[name], lo, hi, ana.shape(name)[ana.axis[name]]))
         else:
             gathers[name] = GatherMode.TAKE
             add(name, 0, WHOLE)
+        held_after = (outputs_held or {}).get(name)
+        if held_after is not None and name not in partial_of and name in gathers:
+            for j, piece in enumerate(held_after):
+                add(name, j, piece)
 
     placed: dict[int, list[NodeShard | None]] = {}
     held: dict[str, list[Piece | None]] = {}
@@ -802,7 +817,10 @@ def tile_range(
         outputs=outputs,
     )
     for name in placement.inputs:
-        placement.tensors[name] = TensorShards(held=need[name])
+        ts = TensorShards(held=need[name])
+        if gathers.get(name) is GatherMode.CONCAT:  # passes the range by, in rows
+            ts.mode, ts.axis, ts.owned = GatherMode.CONCAT, ana.axis[name], owned(name)
+        placement.tensors[name] = ts
     for name, pieces in held.items():
         mode = (
             partial_of.get(name)

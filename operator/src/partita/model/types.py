@@ -297,6 +297,12 @@ class ShardTable:
     scatter_bytes: np.ndarray  # (P, shards): stage inputs each shard reads, range from here
     gather_bytes: np.ndarray  # (P, shards): output parts each shard sends, range to here
     starts: np.ndarray  # (P,) bool
+    # (P,) bool: a range may end here (no tensor crossing it is held in rows that no
+    # gather can join; the range would have to compute it whole).
+    ends: np.ndarray
+    # (P, shards): weight bytes a range ending here adds to crop the rows each shard owns
+    # out of what it holds (the halo later nodes would need).
+    crop_params: np.ndarray
     # (P - 1,) per block: the heaviest node no shard splits (-1: none) and its FLOPs, to
     # name what keeps a range from splitting.
     whole_node: np.ndarray
@@ -306,7 +312,7 @@ class ShardTable:
         "positions", "total_flops", "split_flops", "shared_flops", "split_params",
         "shared_params", "op_counts", "class_flops", "param_bytes", "peak_bytes",
         "points_before", "points_upto", "bytes_before", "bytes_upto", "scatter_bytes",
-        "gather_bytes", "starts", "whole_node", "whole_flops",
+        "gather_bytes", "starts", "ends", "crop_params", "whole_node", "whole_flops",
     )  # fmt: skip
 
     def heaviest_whole(self, a: int, b: int) -> int:
@@ -334,7 +340,9 @@ class ShardTable:
             exchange_bytes=self.bytes_before[b][None] - self.bytes_upto[:b],
             scatter_bytes=self.scatter_bytes[:b],
             gather_bytes=self.gather_bytes[b],
-            allowed=self.starts[:b] & (busiest < PROPOSE_SHARE * np.maximum(total, 1)),
+            allowed=self.starts[:b]
+            & self.ends[b]
+            & (busiest < PROPOSE_SHARE * np.maximum(total, 1)),
         )
 
 

@@ -205,6 +205,8 @@ class ShardedRanges:
     scatter: Array  # (P,) stage-input bytes sent to all shards, range from here
     gather: Array  # (P,) output-part bytes all shards send, range to here
     starts: npt.NDArray[np.bool_]  # (P,)
+    ends: npt.NDArray[np.bool_]  # (P,)
+    crops: Array  # (P, shards) weight bytes of the crops a range ending here adds
     table: ShardTable
     index: npt.NDArray[np.int64]  # positions in `table`
     _times: dict[tuple[float, ...], tuple[Array, Array]] = field(default_factory=dict)
@@ -244,12 +246,15 @@ class ShardedRanges:
             scatter=f(t.scatter_bytes, dtype=np.float64)[idx].sum(axis=-1),
             gather=f(t.gather_bytes, dtype=np.float64)[idx].sum(axis=-1),
             starts=f(t.starts, dtype=np.bool_)[idx],
+            ends=f(t.ends, dtype=np.bool_)[idx],
+            crops=f(t.crop_params, dtype=np.float64)[idx],
             table=t,
             index=idx.astype(np.int64),
         )
 
     def allowed(self, a: IndexLike, b: IndexLike) -> npt.NDArray[np.bool_]:
-        """[a, b) may be proposed as these shards: it starts where nothing is split and its
+        """[a, b) may be proposed as these shards: it starts where nothing is split, ends where
+        its outputs can be gathered, and its
         busiest shard runs less than `PROPOSE_SHARE` of its FLOPs (every pair computed once)."""
         if self._allowed is None:
             busiest = (self.flops[None, :, :] - self.flops[:, None, :]).max(axis=-1)
@@ -258,6 +263,7 @@ class ShardedRanges:
             self._allowed = (
                 (np.arange(m)[:, None] < np.arange(m)[None, :])
                 & self.starts[:, None]
+                & self.ends[None, :]
                 & (total > 0)
                 & (busiest < PROPOSE_SHARE * total)
             )
@@ -285,7 +291,7 @@ class ShardedRanges:
     ) -> Array:
         """Bytes shard `shard` holding `proportion` of [a, b)'s split weights needs."""
         factor = INT8_WEIGHT_FACTOR if int8 else 1.0
-        own = self.params[b, shard] - self.params[a, shard]
+        own = self.params[b, shard] - self.params[a, shard] + self.crops[b, shard]
         split = self.split_params[b] - self.split_params[a]
         weights = np.maximum(own + (proportion - 1.0 / self.shards) * split, 0.0) * factor
         if isinstance(a, int) and isinstance(b, int):
@@ -319,6 +325,8 @@ class ShardedRanges:
         """Why [a, b) is not proposed as these shards, naming the node that keeps it whole."""
         if not self.starts[a]:
             return f"{self.strategy}: the range starts inside a split"
+        if not self.ends[b]:
+            return f"{self.strategy}: an output is held in rows no gather joins"
         q = self.table.heaviest_whole(int(self.index[a]), int(self.index[b]))
         if q < 0:
             return f"{self.strategy}: no shard saves work"
