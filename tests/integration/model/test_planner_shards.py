@@ -43,8 +43,8 @@ from partita.planner.cost import boundary_tensors, predict_stages
 
 MiB = 2**20
 MODELS = ["open-nsfw", "minilm", "ocr-rec", "ocr-cls"]
-MEMORY_SLACK = 0.01  # the planner reserves at most this share less than a cut shard needs
-MEMORY_OVER = 1.5  # and at most this many times it (a one-node range, the worst drawn)
+MEMORY_SLACK = 0.002  # under by at most this share (a part tensor the range end adds)
+MEMORY_OVER = 1.05  # and at most this many times it
 
 
 @functools.lru_cache(maxsize=4)

@@ -551,7 +551,10 @@ class ShardAnalysis:
                         continue
                     scatter[j, i] += piece.nbytes(shape, size)
                     if not piece.whole and strategy == "width":
+                        # A width range starts and ends where nothing is split: there its
+                        # own walk makes the whole model's decisions.
                         starts[j] = False
+                        ends[j] = p == n
                     if not piece.whole and not piece.partial and crossing.mode is GatherMode.TAKE:
                         ends[j] = False  # held in rows no gather can join: needed whole here
                     if crossing.mode is GatherMode.CONCAT and crossing.owned is not None:

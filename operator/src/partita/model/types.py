@@ -269,10 +269,11 @@ class ShardTable:
 
     They come from the strategy placed over the whole model (the halo points, splits and
     exchanges a range's own layout keeps), restricted to the range. `column(b)` gives the
-    figures of every range ending at positions[b] at once. The FLOPs are exact for width
-    ranges (which start only where `starts` is true: where no tensor crossing is split)
-    and for tile ranges up to their last halo stretch, where the whole model's halo is kept
-    (an overestimate for short ranges).
+    figures of every range ending at positions[b] at once. For a range that starts where
+    `starts` and ends where `ends` is true, at equal proportions, the FLOPs and exchanges
+    are those of the shards `ShardAnalysis.layout` cuts (a tile range keeps the whole
+    model's halo at its end and crops it off, `crop_params`); the peak activations are the
+    whole model's segments' (a tensor passing the range by stays live there).
     """
 
     shards: int
@@ -297,8 +298,8 @@ class ShardTable:
     scatter_bytes: np.ndarray  # (P, shards): stage inputs each shard reads, range from here
     gather_bytes: np.ndarray  # (P, shards): output parts each shard sends, range to here
     starts: np.ndarray  # (P,) bool
-    # (P,) bool: a range may end here (no tensor crossing it is held in rows that no
-    # gather can join; the range would have to compute it whole).
+    # (P,) bool: a range may end here: no tensor crossing it is held in rows no gather can
+    # join (tile), nothing crossing it is split (width), or it is the model's end.
     ends: np.ndarray
     # (P, shards): weight bytes a range ending here adds to crop the rows each shard owns
     # out of what it holds (the halo later nodes would need).
