@@ -4,11 +4,10 @@ shard models `ShardAnalysis` cuts for that stage, profiled on their own (`profil
 each built model, not the tables the planner read); a stage the planner refuses names why;
 every sharded stage of a plan the planner returns can be cut.
 
-FLOPs, exchange points and exchange bytes are equal. Weights plus peak activations are
-not: the tables read peaks off the whole model's segment models (where a tensor passing
-the range by stays live, so short ranges are overestimated) and miss the crops a range's
-last segment adds to send only the rows each shard owns (a few bytes, or one part tensor,
-under); the bounds are `MEMORY_SLACK` and `MEMORY_OVER`.
+FLOPs, exchange points and exchange bytes are equal. Weights plus peak activations may
+differ a little: the tables read peaks off the whole model's segment models (where a
+tensor passing the range by stays live: over) and miss a part tensor a range's last
+segment may add (a few KiB: under); the bounds are `MEMORY_SLACK` and `MEMORY_OVER`.
 """
 
 from __future__ import annotations

@@ -60,14 +60,14 @@ class RangeTable:
     block_live: Array  # peak live bytes between consecutive positions
     wire: dict[Compression, Array]  # bytes crossing each position, per cut encoding
     raw: npt.NDArray[np.bool_]  # the raw model input crosses this position
-    # Per shard count, the strategies whose shard tables cover these positions.
-    sharded: dict[int, tuple[ShardedRanges, ...]] = field(default_factory=dict)
+    shard_tables: tuple[ShardTable, ...] = ()  # the profile's
     _times: dict[tuple[float, ...], tuple[Array, Array]] = field(default_factory=dict)
     _peak: Array | None = None
     _index: dict[int, int] | None = None
     _kinds: dict[tuple[int, float, float], tuple[object, tuple[float, ...]]] = field(
         default_factory=dict
     )
+    _sharded: dict[int, tuple[ShardedRanges, ...]] | None = None
 
     @classmethod
     def build(cls, profile: ModelProfile, positions: Sequence[int]) -> RangeTable:
@@ -98,11 +98,6 @@ class RangeTable:
         input_names = {t.name for t in profile.inputs}
         raw = np.array([any(t[0] in input_names for t in tensors) for tensors in crossing])
         raw[pos == 0] = True
-        sharded: dict[int, list[ShardedRanges]] = {}
-        for t in profile.shard_tables:
-            ranges = ShardedRanges.restrict(t, pos)
-            if ranges is not None:
-                sharded.setdefault(t.shards, []).append(ranges)
         block_live = np.maximum.reduceat(live, pos[:-1]) if n and len(pos) > 1 else np.zeros(0)
         return cls(
             positions=pos,
@@ -114,8 +109,21 @@ class RangeTable:
             block_live=block_live,
             wire=wire,
             raw=raw,
-            sharded={k: tuple(v) for k, v in sorted(sharded.items())},
+            shard_tables=profile.shard_tables,
         )
+
+    @property
+    def sharded(self) -> dict[int, tuple[ShardedRanges, ...]]:
+        """Per shard count, the strategies whose shard tables cover these positions
+        (restricted on first use: most plans priced have no sharded stage)."""
+        if self._sharded is None:
+            found: dict[int, list[ShardedRanges]] = {}
+            for t in self.shard_tables:
+                ranges = ShardedRanges.restrict(t, self.positions)
+                if ranges is not None:
+                    found.setdefault(t.shards, []).append(ranges)
+            self._sharded = {k: tuple(v) for k, v in sorted(found.items())}
+        return self._sharded
 
     @property
     def size(self) -> int:
