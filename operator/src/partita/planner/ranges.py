@@ -17,6 +17,7 @@ boundary *indexes* into those positions and broadcast over numpy arrays of them.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -192,6 +193,13 @@ class RangeTable:
         return np.asarray(proportion * split + whole + peak + overhead)
 
 
+# Which ranges each shard table allows, per set of positions: a profile is planned again
+# and again (every reconcile), its tables live as long as it does.
+_ALLOWED: weakref.WeakKeyDictionary[ShardTable, dict[bytes, npt.NDArray[np.bool_]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 @dataclass
 class ShardedRanges:
     """One shard table restricted to a range table's positions (prefix sums over them)."""
@@ -265,16 +273,20 @@ class ShardedRanges:
         its outputs can be gathered, and its
         busiest shard runs less than `PROPOSE_SHARE` of its FLOPs (every pair computed once)."""
         if self._allowed is None:
-            busiest = (self.flops[None, :, :] - self.flops[:, None, :]).max(axis=-1)
-            total = self.total_flops[None, :] - self.total_flops[:, None]
-            m = len(self.starts)
-            self._allowed = (
-                (np.arange(m)[:, None] < np.arange(m)[None, :])
-                & self.starts[:, None]
-                & self.ends[None, :]
-                & (total > 0)
-                & (busiest < PROPOSE_SHARE * total)
-            )
+            by_positions = _ALLOWED.setdefault(self.table, {})
+            key = self.index.tobytes()
+            if key not in by_positions:
+                busiest = (self.flops[None, :, :] - self.flops[:, None, :]).max(axis=-1)
+                total = self.total_flops[None, :] - self.total_flops[:, None]
+                m = len(self.starts)
+                by_positions[key] = (
+                    (np.arange(m)[:, None] < np.arange(m)[None, :])
+                    & self.starts[:, None]
+                    & self.ends[None, :]
+                    & (total > 0)
+                    & (busiest < PROPOSE_SHARE * total)
+                )
+            self._allowed = by_positions[key]
         return np.asarray(self._allowed[a, b])
 
     def times(self, kind: tuple[float, ...]) -> tuple[Array, Array]:
