@@ -212,11 +212,11 @@ def predict_stages(
         shard_preds = []
         if k == 1 or not isinstance(sharded, ShardFigures):
             for shard, node in zip(stage.shards, nodes, strict=True):
-                memory = float(table.memory(a, b, 1.0, stage.int8, overhead))
-                compute = flops = math.inf if k > 1 else float(table.flops(a, b))
+                memory = float(table.memory(a, b, stage.int8, overhead))
+                compute = flops = math.inf if k > 1 else table.range_flops(a, b)
                 if node is not None and node.ready and k == 1:
-                    split, whole = table.times(node, speedup if stage.int8 else 1.0)
-                    compute = float(split[b] - split[a] + whole[b] - whole[a])
+                    seconds = table.times(node, speedup if stage.int8 else 1.0)
+                    compute = float(seconds[b] - seconds[a])
                 shard_preds.append(ShardPrediction(shard.node, compute, math.ceil(memory), flops))
         else:
             shard_preds = list(sharded.shards)

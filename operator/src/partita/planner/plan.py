@@ -18,7 +18,7 @@ class ShardPlacement:
     """One container of a stage: the node it is pinned to and its share of the stage's work."""
 
     node: str
-    proportion: float  # of the stage's shardable work (1.0 when the stage is not split)
+    proportion: float  # of the stage's split work (1.0 when the stage is not split)
 
 
 @dataclass(frozen=True)

@@ -53,16 +53,14 @@ class RangeTable:
     """Prefix sums of a profile's per-op figures at `positions` (sorted graph-node indexes)."""
 
     positions: npt.NDArray[np.int64]
-    split_flops: Array  # (positions, classes): FLOPs of shardable ops before each position
-    whole_flops: Array  # the same for ops every shard runs in full
-    graph_nodes: Array  # ops before each position (each has a fixed cost on every shard)
-    split_params: Array  # bytes
-    whole_params: Array
+    flops: Array  # (positions, classes): FLOPs of the ops before each position
+    graph_nodes: Array  # ops before each position (each has a fixed cost)
+    params: Array  # bytes
     block_live: Array  # peak live bytes between consecutive positions
     wire: dict[Compression, Array]  # bytes crossing each position, per cut encoding
     raw: npt.NDArray[np.bool_]  # the raw model input crosses this position
     shard_tables: tuple[ShardTable, ...] = ()  # the profile's
-    _times: dict[tuple[float, ...], tuple[Array, Array]] = field(default_factory=dict)
+    _times: dict[tuple[float, ...], Array] = field(default_factory=dict)
     _peak: Array | None = None
     _index: dict[int, int] | None = None
     _kinds: dict[tuple[int, float, float], tuple[object, tuple[float, ...]]] = field(
@@ -76,19 +74,16 @@ class RangeTable:
         c = len(OP_CLASSES)
         ops = profile.nodes
         n = len(ops)
-        # One row per op: [split FLOPs by class | whole FLOPs by class | 1 | split params |
-        # whole params], summed once.
-        column = [CLASS_COLUMN[op.op_class] + (0 if op.shardable else c) for op in ops]
+        # One row per op: [FLOPs by class | 1 | params], summed once.
+        column = [CLASS_COLUMN[op.op_class] for op in ops]
         figures = np.array(
-            [(op.flops, op.param_bytes, op.live_bytes, op.shardable) for op in ops],
-            dtype=np.float64,
-        ).reshape(n, 4)
-        flops, params, live, shardable = figures.T
-        rows = np.zeros((n + 1, 2 * c + 3))
+            [(op.flops, op.param_bytes, op.live_bytes) for op in ops], dtype=np.float64
+        ).reshape(n, 3)
+        flops, params, live = figures.T
+        rows = np.zeros((n + 1, c + 2))
         rows[np.arange(1, n + 1), column] = flops
-        rows[1:, 2 * c] = 1.0
-        rows[1:, 2 * c + 1] = params * shardable
-        rows[1:, 2 * c + 2] = params * (1.0 - shardable)
+        rows[1:, c] = 1.0
+        rows[1:, c + 1] = params
         prefix = np.cumsum(rows, axis=0)[pos]
         cuts = {cut.position: cut for cut in profile.cut_points}
         crossing = [_crossing(profile, int(p), cuts) for p in pos]
@@ -102,11 +97,9 @@ class RangeTable:
         block_live = np.maximum.reduceat(live, pos[:-1]) if n and len(pos) > 1 else np.zeros(0)
         return cls(
             positions=pos,
-            split_flops=prefix[:, :c],
-            whole_flops=prefix[:, c : 2 * c],
-            graph_nodes=prefix[:, 2 * c],
-            split_params=prefix[:, 2 * c + 1],
-            whole_params=prefix[:, 2 * c + 2],
+            flops=prefix[:, :c],
+            graph_nodes=prefix[:, c],
+            params=prefix[:, c + 1],
             block_live=block_live,
             wire=wire,
             raw=raw,
@@ -145,25 +138,20 @@ class RangeTable:
             self._kinds[key] = (node.speed, device_kind(node, int8_speedup))
         return self._kinds[key][1]
 
-    def times(self, node: NodeState, int8_speedup: float = 1.0) -> tuple[Array, Array]:
-        """Prefix (split, whole) compute seconds on `node` at each boundary.
+    def times(self, node: NodeState, int8_speedup: float = 1.0) -> Array:
+        """Prefix compute seconds on `node` at each boundary, the ranges run whole.
 
-        A shard holding proportion p of [a, b) is busy p·(S[b] − S[a]) + W[b] − W[a].
         Cached per device kind, not per node: a pool of identical nodes costs one product.
         """
         kind = self.kind(node, int8_speedup)
         if kind not in self._times:
             inverse = 1.0 / np.array(kind[:-1])
-            self._times[kind] = (
-                self.split_flops @ inverse,
-                self.whole_flops @ inverse + self.graph_nodes * kind[-1],
-            )
+            self._times[kind] = self.flops @ inverse + self.graph_nodes * kind[-1]
         return self._times[kind]
 
-    def flops(self, a: int, b: int) -> float:
+    def range_flops(self, a: int, b: int) -> float:
         """FLOPs of [a, b) run whole."""
-        split, whole = self.split_flops, self.whole_flops
-        return float((split[b] - split[a]).sum() + (whole[b] - whole[a]).sum())
+        return float((self.flops[b] - self.flops[a]).sum())
 
     def peak_live(self) -> Array:
         """(a, b) → peak live bytes of [a, b) for a < b (-inf elsewhere); computed once."""
@@ -179,18 +167,14 @@ class RangeTable:
             self._peak = peak
         return self._peak
 
-    def memory(
-        self, a: IndexLike, b: IndexLike, proportion: Array | float, int8: bool, overhead: float
-    ) -> Array:
-        """Bytes one shard holding `proportion` of [a, b)'s split parameters needs."""
-        factor = INT8_WEIGHT_FACTOR if int8 else 1.0
-        split = (self.split_params[b] - self.split_params[a]) * factor
-        whole = (self.whole_params[b] - self.whole_params[a]) * factor
+    def memory(self, a: IndexLike, b: IndexLike, int8: bool, overhead: float) -> Array:
+        """Bytes one node running [a, b) whole needs."""
+        weights = (self.params[b] - self.params[a]) * (INT8_WEIGHT_FACTOR if int8 else 1.0)
         if isinstance(a, int) and isinstance(b, int):
             peak = self.block_live[a:b].max(initial=0.0)
         else:
             peak = np.maximum(self.peak_live()[a, b], 0.0)
-        return np.asarray(proportion * split + whole + peak + overhead)
+        return np.asarray(weights + peak + overhead)
 
 
 # Which ranges each shard table allows, per set of positions: a profile is planned again

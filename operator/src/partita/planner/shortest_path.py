@@ -253,15 +253,15 @@ def _stage_costs(
     a, b = starts[:, None], ends[None, :]
     valid = a < b
     w = np.where(starts == 0, 1.0, rate)[:, None]  # stages after the first see `rate`
-    whole_need = float(table.memory(0, table.size - 1, 1.0, False, overhead))
-    kinds: dict[tuple[float, ...], tuple[Array, Array]] = {}
+    whole_need = float(table.memory(0, table.size - 1, False, overhead))
+    kinds: dict[tuple[float, ...], Array] = {}
 
-    def times(member: int, int8: bool) -> tuple[Array, Array]:
+    def times(member: int, int8: bool) -> Array:
         node = prob.nodes[member]
         key = (*table.kind(node, prob.speedup(int8)), float(int8))
         if key not in kinds:
-            split, whole = table.times(node, prob.speedup(int8))
-            kinds[key] = (split[b] - split[a], whole[b] - whole[a])
+            seconds = table.times(node, prob.speedup(int8))
+            kinds[key] = seconds[b] - seconds[a]
         return kinds[key]
 
     lan = prob.snapshot.link(pool.name, pool.name)
@@ -277,13 +277,12 @@ def _stage_costs(
         k = len(option.members)
         if k == 1:
             node = prob.nodes[option.members[0]]
-            split_t, whole_t = times(option.members[0], option.int8)
-            busy = split_t + whole_t
+            busy = times(option.members[0], option.int8)
             ok = valid
             if math.isfinite(cap):
                 ok = ok & (w * busy <= cap)
             if float(node.memory_free) < whole_need:
-                need = table.memory(a, b, 1.0, option.int8, overhead)
+                need = table.memory(a, b, option.int8, overhead)
                 ok = ok & (need <= float(node.memory_free))
             out[row] = np.where(ok, cost(busy, busy), math.inf)
             continue
