@@ -440,7 +440,9 @@ class ShardAnalysis:
         for name in self.crossing(end):
             ts = whole.tensors.get(name)
             if ts is not None and ts.mode is not GatherMode.TAKE:
-                out[name] = [ts.version(i, end) for i in range(k)]
+                # before an exchange at `end` itself: the next stage's, not this range's
+                at = end - 1 if ts.exchange_at == end else end
+                out[name] = [ts.version(i, at) for i in range(k)]
         return out
 
     def _tile_dims(self) -> tuple[int, ...]:
