@@ -3,6 +3,8 @@ checked in onnxruntime against the model as it is in its file."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -15,7 +17,7 @@ from partita.model.load import load_model_with_report, read_model, seeded_inputs
 from partita.model.profile import profile_loaded
 from partita.model.shard import gather, shard_stage
 from partita.model.slice import split_at
-from partita.model.verify import auto_cuts, verify
+from partita.model.verify import ShardRequest, auto_cuts, verify
 from partita.runtime import Session
 
 # Real models first, then the two built in code.
@@ -26,11 +28,12 @@ MODELS = [
 ]  # fmt: skip
 
 
-# Models where at least one auto-cut stage must shard (shufflenet's grouped convs and the
-# LSTM model have no rule; they must refuse with a reason instead).
+# Models where at least one auto-cut stage must shard in one segment (what a fan-out of the
+# whole stage input serves). The others refuse with a reason: shufflenet's grouped convs and
+# the LSTM have no rule; in ocr-det's stages the squeeze-excite pools need every row, so one
+# segment would leave the busiest shard over 90% of the work.
 SHARDABLE = {
     "open-nsfw",
-    "ocr-det",
     "ocr-rec",
     "ocr-cls",
     "minilm",
@@ -95,7 +98,8 @@ def test_model_with_external_data(tmp_path) -> None:
     loaded = load_model_with_report(path)
     prof = profile_loaded(loaded.model, loaded.digest)
     assert prof.param_bytes > 1_000_000
-    assert verify(loaded.model, prof, auto_cuts(prof), {1: [1, 1]}).ok
+    report = verify(loaded.model, prof, auto_cuts(prof), {1: ShardRequest((1.0, 1.0))})
+    assert report.ok, report
 
 
 def test_compression_reports_bytes_and_deviation() -> None:
@@ -140,3 +144,40 @@ def test_cli_split_and_verify(tmp_path) -> None:
     assert (tmp_path / "stage2.onnx").is_file() and (tmp_path / "manifest.json").is_file()
     result = runner.invoke(app, ["verify", path, "--cuts", "40"])
     assert result.exit_code == 2 and "symbolic dims" in result.output
+
+
+def test_cli_verify_plan_fails_on_shards_it_cannot_cut(tmp_path) -> None:
+    from partita.cli.main import app, build
+    from partita.model import synthetic
+
+    build()
+    runner = CliRunner()
+    model = tmp_path / "recurrent.onnx"
+    onnx.save(synthetic.recurrent_model(), str(model))
+    lstm = next(i for i, n in enumerate(synthetic.recurrent_model().graph.node)
+                if n.op_type == "LSTM")  # fmt: skip
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"cuts": [lstm], "shards": {"1": [1, 1]}}))
+    result = runner.invoke(app, ["verify", str(model), "--plan", str(plan)])
+    assert result.exit_code == 1, result.output
+    assert "stage 1: cannot be sharded" in result.output and "LSTM node" in result.output
+
+    # A stage it can cut runs segment by segment, every exchange measured.
+    path = str(zoo.model_path("ocr-rec"))
+    plan.write_text(json.dumps({"cuts": [120], "shards": {"0": {"proportions": [1, 1, 1, 1]}}}))
+    result = runner.invoke(app, ["verify", path, "-i", "x=1x3x48x320", "--plan", str(plan)])
+    assert result.exit_code == 0, result.output
+    assert "stage 0: tile x4" in result.output and "OK" in result.output
+
+    # Real inputs instead of seeded noise: an image of printed text for the detector.
+    path = str(zoo.model_path("ocr-det"))
+    loaded = load_model_with_report(path, zoo.default_input_shapes("ocr-det"))
+    feeds = tmp_path / "inputs.npz"
+    np.savez(feeds, **zoo.sample_inputs("ocr-det", loaded.model))
+    plan.write_text(json.dumps({"cuts": [], "shards": {"0": [1, 1]}}))
+    args = ["verify", path, "-i", "x=1x3x160x160", "--plan", str(plan), "--inputs", str(feeds)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0 and "OK" in result.output, result.output
+    np.savez(feeds, y=np.zeros(3, dtype=np.float32))
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "lack ['x']" in result.output

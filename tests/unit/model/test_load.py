@@ -3,9 +3,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from model_builders import diamond, f32, make
 from onnx import helper, numpy_helper
 
+from model_builders import diamond, f32, make
 from partita.model.errors import ModelLoadError
 from partita.model.load import load_model, load_model_with_report, parse_input_shapes
 

@@ -1,7 +1,8 @@
 from __future__ import annotations
 
-from model_builders import diamond, mlp
+import numpy as np
 
+from model_builders import conv_stack, diamond, mlp
 from partita.model import synthetic
 from partita.model.profile import (
     FRONTIER_TOLERANCE,
@@ -11,7 +12,7 @@ from partita.model.profile import (
     profile_model,
     profile_to_dict,
 )
-from partita.model.types import OpClass
+from partita.model.types import OpClass, ShardTable
 
 
 def test_conv_and_matmul_flops_are_exact() -> None:
@@ -56,6 +57,22 @@ def test_profile_is_cached_in_memory_and_on_disk(tmp_path) -> None:
     again = profile_model(diamond(), {"x": [1, 3, 8, 8]}, cache_dir=tmp_path)
     assert again == first and again is not first
     assert len(list(tmp_path.glob("*.json"))) == 1
+
+
+def test_shard_tables_are_cached_with_the_profile(tmp_path) -> None:
+    clear_cache()
+    first = profile_model(conv_stack(24, 20), cache_dir=tmp_path)
+    assert {(t.shards, t.strategy) for t in first.shard_tables} >= {(2, "tile"), (4, "tile")}
+    clear_cache()
+    again = profile_model(conv_stack(24, 20), cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("*.npz"))) == 1
+    for table in first.shard_tables:
+        stored = again.shard_table(table.shards, table.strategy)
+        assert stored is not None
+        for name in ShardTable.FIELDS:
+            np.testing.assert_array_equal(getattr(stored, name), getattr(table, name))
+    # Without shard counts the profile is a different entry, with no tables.
+    assert profile_model(conv_stack(24, 20), shard_counts=()).shard_tables == ()
 
 
 def test_profile_roundtrips_through_json() -> None:

@@ -1,16 +1,18 @@
 from __future__ import annotations
 
-import numpy as np
 import pytest
-from model_builders import diamond, mlp
 
+from model_builders import diamond, mlp
 from partita.model import synthetic
 from partita.model.errors import CutError, ShardingError
 from partita.model.load import load_model
+from partita.model.placement import ReferenceCosts, partition
 from partita.model.profile import profile_model
-from partita.model.shard import allocate, gather, shard_stage
+from partita.model.shard import shard_stage
 from partita.model.slice import extract_stage, split_at
-from partita.model.types import GatherMode, GatherSpec, ShardLayout
+from partita.model.types import GatherMode, GatherSpec
+
+FREE = ReferenceCosts(exchange_s=0.0, lan_bytes_per_s=1e18)
 
 
 def test_stage_keeps_only_its_nodes_and_weights() -> None:
@@ -46,23 +48,25 @@ def test_cut_inside_a_subgraph_is_refused() -> None:
         extract_stage(model, ["x"], ["gated"])
 
 
-def test_allocate_is_proportional_and_granular() -> None:
-    assert allocate(10, [1, 1]) == (5, 5)
-    assert allocate(384, [0.7, 0.3], 32) == (256, 128)
-    assert sum(allocate(1000, [3, 2, 1])) == 1000
+def test_partition_is_proportional_and_granular() -> None:
+    assert partition(10, [1, 1]) == (5, 5)
+    assert partition(384, [0.7, 0.3], 32) == (256, 128)
+    assert sum(partition(1000, [3, 2, 1])) == 1000
     with pytest.raises(ValueError):
-        allocate(3, [1, 1, 1, 1])
+        partition(3, [1, 1, 1, 1])
 
 
 def test_mlp_is_one_megatron_pair() -> None:
     stage = load_model(mlp())
-    shards, layout = shard_stage(stage, [0.5, 0.5])
+    shards, layout = shard_stage(stage, [0.5, 0.5], costs=FREE)
     assert layout.strategy == "megatron"
     assert layout.gathers == (GatherSpec("y", GatherMode.SUM),)
-    w1 = [{t.name: tuple(t.dims) for t in s.graph.initializer} for s in shards]
-    assert w1[0]["w1__s0_1"] == (8, 8) and w1[1]["w2__s1_0"] == (8, 6)
+    w = [{t.name: tuple(t.dims) for t in s.graph.initializer} for s in shards]
+    # Columns of the first weight, rows of the second: no exchange between the two.
+    assert w[0]["w1__rows1_0_8"] == (8, 8) and w[1]["w2__rows0_8_16"] == (8, 6)
+    assert len(layout.segments) == 1
     # The second bias is added by shard 0 only.
-    assert "b2" in w1[0] and "b2" not in w1[1]
+    assert "b2" in w[0] and "b2" not in w[1]
 
 
 def test_unsupported_op_in_shard_names_the_node() -> None:
@@ -71,37 +75,12 @@ def test_unsupported_op_in_shard_names_the_node() -> None:
         shard_stage(stage, [1, 1], strategy="width")
 
 
-def test_gather_modes() -> None:
-    layout = ShardLayout(
-        (1.0, 1.0),
-        (
-            GatherSpec("c", GatherMode.CONCAT, axis=1),
-            GatherSpec("s", GatherMode.SUM),
-            GatherSpec("t", GatherMode.TAKE, shard=1),
-        ),
-        "test",
-    )
-    part = GatherSpec.part_name
-    a, b = np.ones((2, 1)), np.zeros((2, 3))
-    out = gather(
-        layout,
-        [
-            {part("c", 0): a, part("s", 0): np.full(3, 2.0)},
-            {part("c", 1): b, part("s", 1): np.full(3, 5.0), part("t", 1): np.arange(2)},
-        ],
-    )
-    assert out["c"].shape == (2, 4) and out["c"][:, 0].tolist() == [1, 1]
-    assert out["s"].tolist() == [7, 7, 7]
-    assert out["t"].tolist() == [0, 1]
-    with pytest.raises(ShardingError, match="'t'"):
-        gather(layout, [{part("c", 0): a, part("s", 0): a}, {part("c", 1): b, part("s", 1): a}])
-
-
 def test_old_softmax_over_flattened_channels_is_not_split() -> None:
     # Before opset 13 Softmax's default axis is 1 and it normalises every axis from there:
     # splitting channels would give each shard its own normalisation (a wrong answer).
-    from model_builders import f32, make, weight
     from onnx import helper
+
+    from model_builders import f32, make, weight
 
     model = make(
         [
@@ -114,4 +93,4 @@ def test_old_softmax_over_flattened_channels_is_not_split() -> None:
         opset=9,
     )
     with pytest.raises(ShardingError, match="Softmax node 'softmax'"):
-        shard_stage(load_model(model), [1, 1], strategy="width")
+        shard_stage(load_model(model), [1, 1], strategy="width", costs=FREE)

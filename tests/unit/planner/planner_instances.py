@@ -7,9 +7,10 @@ import math
 import random
 from dataclasses import replace
 
+import numpy as np
 from hypothesis import strategies as st
 
-from partita.model.types import CutPoint, ModelProfile, NodeCost, OpClass, TensorInfo
+from partita.model.types import CutPoint, ModelProfile, NodeCost, OpClass, ShardTable, TensorInfo
 from partita.planner import (
     Cascade,
     ClusterSnapshot,
@@ -79,15 +80,74 @@ def random_profile(rng: random.Random, max_ops: int = 24, max_cuts: int = 20) ->
                 param_bytes_before=sum(x.param_bytes for x in nodes[:p]),
             )
         )
-    return ModelProfile(
-        digest="0" * 64,
-        inputs=(inp,),
-        outputs=(out,),
-        nodes=tuple(nodes),
-        cut_points=tuple(cuts),
-        total_flops=sum(x.flops for x in nodes),
-        param_bytes=sum(x.param_bytes for x in nodes),
+    return with_ideal_shards(
+        ModelProfile(
+            digest="0" * 64,
+            inputs=(inp,),
+            outputs=(out,),
+            nodes=tuple(nodes),
+            cut_points=tuple(cuts),
+            total_flops=sum(x.flops for x in nodes),
+            param_bytes=sum(x.param_bytes for x in nodes),
+        )
     )
+
+
+def with_ideal_shards(profile: ModelProfile, counts: tuple[int, ...] = (2, 3, 4)) -> ModelProfile:
+    """`profile` with the shard tables of an idealised model whose `shardable` ops split
+    exactly k ways (FLOPs and weights), every other op running whole in every shard, each
+    shard reading the stage inputs whole and sending 1/k of its outputs: the search's test
+    instances, where model analysis of a real graph would give the tables."""
+    n = len(profile.nodes)
+    pos = np.array(sorted({0, n, *(c.position for c in profile.cut_points)}), dtype=np.int64)
+    classes = list(OpClass)
+    split = np.zeros((n + 1, len(classes)))
+    shared = np.zeros((n + 1, len(classes)))
+    for op in profile.nodes:
+        (split if op.shardable else shared)[op.index + 1, classes.index(op.op_class)] = op.flops
+    split, shared = np.cumsum(split, 0)[pos], np.cumsum(shared, 0)[pos]
+    sp = np.cumsum([0, *(op.param_bytes * op.shardable for op in profile.nodes)])[pos]
+    wp = np.cumsum([0, *(op.param_bytes * (not op.shardable) for op in profile.nodes)])[pos]
+    live = [op.live_bytes for op in profile.nodes]
+    wire = np.array([sum(t[2] for t in boundary_tensors(profile, int(p))) for p in pos])
+    heaviest = []
+    for lo, hi in itertools.pairwise(pos):
+        whole = [op for op in profile.nodes[lo:hi] if not op.shardable and op.flops]
+        top = max(whole, key=lambda op: op.flops, default=None)
+        heaviest.append((top.index, top.flops) if top else (-1, 0))
+    tables = []
+    for k in counts:
+        ones = np.ones((len(pos), k))
+        tables.append(
+            ShardTable(
+                shards=k,
+                strategy="width",
+                positions=pos,
+                total_flops=(split + shared).sum(-1),
+                split_flops=split,
+                shared_flops=shared,
+                split_params=sp,
+                shared_params=wp,
+                op_counts=pos[:, None] * ones,
+                class_flops=(split / k + shared)[:, None, :] * np.ones((1, k, 1)),
+                param_bytes=(sp / k + wp)[:, None] * ones,
+                peak_bytes=np.array(
+                    [[max(live[lo:hi], default=0)] * k for lo, hi in itertools.pairwise(pos)]
+                ).reshape(-1, k),
+                points_before=np.zeros(len(pos)),
+                points_upto=np.zeros(len(pos)),
+                bytes_before=0 * ones,
+                bytes_upto=0 * ones,
+                scatter_bytes=wire[:, None] * ones,
+                gather_bytes=wire[:, None] * ones / k,
+                starts=np.ones(len(pos), dtype=np.bool_),
+                ends=np.ones(len(pos), dtype=np.bool_),
+                crop_params=0 * ones,
+                whole_node=np.array([h[0] for h in heaviest], dtype=np.int64),
+                whole_flops=np.array([h[1] for h in heaviest]),
+            )
+        )
+    return replace(profile, shard_tables=tuple(tables))
 
 
 def random_snapshot(rng: random.Random, max_nodes: int = 6) -> ClusterSnapshot:
@@ -322,14 +382,16 @@ def chain_profile(
         )
         for pos, nbytes in sorted(cut_bytes.items())
     )
-    return ModelProfile(
-        digest="1" * 64,
-        inputs=(inp,),
-        outputs=(tensor("output", output_bytes),),
-        nodes=nodes,
-        cut_points=cuts,
-        total_flops=sum(flops),
-        param_bytes=sum(params),
+    return with_ideal_shards(
+        ModelProfile(
+            digest="1" * 64,
+            inputs=(inp,),
+            outputs=(tensor("output", output_bytes),),
+            nodes=nodes,
+            cut_points=cuts,
+            total_flops=sum(flops),
+            param_bytes=sum(params),
+        )
     )
 
 

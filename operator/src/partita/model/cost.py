@@ -7,12 +7,14 @@ cost one FLOP per output element (transcendentals a few), data movement costs no
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import onnx
 from onnx import helper
 
+from partita.model.graph import CONTROL_FLOW_OPS, subgraphs, value_shape
 from partita.model.types import OpClass
 
 ShapeOf = Callable[[str], "tuple[int, ...] | None"]
@@ -46,13 +48,14 @@ _REDUCE = frozenset(
         "ReduceL1", "ReduceSumSquare", "ReduceLogSumExp", "ArgMax", "ArgMin", "TopK",
     }
 )  # fmt: skip
+_RNN = ("LSTM", "GRU", "RNN")  # gates: 4, 3, 1
 _POOL = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool", "LRN"})
 
 
 def op_class(op_type: str) -> OpClass:
     if op_type in ("Conv", "ConvTranspose", "ConvInteger", "QLinearConv"):
         return OpClass.CONV
-    if op_type in ("MatMul", "Gemm", "MatMulInteger", "QLinearMatMul", "Einsum"):
+    if op_type in ("MatMul", "Gemm", "MatMulInteger", "QLinearMatMul", "Einsum", *_RNN):
         return OpClass.MATMUL
     if op_type in _POOL:
         return OpClass.POOL
@@ -66,7 +69,7 @@ def op_class(op_type: str) -> OpClass:
 
 
 def _numel(shape: tuple[int, ...] | None) -> int:
-    return int(np.prod(shape, dtype=np.int64)) if shape is not None else 0
+    return math.prod(int(d) for d in shape) if shape is not None else 0
 
 
 def _attrs(node: onnx.NodeProto) -> dict[str, object]:
@@ -107,6 +110,15 @@ def node_cost(node: onnx.NodeProto, shape_of: ShapeOf) -> tuple[int, int]:
         k = a[0] if trans_a else a[-1]
         macs = out_n * k
         return 2 * macs + (out_n if len(node.input) > 2 else 0), macs
+    if op in _RNN:
+        x, w, r = ins[0], ins[1] if len(ins) > 1 else None, ins[2] if len(ins) > 2 else None
+        if x is None or w is None or r is None:
+            return 0, 0
+        layout = int(_attrs(node).get("layout", 0))  # type: ignore[call-overload]
+        steps, batch = (x[1], x[0]) if layout else (x[0], x[1])
+        # Every step multiplies the input by W and the state by R for each gate.
+        macs = steps * batch * w[0] * w[1] * (w[2] + r[2])
+        return 2 * macs + 4 * steps * batch * w[0] * w[1], macs
     if op == "Einsum":
         return 2 * _numel(ins[0]) * max(1, _numel(ins[1]) // max(out_n, 1)), 0
     if op in ("GlobalAveragePool", "GlobalMaxPool"):
@@ -132,8 +144,6 @@ def node_cost(node: onnx.NodeProto, shape_of: ShapeOf) -> tuple[int, int]:
 def graph_cost(graph: onnx.GraphProto, outer: dict[str, tuple[int, ...]]) -> int:
     """FLOPs of a subgraph, using the shapes shape inference recorded inside it."""
     shapes = dict(outer)
-    from partita.model.graph import value_shape
-
     for t in graph.initializer:
         shapes[t.name] = tuple(t.dims)
     for vi in [*graph.input, *graph.value_info, *graph.output]:
@@ -188,3 +198,24 @@ def is_shardable(node: onnx.NodeProto, is_constant: Callable[[str], bool]) -> bo
     if node.op_type in ("MatMul", "Gemm"):
         return len(node.input) > 1 and is_constant(node.input[1])
     return False
+
+
+def node_flops(
+    node: onnx.NodeProto,
+    shapes: Mapping[str, tuple[int, ...]],
+    initializers: Mapping[str, onnx.TensorProto],
+) -> tuple[int, int]:
+    """(FLOPs, MACs) of one node at these tensor shapes (subgraph ops: their bodies)."""
+    if node.op_type in CONTROL_FLOW_OPS or any(True for _ in subgraphs(node)):
+        trip = trip_count(node, initializers)
+        return control_flow_cost(node, shapes.get, dict(shapes), trip), 0
+    return node_cost(node, shapes.get)
+
+
+def trip_count(node: onnx.NodeProto, initializers: Mapping[str, onnx.TensorProto]) -> int | None:
+    if node.op_type != "Loop" or not node.input or not node.input[0]:
+        return None
+    init = initializers.get(node.input[0])
+    if init is None:
+        return None
+    return int(onnx.numpy_helper.to_array(init).reshape(-1)[0])

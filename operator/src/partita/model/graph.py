@@ -6,7 +6,7 @@ must agree on what a "constant" tensor is (an initializer: weights never cross a
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -56,6 +56,40 @@ def outer_names(graph: onnx.GraphProto) -> set[str]:
             used |= outer_names(sub) - local
         local.update(o for o in node.output if o)
     return used
+
+
+def live_bytes(
+    nodes: Sequence[onnx.NodeProto],
+    sizes: Mapping[str, int],
+    inputs: Sequence[str],
+    outputs: Sequence[str],
+    constants: Container[str],
+) -> np.ndarray:
+    """Activation bytes alive right after each node ran (graph inputs included).
+
+    A tensor lives from its producer to its last consumer (graph inputs from before the
+    first node, graph outputs to the end; a dead output only right after its node).
+    """
+    n = len(nodes)
+    last_use: dict[str, int] = {}
+    for i, node in enumerate(nodes):
+        for name in node_inputs(node):
+            if name not in constants:
+                last_use[name] = i
+    for name in outputs:
+        last_use[name] = n
+    born: dict[str, int] = {name: -1 for name in inputs}
+    for i, node in enumerate(nodes):
+        for o in node.output:
+            if o:
+                born[o] = i
+    delta = np.zeros(n + 2, dtype=np.int64)
+    for name, b in born.items():
+        end = last_use.get(name, b)
+        size = sizes[name]
+        delta[b + 1] += size
+        delta[end + 1 if end >= b + 1 else b + 2] -= size
+    return np.cumsum(delta)[1 : n + 1]
 
 
 def node_inputs(node: onnx.NodeProto) -> list[str]:

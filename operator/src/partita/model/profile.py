@@ -1,7 +1,9 @@
-"""Profile a model: per-node cost, activation bytes, and the useful frontier of cut points.
+"""Profile a model: per-node cost, activation bytes, the useful frontier of cut points, and
+the sharded figures of the ranges between them.
 
 Profiles are deterministic functions of (model bytes, input shapes), so they are cached
-by that key in memory and, when asked, on disk as JSON.
+by that key in memory and, when asked, on disk: the profile as JSON, its shard tables as
+numpy arrays next to it.
 """
 
 from __future__ import annotations
@@ -18,12 +20,18 @@ from typing import Any
 import numpy as np
 import onnx
 
-from partita.model.cost import control_flow_cost, is_shardable, node_cost, op_class
-from partita.model.graph import CONTROL_FLOW_OPS, GraphView, node_inputs, subgraphs
+from partita.model.cost import is_shardable, node_flops, op_class, trip_count
+from partita.model.errors import ModelError
+from partita.model.graph import CONTROL_FLOW_OPS, GraphView, live_bytes, node_inputs, subgraphs
 from partita.model.load import ModelSource, load_model_with_report, model_digest
-from partita.model.types import CutPoint, ModelProfile, NodeCost, OpClass, TensorInfo
+from partita.model.types import CutPoint, ModelProfile, NodeCost, OpClass, ShardTable, TensorInfo
 
 CACHE_SIZE = 32
+# Shard counts whose tables `profile_model` adds (the planner proposes no other).
+SHARD_COUNTS = (2, 3, 4)
+TABLE_STRATEGIES = ("tile", "width")
+# Bumped when the analysis changes what a cached profile holds.
+ANALYSIS_VERSION = 6
 # Two cuts whose compute-before differs by less than this share of the total are
 # interchangeable for placement: only the one with fewer bytes crossing is kept.
 FRONTIER_TOLERANCE = 0.002
@@ -32,9 +40,14 @@ _cache: OrderedDict[str, ModelProfile] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
-def cache_key(digest: str, input_shapes: Mapping[str, Sequence[int]] | None) -> str:
+def cache_key(
+    digest: str,
+    input_shapes: Mapping[str, Sequence[int]] | None,
+    shard_counts: Sequence[int] = SHARD_COUNTS,
+) -> str:
     shapes = sorted((k, [int(d) for d in v]) for k, v in (input_shapes or {}).items())
-    return hashlib.sha256(json.dumps([digest, shapes]).encode()).hexdigest()
+    identity = [digest, shapes, sorted(shard_counts), ANALYSIS_VERSION]
+    return hashlib.sha256(json.dumps(identity).encode()).hexdigest()
 
 
 def profile_model(
@@ -42,22 +55,31 @@ def profile_model(
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     *,
     cache_dir: Path | None = None,
+    shard_counts: Sequence[int] = SHARD_COUNTS,
 ) -> ModelProfile:
-    """The profile of `source` at `input_shapes`, from cache when already computed."""
-    key = cache_key(model_digest(source), input_shapes)
+    """The profile of `source` at `input_shapes` with the shard tables of `shard_counts`,
+    from cache when already computed."""
+    key = cache_key(model_digest(source), input_shapes, shard_counts)
     with _cache_lock:
         hit = _cache.get(key)
         if hit is not None:
             _cache.move_to_end(key)
             return hit
     disk = cache_dir / f"{key}.json" if cache_dir is not None else None
-    if disk is not None and disk.is_file():
+    arrays = disk.with_suffix(".npz") if disk is not None else None
+    if disk is not None and arrays is not None and disk.is_file() and arrays.is_file():
         profile = profile_from_dict(json.loads(disk.read_text()))
+        with np.load(arrays) as stored:
+            profile = dataclasses.replace(profile, shard_tables=tables_from_arrays(stored))
     else:
         loaded = load_model_with_report(source, input_shapes)
         profile = profile_loaded(loaded.model, loaded.digest, loaded.report_items())
-        if disk is not None:
+        profile = with_shard_tables(profile, loaded.model, shard_counts)
+        if disk is not None and arrays is not None:
             disk.parent.mkdir(parents=True, exist_ok=True)
+            tmp = disk.with_suffix(".tmp.npz")
+            np.savez(tmp, **tables_to_arrays(profile.shard_tables))  # type: ignore[arg-type]
+            tmp.replace(arrays)
             tmp = disk.with_suffix(".tmp")
             tmp.write_text(json.dumps(profile_to_dict(profile)))
             tmp.replace(disk)
@@ -66,6 +88,45 @@ def profile_model(
         while len(_cache) > CACHE_SIZE:
             _cache.popitem(last=False)
     return profile
+
+
+def with_shard_tables(
+    profile: ModelProfile, model: onnx.ModelProto, shard_counts: Sequence[int] = SHARD_COUNTS
+) -> ModelProfile:
+    """`profile` with the shard tables of `model` (the model it was made from)."""
+    from partita.model.shard import ShardAnalysis
+
+    n = len(profile.nodes)
+    positions = sorted({0, *(c.position for c in profile.cut_points if 0 < c.position < n), n})
+    analysis = ShardAnalysis(model)
+    tables = []
+    for k in shard_counts:
+        for strategy in TABLE_STRATEGIES:
+            try:
+                tables.append(analysis.table(k, strategy, positions))
+            except ModelError:
+                continue  # nothing of the model splits this way: no table, never proposed
+    return dataclasses.replace(profile, shard_tables=tuple(tables))
+
+
+def tables_to_arrays(tables: Sequence[ShardTable]) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    for t in tables:
+        for name in ShardTable.FIELDS:
+            out[f"{t.strategy}.{t.shards}.{name}"] = getattr(t, name)
+    return out
+
+
+def tables_from_arrays(stored: Mapping[str, np.ndarray]) -> tuple[ShardTable, ...]:
+    keys = sorted({tuple(k.split(".")[:2]) for k in stored})
+    return tuple(
+        ShardTable(
+            shards=int(k),
+            strategy=strategy,
+            **{name: np.asarray(stored[f"{strategy}.{k}.{name}"]) for name in ShardTable.FIELDS},
+        )
+        for strategy, k in keys
+    )
 
 
 def clear_cache() -> None:
@@ -88,18 +149,15 @@ def profile_loaded(
     param_bytes: list[int] = []
     seen_params: set[str] = set()
     for node in nodes_proto:
+        costs.append(node_flops(node, shape_map, view.initializers))
         if node.op_type in CONTROL_FLOW_OPS or any(True for _ in subgraphs(node)):
-            trip = _trip_count(node, view)
-            flops = control_flow_cost(node, shape_map.get, shape_map, trip)
-            costs.append((flops, 0))
+            trip = trip_count(node, view.initializers)
             inner = sum(len(g.node) for g in subgraphs(node))
             notes.append(
                 f"node {node.name or node.output[0]!r} ({node.op_type}) holds a subgraph of "
                 f"{inner} nodes: it is kept whole in one stage, never cut into or sharded"
                 + ("" if node.op_type != "Loop" or trip else "; trip count unknown, costed once")
             )
-        else:
-            costs.append(node_cost(node, shape_map.get))
         pb = 0
         for name in node_inputs(node):
             if name in view.initializers and name not in seen_params:
@@ -107,26 +165,19 @@ def profile_loaded(
                 pb += view.nbytes(name)
         param_bytes.append(pb)
 
-    # Activation lifetimes: a tensor lives from its producer to its last consumer
-    # (graph outputs to the end; graph inputs from before node 0).
+    sizes = {name: view.nbytes(name) for name in _sized(view, nodes_proto)}
+    live = live_bytes(nodes_proto, sizes, view.input_names, view.output_names, view.initializers)
+    born: dict[str, int] = {name: -1 for name in view.input_names}
+    for i, node in enumerate(nodes_proto):
+        for o in node.output:
+            if o:
+                born[o] = i
     last_use: dict[str, int] = {}
     for name, users in view.consumers.items():
         if name not in view.initializers:
             last_use[name] = max(users)
     for name in view.output_names:
         last_use[name] = n
-    born: dict[str, int] = {name: -1 for name in view.input_names}
-    for i, node in enumerate(nodes_proto):
-        for o in node.output:
-            if o:
-                born[o] = i
-    delta = np.zeros(n + 2, dtype=np.int64)
-    for name, b in born.items():
-        end = last_use.get(name, b)  # dead outputs live only right after their node
-        size = view.nbytes(name)
-        delta[b + 1] += size
-        delta[end + 1 if end >= b + 1 else b + 2] -= size
-    live = np.cumsum(delta)[1 : n + 1]
 
     node_costs = tuple(
         NodeCost(
@@ -171,13 +222,11 @@ def _shape_map(view: GraphView) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def _trip_count(node: onnx.NodeProto, view: GraphView) -> int | None:
-    if node.op_type != "Loop" or not node.input or not node.input[0]:
-        return None
-    init = view.initializers.get(node.input[0])
-    if init is None:
-        return None
-    return int(onnx.numpy_helper.to_array(init).reshape(-1)[0])
+def _sized(view: GraphView, nodes: Sequence[onnx.NodeProto]) -> list[str]:
+    names = list(view.input_names)
+    for node in nodes:
+        names.extend(o for o in node.output if o)
+    return names
 
 
 def all_boundaries(
@@ -244,7 +293,10 @@ def peak_live_bytes(profile: ModelProfile, start: int, end: int) -> int:
 
 
 def profile_to_dict(profile: ModelProfile) -> dict[str, Any]:
-    return dataclasses.asdict(profile)
+    """The profile as JSON-able values (the shard tables are arrays, stored apart)."""
+    data = dataclasses.asdict(dataclasses.replace(profile, shard_tables=()))
+    del data["shard_tables"]
+    return data
 
 
 def profile_from_dict(data: Mapping[str, Any]) -> ModelProfile:

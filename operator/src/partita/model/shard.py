@@ -1,769 +1,1189 @@
-"""Horizontal sharding: split one stage across k devices of a tier.
+"""Horizontal sharding: split one range of a model across k devices of a tier.
 
-Two strategies, the cheaper (smallest slowest-shard FLOPs) wins when both apply:
+Two steps share one placement (`partita.model.placement`), so their figures never differ:
 
-* width: from an anchor on, every Conv/MatMul/Gemm with constant weights and a whole
-  input is split by output channels/columns; the split travels through ops that act
-  per channel (elementwise, normalisation over other axes, pooling, depthwise conv,
-  reshapes at head granularity...). A second weight op reading a split tensor becomes
-  row-parallel and yields partial sums (Megatron's column-then-row pair), so an MLP or
-  an attention block needs one gather. Nodes before the anchor run in every shard.
-* branch: independent branches of a multi-branch stage run on different shards.
+* `ShardAnalysis.layout` plans: it picks the strategy, decides the split of every node and
+  the exchanges between segments, and returns a `ShardLayout` with each shard's FLOPs,
+  parameter and activation bytes and every exchange's bytes, building no weights;
+* `ShardAnalysis.build` cuts exactly that layout into one standalone ONNX model per
+  segment and shard.
 
-Each shard is a standalone ONNX model producing `GatherSpec.part_name(output, i)`;
-`gather` rebuilds the stage outputs with numpy. Anything the rules do not cover raises
-`ShardingError` naming the node, never a silently wrong shard.
+Strategies, chosen per range by their cost on `ReferenceCosts` (or asked for by name):
+* "tile": row tiles with halos (`partita.model.tiling`): convolution stacks by image rows,
+  transformers by tokens;
+* "width": output channels/columns, attention heads, Megatron pairs (`partita.model.width`);
+* "branch": independent branches of a multi-branch range on different shards.
+A range none of them can split is refused (`ShardingError`) naming the node that keeps the
+work whole, never answered with a silently wrong shard.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from partita.model.cost import is_shardable, node_cost
-from partita.model.errors import ShardingError
-from partita.model.graph import GraphView, node_inputs, subgraphs
-from partita.model.types import GatherMode, GatherSpec, ShardLayout
+from partita.model.cost import is_shardable, node_cost, node_flops, op_class
+from partita.model.errors import CutError, ShardingError
+from partita.model.exchange import gather
+from partita.model.graph import CONTROL_FLOW_OPS, GraphView, live_bytes, node_inputs, subgraphs
+from partita.model.placement import (
+    REFERENCE,
+    SUMMAND,
+    WHOLE,
+    NodeShard,
+    Piece,
+    RangePlacement,
+    ReferenceCosts,
+    TensorShards,
+    rows,
+)
+from partita.model.tiling import TileAnalysis, tile_range
+from partita.model.types import (
+    Exchange,
+    GatherMode,
+    GatherSpec,
+    OpClass,
+    Scatter,
+    Segment,
+    ShardLayout,
+    ShardTable,
+)
+from partita.model.width import WidthRefusal, width_range
 
-_UNARY = frozenset(
-    {
-        "Relu", "LeakyRelu", "Clip", "Neg", "Abs", "Sqrt", "Reciprocal", "Exp", "Log", "Erf",
-        "Tanh", "Sigmoid", "HardSigmoid", "HardSwish", "Gelu", "Elu", "Selu", "Softplus",
-        "Mish", "Sin", "Cos", "Floor", "Ceil", "Round", "Sign", "Cast", "Identity",
-        "Dropout", "Not", "IsNaN", "IsInf", "ThresholdedRelu",
-    }
-)  # fmt: skip
-_BINARY = frozenset(
-    {
-        "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Where", "Equal",
-        "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor", "Mod", "PRelu",
-    }
-)  # fmt: skip
-_POOLS = frozenset({"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool", "LpPool"})
-_RESHAPES = frozenset({"Reshape", "Flatten", "Squeeze", "Unsqueeze"})
-_LINEAR_ON_PARTIAL = frozenset({"Identity", "Dropout", "Neg", "Transpose", *_RESHAPES})
+__all__ = ["STRATEGIES", "ShardAnalysis", "gather", "shard_stage"]
 
-
-@dataclass(frozen=True)
-class Split:
-    """Shard i holds the slice [offsets[i], offsets[i] + sizes[i]) along `axis`."""
-
-    axis: int
-    sizes: tuple[int, ...]
-
-    @property
-    def offsets(self) -> tuple[int, ...]:
-        return tuple(int(x) for x in np.concatenate([[0], np.cumsum(self.sizes)[:-1]]))
+STRATEGIES = ("tile", "width", "branch")
+OP_CLASSES = tuple(OpClass)
 
 
-class _Partial:
-    """Shard i holds a summand; the stage output is the sum over shards."""
+class _ClassIndex(dict[str, int]):
+    """Op type -> index of its op class in OP_CLASSES, filled on first use."""
 
-    def __repr__(self) -> str:
-        return "PARTIAL"
+    def __missing__(self, op_type: str) -> int:
+        self[op_type] = OP_CLASSES.index(op_class(op_type))
+        return self[op_type]
 
 
-PARTIAL = _Partial()
-State = Split | _Partial | None  # None: the whole tensor, same in every shard
+_CLASS_INDEX = _ClassIndex()
+# A layout whose busiest shard still runs this share of the range's FLOPs splits nothing
+# worth a device: the range is refused, naming the node that kept the work whole.
+USELESS_SHARE = 0.9
+PLACEMENTS_KEPT = 64
 
 
 @dataclass
-class _Rewrite:
-    """How one node changes in shard i (all fields describe every shard at once)."""
+class _SegmentModel:
+    """One shard's model for one segment, as node protos and constant descriptions."""
 
-    slice_inputs: dict[int, Split] = field(default_factory=dict)  # input index -> slice
-    drop_inputs_off_zero: tuple[int, ...] = ()  # bias read by shard 0 only
-    identity_off_zero: bool = False  # shards != 0 pass input 0 through
-    local_group: bool = False  # depthwise conv: group = local channels
-    reshape: Split | None = None  # Reshape: local target shape along this split
+    nodes: list[onnx.NodeProto] = field(default_factory=list)
+    owners: list[int] = field(default_factory=list)  # original node index, -1 when added
+    consts: dict[str, tuple[str, Piece] | np.ndarray] = field(default_factory=dict)
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    dtypes: dict[str, np.dtype] = field(default_factory=dict)
+    produced: set[str] = field(default_factory=set)
 
-
-class _NeedGranularity(Exception):
-    def __init__(self, granularity: int) -> None:
-        self.granularity = granularity
-
-
-class _Refuse(Exception):
-    def __init__(self, node: onnx.NodeProto, reason: str) -> None:
-        super().__init__(f"{node.op_type} node {node.name or node.output[0]!r}: {reason}")
-
-
-def allocate(total: int, proportions: Sequence[float], granularity: int = 1) -> tuple[int, ...]:
-    """Split `total` units into parts proportional to `proportions` (largest remainder),
-    each a positive multiple of `granularity`."""
-    k = len(proportions)
-    units = total // granularity
-    if total % granularity or units < k:
-        raise ValueError(f"{total} cannot be split in {k} parts of multiples of {granularity}")
-    p = np.asarray(proportions, dtype=np.float64)
-    p = p / p.sum()
-    raw = p * (units - k)
-    base = np.floor(raw).astype(np.int64)
-    rest = int(units - k - base.sum())
-    order = np.argsort(-(raw - base), kind="stable")
-    base[order[:rest]] += 1
-    return tuple(int((b + 1) * granularity) for b in base)
-
-
-def _attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
-class _Planner:
-    """Propagates split states through a stage for one anchor choice."""
-
-    def __init__(
-        self, view: GraphView, proportions: Sequence[float], start: int, granularity: int
-    ) -> None:
-        self.view = view
-        self.proportions = proportions
-        self.start = start
-        self.granularity = granularity
-        self.states: dict[str, State] = {}
-        self.rewrites: dict[int, _Rewrite] = {}
-        self.split_flops = 0
-        self.full_flops = 0
-
-    def state(self, name: str) -> State:
-        return self.states.get(name)
-
-    def run(self) -> None:
-        for i, node in enumerate(self.view.nodes):
-            flops = node_cost(node, self._shape)[0]
-            ins = [n for n in node_inputs(node)]
-            states = [self.state(n) for n in ins]
-            if all(s is None for s in states):
-                out, rw = self._maybe_anchor(i, node)
-            else:
-                if any(True for _ in subgraphs(node)):
-                    raise _Refuse(node, "control flow cannot run on a split tensor")
-                out, rw = self._propagate(node)
-            if out is None:
-                self.full_flops += flops
-            else:
-                self.split_flops += flops
-            if rw is not None:
-                self.rewrites[i] = rw
-            for o in node.output:
-                if o:
-                    self.states[o] = out
-
-    def _shape(self, name: str) -> tuple[int, ...] | None:
-        try:
-            return self.view.shape(name)
-        except Exception:
-            return None
-
-    def _split(self, node: onnx.NodeProto, axis: int, total: int) -> Split:
-        try:
-            return Split(axis, allocate(total, self.proportions, self.granularity))
-        except ValueError as exc:
-            raise _Refuse(node, f"its {total} output channels are too few: {exc}") from exc
-
-    def _maybe_anchor(self, i: int, node: onnx.NodeProto) -> tuple[State, _Rewrite | None]:
-        if i < self.start or not is_shardable(node, self.view.is_constant):
-            return None, None
-        w = self.view.shape(node.input[1])
-        out_rank = len(self.view.shape(node.output[0]))
-        if node.op_type == "Conv":
-            split = self._split(node, 1, w[0])
-            rw = _Rewrite(slice_inputs={1: Split(0, split.sizes)})
-            if len(node.input) > 2 and node.input[2]:
-                rw.slice_inputs[2] = Split(0, split.sizes)
-            return split, rw
-        if node.op_type == "MatMul":
-            if len(w) != 2:
-                return None, None
-            split = self._split(node, out_rank - 1, w[1])
-            return split, _Rewrite(slice_inputs={1: Split(1, split.sizes)})
-        # Gemm
-        trans_b = int(_attr(node, "transB", 0))  # type: ignore[call-overload]
-        n = w[0] if trans_b else w[1]
-        split = self._split(node, 1, n)
-        rw = _Rewrite(slice_inputs={1: Split(0 if trans_b else 1, split.sizes)})
-        if len(node.input) > 2 and node.input[2]:
-            c = self.view.shape(node.input[2])
-            if c and c[-1] == n:
-                rw.slice_inputs[2] = Split(len(c) - 1, split.sizes)
-        return split, rw
-
-    # -- propagation -------------------------------------------------------------
-
-    def _aligned(self, name: str, out_rank: int, split: Split) -> Split | None:
-        """The slice a whole (broadcast) input needs to meet `split`, or None."""
-        shape = self.view.shape(name)
-        axis = split.axis - (out_rank - len(shape))
-        if axis < 0 or shape[axis] == 1:
-            return None
-        return Split(axis, split.sizes)
-
-    def _propagate(self, node: onnx.NodeProto) -> tuple[State, _Rewrite | None]:
-        op = node.op_type
-        ins = list(node.input)
-        states = [self.state(n) if n else None for n in ins]
-        partial = [s is PARTIAL for s in states]
-        splits = [s for s in states if isinstance(s, Split)]
-        if any(partial):
-            if splits:
-                raise _Refuse(node, "mixes a split tensor with partial sums")
-            return self._on_partial(node, states)
-        out_shape = self.view.shape(node.output[0])
-        rank = len(out_shape)
-        if op in _UNARY or op in _BINARY:
-            return self._elementwise(node, states, rank)
-        first = states[0]
-        if not isinstance(first, Split):
-            if op == "MatMul":
-                return self._matmul(node, states)
-            raise _Refuse(node, "only its first input may be split")
-        if any(isinstance(s, Split) for s in states[1:]) and op not in ("MatMul", "Concat"):
-            raise _Refuse(node, "more than one split input")
-        ax = first.axis
-        if op in ("BatchNormalization", "InstanceNormalization"):
-            if ax != 1:
-                raise _Refuse(node, "normalises over the split axis")
-            rw = _Rewrite(slice_inputs={j: Split(0, first.sizes) for j in range(1, len(ins))})
-            return first, rw
-        if op in ("LayerNormalization", "Softmax", "LogSoftmax"):
-            old_softmax = op != "LayerNormalization" and self._opset() < 13
-            # Before opset 13 Softmax flattens from `axis` (default 1) and normalises it all.
-            axis = int(_attr(node, "axis", 1 if old_softmax else -1))  # type: ignore[call-overload]
-            axis = axis + rank if axis < 0 else axis
-            reduced = range(axis, rank) if op == "LayerNormalization" else (axis,)
-            if ax in reduced or (old_softmax and ax >= axis):
-                raise _Refuse(node, f"reduces over the split axis {ax}")
-            return first, None
-        if op in _POOLS:
-            if ax > 1:
-                raise _Refuse(node, "pools over the split axis")
-            return first, None
-        if op == "LRN":
-            if ax != 0:
-                raise _Refuse(node, "LRN mixes channels")
-            return first, None
-        if op == "Conv":
-            return self._conv(node, first)
-        if op == "MatMul":
-            return self._matmul(node, states)
-        if op == "Gemm":
-            if ax == 0 and not int(_attr(node, "transA", 0)):  # type: ignore[call-overload]
-                return first, None
-            if ax == 1 and not int(_attr(node, "transA", 0)) and self.view.is_constant(ins[1]):  # type: ignore[call-overload]
-                trans_b = int(_attr(node, "transB", 0))  # type: ignore[call-overload]
-                rw = _Rewrite(slice_inputs={1: Split(1 if trans_b else 0, first.sizes)})
-                rw.drop_inputs_off_zero = (2,) if len(ins) > 2 and ins[2] else ()
-                return PARTIAL, rw
-            raise _Refuse(node, "Gemm on a split input needs a constant weight")
-        if op == "Transpose":
-            perm = list(_attr(node, "perm", list(range(rank))[::-1]))  # type: ignore[call-overload]
-            return Split(perm.index(ax), first.sizes), None
-        if op in _RESHAPES:
-            return self._reshape(node, first)
-        if op == "Concat":
-            axis = int(_attr(node, "axis", 0))  # type: ignore[call-overload]
-            axis = axis + rank if axis < 0 else axis
-            if axis == ax:
-                raise _Refuse(node, "concatenates along the split axis")
-            rw = _Rewrite()
-            for j, (name, s) in enumerate(zip(ins, states, strict=True)):
-                if isinstance(s, Split):
-                    if s != first:
-                        raise _Refuse(node, "concatenates tensors split differently")
-                elif (a := self._aligned(name, rank, first)) is not None:
-                    rw.slice_inputs[j] = a
-            return first, rw
-        if op == "Pad":
-            pads = self._const(ins[1]) if len(ins) > 1 else _attr(node, "pads")
-            if pads is None:
-                raise _Refuse(node, "pads are not constant")
-            pads = [int(x) for x in np.asarray(pads).reshape(-1)]
-            axes = self._const(ins[3]) if len(ins) > 3 and ins[3] else None
-            axes_l = [int(a) % rank for a in axes] if axes is not None else list(range(rank))
-            half = len(pads) // 2
-            if ax in axes_l and (pads[axes_l.index(ax)] or pads[half + axes_l.index(ax)]):
-                raise _Refuse(node, "pads the split axis")
-            return first, None
-        if op == "Resize":
-            in_shape = self.view.shape(ins[0])
-            if out_shape[ax] != in_shape[ax] or (len(ins) > 3 and ins[3]):
-                raise _Refuse(node, "resizes the split axis or uses explicit sizes")
-            return first, None
-        if op == "Slice":
-            slice_axes: object = (
-                self._const(ins[3]) if len(ins) > 3 and ins[3] else _attr(node, "axes")
-            )
-            in_rank = len(self.view.shape(ins[0]))
-            axes_l = (
-                [int(a) % in_rank for a in np.asarray(slice_axes).reshape(-1)]
-                if slice_axes is not None
-                else list(range(in_rank))
-            )
-            if ax in axes_l:
-                in_shape = self.view.shape(ins[0])
-                if out_shape[ax] != in_shape[ax]:
-                    raise _Refuse(node, "slices along the split axis")
-            return first, None
-        if op.startswith("Reduce") or op in ("ArgMax", "ArgMin"):
-            in_shape = self.view.shape(ins[0])
-            if out_shape[min(ax, len(out_shape) - 1)] != in_shape[ax] or len(out_shape) != len(
-                in_shape
-            ):
-                raise _Refuse(node, "reduces over the split axis or drops axes")
-            return first, None
-        raise _Refuse(node, f"{op} has no sharding rule for a tensor split along axis {ax}")
-
-    def _const(self, name: str) -> np.ndarray | None:
-        init = self.view.initializers.get(name)
-        return numpy_helper.to_array(init) if init is not None else None
-
-    def _opset(self) -> int:
-        return next(
-            (o.version for o in self.view.model.opset_import if o.domain in ("", "ai.onnx")), 1
-        )
-
-    def _elementwise(
-        self, node: onnx.NodeProto, states: list[State], rank: int
-    ) -> tuple[State, _Rewrite | None]:
-        split: Split | None = None
-        for name, s in zip(node.input, states, strict=True):
-            if isinstance(s, Split):
-                shift = rank - len(self.view.shape(name))
-                here = Split(s.axis + shift, s.sizes)
-                if split is not None and here != split:
-                    raise _Refuse(node, "its inputs are split along different axes")
-                split = here
-        assert split is not None
-        rw = _Rewrite()
-        for j, (name, s) in enumerate(zip(node.input, states, strict=True)):
-            if name and s is None and (a := self._aligned(name, rank, split)) is not None:
-                rw.slice_inputs[j] = a
-        return split, rw
-
-    def _on_partial(
-        self, node: onnx.NodeProto, states: list[State]
-    ) -> tuple[State, _Rewrite | None]:
-        op = node.op_type
-        which = [s is PARTIAL for s in states]
-        out_shape = self.view.shape(node.output[0])
-        if op in _LINEAR_ON_PARTIAL and which[0] and (op == "Reshape" or not any(which[1:])):
-            return PARTIAL, None
-        if op in ("Add", "Sub", "Sum"):
-            if all(which):
-                return PARTIAL, None
-            if which[0] and self.view.shape(node.input[0]) == out_shape and len(which) == 2:
-                return PARTIAL, _Rewrite(identity_off_zero=True)
-            if op == "Add" and which[1] and self.view.shape(node.input[1]) == out_shape:
-                return PARTIAL, _Rewrite(identity_off_zero=True)
-            raise _Refuse(node, "adds a whole tensor that broadcasts a partial sum")
-        if op == "Mul" and sum(which) == 1:
-            return PARTIAL, None
-        if op == "Div" and which == [True, False]:
-            return PARTIAL, None
-        if op == "MatMul" and which[0] and not which[1]:
-            return PARTIAL, None
-        raise _Refuse(node, f"{op} is not linear: it needs the sum of the shards first")
-
-    def _conv(self, node: onnx.NodeProto, first: Split) -> tuple[State, _Rewrite | None]:
-        if first.axis != 1 or not self.view.is_constant(node.input[1]):
-            raise _Refuse(node, "Conv input split on a non-channel axis or non-constant weight")
-        w = self.view.shape(node.input[1])
-        group = int(_attr(node, "group", 1))  # type: ignore[call-overload]
-        c_in = sum(first.sizes)
-        has_bias = len(node.input) > 2 and bool(node.input[2])
-        if group == c_in == w[0] and w[1] == 1:  # depthwise: channels stay independent
-            rw = _Rewrite(slice_inputs={1: Split(0, first.sizes)}, local_group=True)
-            if has_bias:
-                rw.slice_inputs[2] = Split(0, first.sizes)
-            return first, rw
-        if group == 1:
-            rw = _Rewrite(slice_inputs={1: Split(1, first.sizes)})
-            rw.drop_inputs_off_zero = (2,) if has_bias else ()
-            return PARTIAL, rw
-        raise _Refuse(node, f"grouped Conv (group={group}) on a channel-split input")
-
-    def _matmul(self, node: onnx.NodeProto, states: list[State]) -> tuple[State, _Rewrite | None]:
-        a_name, b_name = node.input[0], node.input[1]
-        a_s, b_s = states[0], states[1]
-        ra, rb = len(self.view.shape(a_name)), len(self.view.shape(b_name))
-        out_rank = len(self.view.shape(node.output[0]))
-        # Contraction axis split on both sides (or one side with the other sliced): partial sums.
-        if isinstance(a_s, Split) and a_s.axis == ra - 1:
-            if isinstance(b_s, Split) and (b_s.axis != rb - 2 or b_s.sizes != a_s.sizes):
-                raise _Refuse(node, "inputs split inconsistently")
-            rw = _Rewrite()
-            if b_s is None:
-                rw.slice_inputs[1] = Split(rb - 2, a_s.sizes)
-            return PARTIAL, rw
-        if isinstance(b_s, Split) and b_s.axis == rb - 2 and rb >= 2:
-            return PARTIAL, _Rewrite(slice_inputs={0: Split(ra - 1, b_s.sizes)})
-        if isinstance(b_s, Split) and b_s.axis == rb - 1:
-            if isinstance(a_s, Split):
-                raise _Refuse(node, "both inputs split")
-            return Split(out_rank - 1, b_s.sizes), None
-        # Row or batch axis of A (and the same batch axis of B).
-        if isinstance(a_s, Split):
-            out = Split(a_s.axis + out_rank - ra, a_s.sizes)
-            rw = _Rewrite()
-            if isinstance(b_s, Split):
-                if b_s.axis + out_rank - rb != out.axis or b_s.sizes != a_s.sizes:
-                    raise _Refuse(node, "inputs split along different batch axes")
-            elif a_s.axis < ra - 2 and (al := self._aligned(b_name, out_rank, out)) is not None:
-                if al.axis >= rb - 2:
-                    raise _Refuse(node, "broadcast weight is split along a matrix axis")
-                rw.slice_inputs[1] = al
-            return out, rw
-        if isinstance(b_s, Split):
-            out = Split(b_s.axis + out_rank - rb, b_s.sizes)
-            rw = _Rewrite()
-            if (al := self._aligned(a_name, out_rank, out)) is not None:
-                rw.slice_inputs[0] = al
-            return out, rw
-        raise _Refuse(node, "no split input")
-
-    def _reshape(self, node: onnx.NodeProto, first: Split) -> tuple[State, _Rewrite | None]:
-        in_shape = self.view.shape(node.input[0])
-        out_shape = self.view.shape(node.output[0])
-        a = first.axis
-        prefix = math.prod(in_shape[:a])
-        inner_in = math.prod(in_shape[a + 1 :])
-        acc = 1
-        for b, d in enumerate(out_shape):
-            if acc == prefix and d != 1:
-                unit = math.prod(out_shape[b + 1 :])
-                g = unit // math.gcd(unit, inner_in)
-                sizes = first.sizes
-                if any((s * inner_in) % unit for s in sizes):
-                    raise _NeedGranularity(g)
-                out = Split(b, tuple(s * inner_in // unit for s in sizes))
-                return out, _Rewrite(reshape=out) if node.op_type == "Reshape" else None
-            acc *= d
-            if acc > prefix:
-                break
-        raise _Refuse(node, f"reshape {in_shape}->{out_shape} mixes the split axis {a}")
+    def add(self, name: str, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.shapes[name] = shape
+        self.dtypes[name] = dtype
 
 
 @dataclass(frozen=True)
-class _WidthPlan:
-    planner: _Planner
-    makespan: float
-    strategy: str
+class _Figures:
+    flops: int
+    class_flops: tuple[int, ...]
+    param_bytes: int
+    peak_bytes: int
 
 
-def _plan_width(view: GraphView, proportions: Sequence[float]) -> _WidthPlan:
-    anchors = [i for i, n in enumerate(view.nodes) if is_shardable(n, view.is_constant)]
-    if not anchors:
-        raise ShardingError(
-            "the stage has no Conv/MatMul/Gemm with constant weights to split by width"
+class ShardAnalysis:
+    """Sharding of one loaded model (static shapes): the layout of any node range for any
+    proportions, and the shard models of a layout."""
+
+    def __init__(self, model: onnx.ModelProto, costs: ReferenceCosts = REFERENCE) -> None:
+        self.model = model
+        self.costs = costs
+        self.view = GraphView.of(model)
+        self.nodes = list(model.graph.node)
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        self._dtypes: dict[str, np.dtype] = {}
+        self._captures: dict[int, list[str]] = {
+            q: sorted(set(node_inputs(n)) - set(n.input))
+            for q, n in enumerate(self.nodes)
+            if any(True for _ in subgraphs(n))
+        }
+        self._crossing = _crossing_lists(self.view)
+        self._tiles: dict[tuple[int, int], TileAnalysis] = {}
+        self._structure: dict[int, tuple[int, tuple[int, ...]]] = {}
+        self._arrays: dict[str, np.ndarray] = {}
+        # The placements of the last layouts planned, for `build` (bounded: a server or the
+        # control loop keeps one analysis per model for its whole life).
+        self._placements: OrderedDict[ShardLayout, RangePlacement] = OrderedDict()
+        self._global: dict[tuple[str, int], RangePlacement] = {}
+        self._opset = next(
+            (o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1
         )
-    if len(anchors) > 48:
-        anchors = [anchors[int(j)] for j in np.linspace(0, len(anchors) - 1, 48)]
-    share = max(proportions) / sum(proportions)
-    best: _WidthPlan | None = None
-    first_error = ""
-    for start in anchors:
-        granularity = 1
-        for _ in range(4):
-            planner = _Planner(view, proportions, start, granularity)
-            try:
-                planner.run()
-            except _NeedGranularity as need:
-                granularity = (
-                    granularity * need.granularity // math.gcd(granularity, need.granularity)
-                )
-                continue
-            except _Refuse as refusal:
-                first_error = first_error or str(refusal)
-                break
-            makespan = planner.full_flops + planner.split_flops * share
-            partial = any(s is PARTIAL for s in planner.states.values())
-            conv = any(n.op_type == "Conv" for n in view.nodes)
-            strategy = "megatron" if partial else ("conv-channel" if conv else "column")
-            if best is None or makespan < best.makespan:
-                best = _WidthPlan(planner, makespan, strategy)
-            break
-    if best is None:
-        raise ShardingError(f"cannot split the stage by width: {first_error}")
-    return best
 
+    # -- public ----------------------------------------------------------------------
 
-def _sliced_const(arr: np.ndarray, split: Split, shard: int, name: str) -> onnx.TensorProto:
-    off, size = split.offsets[shard], split.sizes[shard]
-    index = [slice(None)] * arr.ndim
-    index[split.axis] = slice(off, off + size)
-    return numpy_helper.from_array(np.ascontiguousarray(arr[tuple(index)]), name)
+    def dtype(self, name: str) -> np.dtype:
+        d = self._dtypes.get(name)
+        if d is None:
+            d = self._dtypes[name] = self.view.dtype(name)
+        return d
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        s = self._shapes.get(name)
+        if s is None:
+            s = self._shapes[name] = self.view.shape(name)
+        return s
 
-def _build_width_shard(
-    view: GraphView, plan: _Planner, shard: int, outputs: Sequence[str]
-) -> tuple[onnx.ModelProto, list[GatherSpec]]:
-    model = view.model
-    opset = plan._opset()
-    nodes: list[onnx.NodeProto] = []
-    inits: dict[str, onnx.TensorProto] = {}
-    const_cache: dict[str, np.ndarray] = {}
-    for i, node in enumerate(model.graph.node):
-        rw = plan.rewrites.get(i)
-        if rw is None or (
-            not rw.slice_inputs
-            and not rw.identity_off_zero
-            and not rw.local_group
-            and rw.reshape is None
-            and not rw.drop_inputs_off_zero
-        ):
-            nodes.append(node)
-            continue
-        if rw.identity_off_zero and shard != 0:
-            src = next(n for n in node.input if plan.state(n) is PARTIAL)
-            nodes.append(helper.make_node("Identity", [src], [node.output[0]], name=node.name))
-            continue
-        new = onnx.NodeProto()
-        new.CopyFrom(node)
-        for j, split in rw.slice_inputs.items():
-            name = node.input[j]
-            local = f"{name}__s{shard}_{split.axis}"
-            if view.is_constant(name):
-                if local not in inits:
-                    if name not in const_cache:
-                        const_cache[name] = numpy_helper.to_array(view.initializers[name])
-                    inits[local] = _sliced_const(const_cache[name], split, shard, local)
-            elif local not in {o for n in nodes for o in n.output}:
-                nodes.extend(_slice_nodes(name, local, split, shard, opset, inits))
-            new.input[j] = local
-        if shard != 0:
-            for j in rw.drop_inputs_off_zero:
-                if j < len(new.input):
-                    new.input[j] = ""
-            while new.input and not new.input[-1]:
-                new.input.pop()
-        if rw.local_group:
-            for a in new.attribute:
-                if a.name == "group":
-                    a.i = plan.states[node.output[0]].sizes[shard]  # type: ignore[union-attr]
-        if rw.reshape is not None:
-            shape = list(view.shape(node.output[0]))
-            shape[rw.reshape.axis] = rw.reshape.sizes[shard]
-            local = f"{node.output[0]}__shape_s{shard}"
-            inits[local] = numpy_helper.from_array(np.array(shape, dtype=np.int64), local)
-            new.input[1] = local
-        nodes.append(new)
-    gathers: list[GatherSpec] = []
-    outs: list[onnx.ValueInfoProto] = []
-    for name in outputs:
-        state = plan.state(name)
-        shape = list(view.shape(name))
-        elem = helper.np_dtype_to_tensor_dtype(view.dtype(name))
-        part = GatherSpec.part_name(name, shard)
-        if isinstance(state, Split):
-            gathers.append(GatherSpec(name, GatherMode.CONCAT, axis=state.axis))
-            shape[state.axis] = state.sizes[shard]
-        elif state is PARTIAL:
-            gathers.append(GatherSpec(name, GatherMode.SUM))
-        else:
-            gathers.append(GatherSpec(name, GatherMode.TAKE, shard=0))
-            if shard != 0:
-                continue
-        nodes.append(helper.make_node("Identity", [name], [part], name=f"{part}__out"))
-        outs.append(helper.make_tensor_value_info(part, elem, shape))
-    shard_model = _assemble(model, nodes, inits, outs, f"shard{shard}")
-    return shard_model, gathers
+    def crossing(self, position: int) -> list[str]:
+        """Tensors crossing boundary `position` (produced before it, read at or after it)."""
+        return self._crossing[position]
 
+    def range_of(self, inputs: Sequence[str], outputs: Sequence[str]) -> tuple[int, int]:
+        """The node range [start, end) of the stage reading `inputs` and producing `outputs`."""
+        from partita.model.slice import extract_stage
 
-def _slice_nodes(
-    name: str,
-    local: str,
-    split: Split,
-    shard: int,
-    opset: int,
-    inits: dict[str, onnx.TensorProto],
-) -> list[onnx.NodeProto]:
-    off, size = split.offsets[shard], split.sizes[shard]
-    if opset < 10:
+        stage = extract_stage(self.model, list(inputs), list(outputs))
+        found = sorted(self.view.producer[n.output[0]] for n in stage.graph.node)
+        if not found:
+            raise CutError(f"the stage {list(inputs)} -> {list(outputs)} has no nodes")
+        start, end = found[0], found[-1] + 1
+        if len(found) != end - start:
+            inside = set(found)
+            node = self.nodes[next(q for q in range(start, end) if q not in inside)]
+            raise CutError(
+                f"the stage {list(inputs)} -> {list(outputs)} is not one node range: node "
+                f"{node.name or node.output[0]!r} lies inside it but is not part of it"
+            )
+        return start, end
+
+    def layout(
+        self,
+        start: int,
+        end: int,
+        proportions: Sequence[float],
+        strategy: str | None = None,
+        *,
+        single_segment: bool = False,
+    ) -> ShardLayout:
+        """The layout of nodes [start, end) over len(proportions) shards.
+
+        `strategy` is one of STRATEGIES or None (the cheapest on the reference costs).
+        `single_segment` keeps every shard's work in one model with no exchange, the
+        stage inputs sent whole to every shard.
+        """
+        layout, placement = self._best(start, end, proportions, strategy, single_segment)
+        self._placements[layout] = placement
+        while len(self._placements) > PLACEMENTS_KEPT:
+            self._placements.popitem(last=False)
+        return layout
+
+    def build(
+        self, layout: ShardLayout, shard: int | None = None
+    ) -> list[list[onnx.ModelProto | None]]:
+        """The segment models of `layout`: result[segment][shard] (None: the shard is idle
+        in that segment). With `shard`, only that shard's models are cut (a shard server
+        needs no other); the other entries are None."""
+        placement = self._placements.get(layout) or self._placement_of(layout)
+        programs = self._programs(placement)
         return [
-            helper.make_node(
-                "Slice", [name], [local], axes=[split.axis], starts=[off], ends=[off + size]
+            [
+                self._model(seg, f"s{j}_shard{i}")
+                if seg.nodes and (shard is None or shard == i)
+                else None
+                for i, seg in enumerate(per_shard)
+            ]
+            for j, per_shard in enumerate(programs)
+        ]
+
+    # -- strategies ------------------------------------------------------------------
+
+    def _best(
+        self,
+        start: int,
+        end: int,
+        proportions: Sequence[float],
+        strategy: str | None,
+        single_segment: bool,
+    ) -> tuple[ShardLayout, RangePlacement]:
+        props = tuple(float(p) for p in proportions)
+        if len(props) < 2 or any(not p > 0 for p in props):
+            raise ShardingError(f"proportions {list(proportions)} must be >= 2 positive numbers")
+        if not 0 <= start < end <= len(self.nodes):
+            raise ShardingError(
+                f"node range [{start}, {end}) is not inside the model's {len(self.nodes)} nodes"
+            )
+        if strategy is not None and strategy not in STRATEGIES:
+            raise ShardingError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
+        for q in range(start, end):
+            for o in self.nodes[q].output:
+                if o:
+                    self.shape(o)  # a clear ShapeError before any work
+        wanted = (strategy,) if strategy else STRATEGIES
+        reasons: list[str] = []
+        found: list[tuple[float, ShardLayout, RangePlacement]] = []
+        for name in wanted:
+            try:
+                placement = self._place(name, start, end, props, single_segment)
+                layout = self._layout(placement, single_segment)
+                self._check_useful(layout, placement)
+            except ShardingError as exc:
+                reasons.append(f"{name}: {exc}")
+                continue
+            found.append((self._makespan(layout), layout, placement))
+        if not found:
+            raise ShardingError(
+                f"nodes [{start}, {end}) cannot be split in {len(props)} shards: "
+                + "; ".join(reasons)
+            )
+        _, layout, placement = min(found, key=lambda f: f[0])
+        return layout, placement
+
+    def _place(
+        self,
+        strategy: str,
+        start: int,
+        end: int,
+        props: tuple[float, ...],
+        single_segment: bool,
+    ) -> RangePlacement:
+        k = len(props)
+        if strategy == "tile":
+            dim, points = self.tile_structure(k)
+            ana = self._tile_analysis(k, dim)
+            try:
+                placement, _ = tile_range(
+                    ana,
+                    start,
+                    end,
+                    props,
+                    halo_points=() if single_segment else points,
+                    single_segment=single_segment,
+                    crossing=self.crossing,
+                    outputs_held=None if single_segment else self._held_at(end, props),
+                )
+            except ValueError as exc:
+                raise ShardingError(str(exc)) from exc
+        elif strategy == "width":
+            placement = self._width(start, end, props, single_segment)
+        else:
+            placement = self._branches(start, end, props)
+        if single_segment:
+            for name in placement.inputs:
+                ts = placement.tensors[name]
+                ts.held = [WHOLE if h is not None else None for h in ts.held]
+        return placement
+
+    def _width(
+        self, start: int, end: int, props: tuple[float, ...], single_segment: bool
+    ) -> RangePlacement:
+        if not single_segment:
+            try:
+                return width_range(
+                    self.view, start, end, props, crossing=self.crossing, costs=self.costs
+                )
+            except WidthRefusal as exc:
+                raise ShardingError(str(exc)) from exc
+        # One segment: everything before the first split node runs whole in every shard;
+        # try the first split at each candidate anchor and keep the cheapest.
+        anchors = [
+            q for q in range(start, end) if is_shardable(self.nodes[q], self.view.is_constant)
+        ]
+        if len(anchors) > 48:
+            anchors = [anchors[int(j)] for j in np.linspace(0, len(anchors) - 1, 48)]
+        best: tuple[float, RangePlacement] | None = None
+        first_error = ""
+        for anchor in anchors:
+            try:
+                placement = width_range(
+                    self.view,
+                    start,
+                    end,
+                    props,
+                    crossing=self.crossing,
+                    costs=self.costs,
+                    anchor_from=anchor,
+                    single_segment=True,
+                )
+            except WidthRefusal as exc:
+                first_error = first_error or str(exc)
+                continue
+            cost = max(self._figures_of(placement))
+            if best is None or cost < best[0]:
+                best = (cost, placement)
+        if best is None:
+            raise ShardingError(
+                first_error or "no Conv/MatMul/Gemm with constant weights to split by width"
+            )
+        return best[1]
+
+    def _figures_of(self, placement: RangePlacement) -> list[float]:
+        programs = self._programs(placement)
+        return [
+            sum(self._figures(per_shard[i]).flops for per_shard in programs)
+            for i in range(placement.shards)
+        ]
+
+    def _branches(self, start: int, end: int, props: tuple[float, ...]) -> RangePlacement:
+        k = len(props)
+        view = self.view
+        parent = list(range(start, end))
+
+        def find(x: int) -> int:
+            while parent[x - start] != x:
+                parent[x - start] = parent[parent[x - start] - start]
+                x = parent[x - start]
+            return x
+
+        for q in range(start, end):
+            for src in node_inputs(self.nodes[q]):
+                p = view.producer.get(src)
+                if p is not None and start <= p < end:
+                    parent[find(q) - start] = find(p)
+        groups: dict[int, list[int]] = {}
+        for q in range(start, end):
+            groups.setdefault(find(q), []).append(q)
+        branches = list(groups.values())
+        if len(branches) < k:
+            raise ShardingError(
+                f"the range has {len(branches)} independent branch(es), fewer than {k} shards"
+            )
+        flops = [sum(self._node_flops(q) for q in g) for g in branches]
+        load = [0.0] * k
+        assign = [0] * len(branches)
+        for g in sorted(range(len(branches)), key=lambda g: -flops[g]):
+            s = min(range(k), key=lambda s: (load[s] + flops[g]) / props[s])
+            load[s] += flops[g]
+            assign[g] = s
+        if len(set(assign)) < k:
+            raise ShardingError("branch assignment left a shard without work; use fewer shards")
+        shard_of = {q: assign[g] for g, nodes in enumerate(branches) for q in nodes}
+        placement = RangePlacement(
+            start=start,
+            end=end,
+            proportions=props,
+            strategy="branch",
+            nodes={},
+            tensors={},
+            inputs=(),
+            outputs=tuple(self.crossing(end)),
+        )
+        need: dict[str, set[int]] = {}
+        gathers: dict[str, int] = {}
+        for name in placement.outputs:
+            p = view.producer.get(name)
+            shard = shard_of[p] if p is not None and start <= p < end else 0
+            gathers[name] = shard
+            need.setdefault(name, set()).add(shard)
+        for q in range(end - 1, start - 1, -1):
+            node = self.nodes[q]
+            who = set().union(*(need.get(o, set()) for o in node.output if o))
+            placement.nodes[q] = [NodeShard() if j in who else None for j in range(k)]
+            for name in node_inputs(node):
+                if not view.is_constant(name):
+                    need.setdefault(name, set()).update(who)
+        placement.inputs = tuple(n for n in self.crossing(start) if n in need)
+        for name, who in need.items():
+            placement.tensors[name] = TensorShards(
+                held=[WHOLE if j in who else None for j in range(k)],
+                take_from=gathers.get(name, 0),
+            )
+        return placement
+
+    def tile_structure(self, shards: int) -> tuple[int, tuple[int, ...]]:
+        """(tiled spatial dim, halo exchange points) of the whole model at `shards` equal
+        shards, kept for every range so a range's layout is the whole model's restricted."""
+        if shards not in self._structure:
+            best: tuple[float, int, tuple[int, ...], RangePlacement] | None = None
+            props = (1.0,) * shards
+            for dim in self._tile_dims():
+                ana = self._tile_analysis(shards, dim)
+                if not ana.axis:
+                    continue
+                try:
+                    placement, points = tile_range(
+                        ana, 0, len(self.nodes), props, crossing=self.crossing
+                    )
+                    layout = self._layout(placement, False)
+                    self._check_useful(layout, placement)
+                    cost = self._makespan(layout)
+                except (ValueError, ShardingError):
+                    continue
+                if best is None or cost < best[0]:
+                    best = (cost, dim, points, placement)
+            self._structure[shards] = (best[1], best[2]) if best else (0, ())
+            if best is not None:
+                self._global[("tile", shards)] = best[3]
+        return self._structure[shards]
+
+    def _held_at(self, end: int, props: tuple[float, ...]) -> dict[str, list[Piece | None]] | None:
+        """At equal proportions, what the whole model's tile placement has each shard hold
+        of the tensors crossing `end` (their owned rows and the halo later nodes need): a
+        range ending there keeps it, so its figures are those of the shard tables."""
+        k = len(props)
+        if len(set(props)) != 1 or end == len(self.nodes):
+            return None
+        whole = self._global.get(("tile", k))
+        if whole is None:
+            return None
+        out = {}
+        for name in self.crossing(end):
+            ts = whole.tensors.get(name)
+            if ts is not None and ts.mode is not GatherMode.TAKE:
+                # before an exchange at `end` itself: the next stage's, not this range's
+                at = end - 1 if ts.exchange_at == end else end
+                out[name] = [ts.version(i, at) for i in range(k)]
+        return out
+
+    def _tile_dims(self) -> tuple[int, ...]:
+        """The spatial dims worth trying: the height, and the width of 2-D windows when it
+        is larger (text lines, spectrograms)."""
+        for n in self.nodes:
+            if n.op_type in ("Conv", "MaxPool", "AveragePool") and len(self.shape(n.input[0])) == 4:
+                shape = self.shape(n.output[0])
+                return (0, 1) if shape[3] > shape[2] else (0,)
+        return (0,)
+
+    def _global_placement(self, strategy: str, shards: int) -> RangePlacement:
+        key = (strategy, shards)
+        if key not in self._global:
+            props = (1.0,) * shards
+            if strategy == "tile":
+                self.tile_structure(shards)
+                if key not in self._global:
+                    raise ShardingError("no node of the model can run on row tiles")
+            else:
+                self._global[key] = self._place(strategy, 0, len(self.nodes), props, False)
+        return self._global[key]
+
+    def table(self, shards: int, strategy: str, positions: Sequence[int]) -> ShardTable:
+        """The figures of every range between `positions` for the planner's search."""
+        placement = self._global_placement(strategy, shards)
+        n, k, c = len(self.nodes), shards, len(OP_CLASSES)
+        node_flops = np.zeros((n, k, c), dtype=np.int64)
+        node_params = np.zeros((n, k), dtype=np.int64)
+        node_live = np.zeros((n, k), dtype=np.int64)
+        node_ops = np.zeros((n, k), dtype=np.int64)
+        for per_shard in self._programs(placement):
+            for i, seg in enumerate(per_shard):
+                if not seg.nodes:
+                    continue
+                flops, params, live = self._op_figures(seg)
+                owners = list(seg.owners)
+                nxt = next((o for o in reversed(owners) if o >= 0), 0)
+                for t in range(len(owners) - 1, -1, -1):  # added ops count with the next node
+                    if owners[t] < 0:
+                        owners[t] = nxt
+                    nxt = owners[t]
+                idx = np.asarray(owners, dtype=np.int64)
+                np.add.at(node_flops[:, i, :], idx, flops)
+                np.add.at(node_params[:, i], idx, params)
+                np.maximum.at(node_live[:, i], idx, live)
+                np.add.at(node_ops[:, i], idx, 1)
+        pos = np.asarray(positions, dtype=np.int64)
+        # The planner's proportional rule, read off this placement: a split node's own
+        # FLOPs divide by proportion and what a shard runs beyond its share (halo, masks,
+        # the bias shard 0 adds) is work every shard may have; a node no shard splits runs
+        # in full. Sliced weights divide by proportion too.
+        split = np.array([self._split_anywhere(placement, q) for q in range(n)], dtype=np.bool_)
+        own = np.zeros((n, c), dtype=np.int64)
+        for q in range(n):
+            if split[q]:
+                own[q, self._class_of(q)] = self._node_flops(q)
+        extra = np.clip(node_flops - own[:, None, :] // k, 0, None).max(axis=1)
+        shared_flops = np.where(split[:, None], extra, node_flops.max(axis=1))
+        sliced = split & (node_params.max(axis=1) < node_params.sum(axis=1) / k * 1.5)
+        split_params = np.where(sliced, node_params.sum(axis=1), 0)
+        shared_params = np.where(sliced, 0, node_params.max(axis=1))
+        zero = np.zeros((1, k), dtype=np.int64)
+        whole = np.concatenate(
+            [[0], np.cumsum([self._node_flops(q) for q in range(n)], dtype=np.int64)]
+        )
+        cum_flops = np.concatenate([np.zeros((1, k, c), np.int64), np.cumsum(node_flops, 0)])
+        cum_params = np.concatenate([zero, np.cumsum(node_params, 0)])
+        peak = (
+            np.stack(
+                [node_live[pos[j] : pos[j + 1]].max(axis=0, initial=0) for j in range(len(pos) - 1)]
+            )
+            if len(pos) > 1
+            else np.zeros((0, k), np.int64)
+        )
+        whole_node = np.full(max(len(pos) - 1, 0), -1, dtype=np.int64)
+        whole_flops = np.zeros(max(len(pos) - 1, 0), dtype=np.int64)
+        for j in range(len(pos) - 1):
+            for q in range(int(pos[j]), int(pos[j + 1])):
+                if not self._split_anywhere(placement, q):
+                    f = self._node_flops(q)
+                    if f > whole_flops[j]:
+                        whole_node[j], whole_flops[j] = q, f
+        points: dict[int, np.ndarray] = {}
+        for name, ts in placement.tensors.items():
+            if ts.exchange_at is not None:
+                got = np.asarray(self._exchange(name, ts, k).received_bytes, dtype=np.int64)
+                points[ts.exchange_at] = points.get(ts.exchange_at, 0) + got
+        at = np.asarray(sorted(points), dtype=np.int64)
+        recv = np.stack([points[p] for p in sorted(points)]) if points else np.zeros((0, k))
+        cum_recv = np.concatenate([zero, np.cumsum(recv, 0)]).astype(np.int64)
+        before = np.searchsorted(at, pos, side="left")
+        upto = np.searchsorted(at, pos, side="right")
+        scatter = np.zeros((len(pos), k), dtype=np.int64)
+        gather_b = np.zeros((len(pos), k), dtype=np.int64)
+        starts = np.ones(len(pos), dtype=np.bool_)
+        ends = np.ones(len(pos), dtype=np.bool_)
+        crops = np.zeros((len(pos), k), dtype=np.int64)
+        for j, p in enumerate(pos):
+            for name in self.crossing(int(p)):
+                crossing = placement.tensors.get(name)
+                if crossing is None:
+                    continue
+                shape, size = self.shape(name), self.dtype(name).itemsize
+                for i in range(k):
+                    piece = crossing.version(i, int(p))
+                    if piece is None:
+                        continue
+                    scatter[j, i] += piece.nbytes(shape, size)
+                    if not piece.whole and strategy == "width":
+                        # A width range starts and ends where nothing is split: there its
+                        # own walk makes the whole model's decisions.
+                        starts[j] = False
+                        ends[j] = p == n
+                    if not piece.whole and not piece.partial and crossing.mode is GatherMode.TAKE:
+                        ends[j] = False  # held in rows no gather can join: needed whole here
+                    if crossing.mode is GatherMode.CONCAT and crossing.owned is not None:
+                        lo, hi = crossing.owned[i]
+                        gather_b[j, i] += Piece(crossing.axis, lo, hi).nbytes(shape, size)
+                        owns = rows(crossing.axis, lo, hi, shape[crossing.axis])
+                        if piece != owns and self._opset >= 10:
+                            crops[j, i] += 3 * 8  # the int64 starts, ends, axes of the crop
+                    elif crossing.mode is not GatherMode.TAKE or i == crossing.take_from:
+                        gather_b[j, i] += math.prod(shape) * size
+
+        def prefix(values: np.ndarray) -> np.ndarray:
+            first = np.zeros((1, *values.shape[1:]), dtype=np.int64)
+            return np.concatenate([first, np.cumsum(values, 0)])[pos]
+
+        return ShardTable(
+            shards=k,
+            strategy=strategy,
+            positions=pos,
+            total_flops=whole[pos],
+            split_flops=prefix(own),
+            shared_flops=prefix(shared_flops),
+            split_params=prefix(split_params),
+            shared_params=prefix(shared_params),
+            op_counts=prefix(node_ops),
+            class_flops=cum_flops[pos],
+            param_bytes=cum_params[pos],
+            peak_bytes=peak,
+            points_before=before.astype(np.int64),
+            points_upto=upto.astype(np.int64),
+            bytes_before=cum_recv[before],
+            bytes_upto=cum_recv[upto],
+            scatter_bytes=scatter,
+            gather_bytes=gather_b,
+            starts=starts,
+            ends=ends,
+            crop_params=crops,
+            whole_node=whole_node,
+            whole_flops=whole_flops,
+        )
+
+    def _class_of(self, q: int) -> int:
+        node = self.nodes[q]
+        if q in self._captures or node.op_type in CONTROL_FLOW_OPS:
+            return OP_CLASSES.index(OpClass.OTHER)
+        return _CLASS_INDEX[node.op_type]
+
+    def _split_anywhere(self, placement: RangePlacement, q: int) -> bool:
+        """Some shard runs node q on a part of its output (rows, channels, a summand)."""
+        for o in self.nodes[q].output:
+            ts = placement.tensors.get(o)
+            if ts is not None and any(p is not None and not p.whole for p in ts.held):
+                return True
+        return False
+
+    def _tile_analysis(self, shards: int, dim: int) -> TileAnalysis:
+        key = (shards, dim)
+        if key not in self._tiles:
+            self._tiles[key] = TileAnalysis(self.view, shards, dim, self.costs, self._shapes)
+        return self._tiles[key]
+
+    def _node_flops(self, q: int) -> int:
+        node = self.nodes[q]
+        shapes = {n: self.shape(n) for n in (*node_inputs(node), *node.output) if n}
+        return node_flops(node, shapes, self.view.initializers)[0]
+
+    def _makespan(self, layout: ShardLayout) -> float:
+        speeds = np.array([self.costs.speed(c.value) for c in OP_CLASSES])
+        compute = max(
+            float(np.dot(np.asarray(f, dtype=np.float64), 1.0 / speeds))
+            for f in layout.shard_class_flops
+        )
+        exchanges = sum(self.costs.transfer_s(max(x.received_bytes)) for x in layout.exchanges)
+        ends = self.costs.transfer_s(max(layout.scatter_bytes, default=0)) + self.costs.transfer_s(
+            sum(layout.gather_bytes)
+        )
+        return compute + exchanges + ends
+
+    def _check_useful(self, layout: ShardLayout, placement: RangePlacement) -> None:
+        total = sum(self._node_flops(q) for q in range(layout.start, layout.end))
+        if not total or max(layout.shard_flops) < USELESS_SHARE * total:
+            return
+        busiest = int(np.argmax(layout.shard_flops))
+        whole = [
+            q
+            for q in range(layout.start, layout.end)
+            if placement.nodes[q][busiest] is not None
+            and all(
+                (t := placement.tensors.get(o)) is None or t.held[busiest] in (WHOLE, None)
+                for o in self.nodes[q].output
+                if o
             )
         ]
-    names = [f"{local}__{k}" for k in ("starts", "ends", "axes")]
-    for n, v in zip(names, (off, off + size, split.axis), strict=True):
-        inits[n] = numpy_helper.from_array(np.array([v], dtype=np.int64), n)
-    return [helper.make_node("Slice", [name, *names], [local])]
-
-
-def _assemble(
-    model: onnx.ModelProto,
-    nodes: list[onnx.NodeProto],
-    new_inits: Mapping[str, onnx.TensorProto],
-    outputs: list[onnx.ValueInfoProto],
-    suffix: str,
-) -> onnx.ModelProto:
-    """Keep only what the outputs need, then wrap as a standalone model."""
-    producer = {o: k for k, n in enumerate(nodes) for o in n.output if o}
-    needed: set[int] = set()
-    stack = [o.name for o in outputs]
-    seen = set(stack)
-    while stack:
-        k = producer.get(stack.pop())
-        if k is None or k in needed:
-            continue
-        needed.add(k)
-        for src in node_inputs(nodes[k]):
-            if src not in seen:
-                seen.add(src)
-                stack.append(src)
-    kept = [nodes[k] for k in sorted(needed)]
-    used = {n for node in kept for n in node_inputs(node)}
-    inits = [t for t in model.graph.initializer if t.name in used]
-    inits += [t for name, t in new_inits.items() if name in used]
-    inputs = [i for i in model.graph.input if i.name in used]
-    graph = helper.make_graph(kept, f"{model.graph.name}_{suffix}", inputs, outputs, inits)
-    out = helper.make_model(graph, opset_imports=list(model.opset_import), producer_name="partita")
-    out.ir_version = model.ir_version
-    out.functions.extend(model.functions)
-    return out
-
-
-def _branches(view: GraphView) -> list[list[int]]:
-    """Connected groups of nodes, linked by the tensors they exchange (stage inputs and
-    weights do not link: every shard can read them)."""
-    n = len(view.model.graph.node)
-    parent = list(range(n))
-
-    def find(x: int) -> int:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for i, node in enumerate(view.nodes):
-        for src in node_inputs(node):
-            j = view.producer.get(src)
-            if j is not None:
-                parent[find(i)] = find(j)
-    groups: dict[int, list[int]] = {}
-    for i in range(n):
-        groups.setdefault(find(i), []).append(i)
-    return list(groups.values())
-
-
-def _shard_branches(
-    view: GraphView, proportions: Sequence[float]
-) -> tuple[list[onnx.ModelProto], ShardLayout, float]:
-    k = len(proportions)
-    groups = _branches(view)
-    if len(groups) < k:
+        heaviest = max(whole, key=self._node_flops, default=None)
+        if heaviest is None:
+            raise ShardingError("no shard saves work")
+        node = self.nodes[heaviest]
+        share = self._node_flops(heaviest) / total
         raise ShardingError(
-            f"the stage has {len(groups)} independent branch(es), fewer than {k} shards"
+            f"{node.op_type} node {node.name or node.output[0]!r} ({share:.0%} of the range's "
+            f"FLOPs) runs whole ({self._why_whole(placement, heaviest)}): shard {busiest} "
+            f"would still run {max(layout.shard_flops) / total:.0%} of the work"
         )
-    shape_of = view.shape
-    cost = [sum(node_cost(view.model.graph.node[i], shape_of)[0] for i in g) for g in groups]
-    order = sorted(range(len(groups)), key=lambda g: -cost[g])
-    load = [0.0] * k
-    assign: list[list[int]] = [[] for _ in range(k)]
-    for g in order:  # longest processing time first, weighted by device speed
-        s = min(range(k), key=lambda s: (load[s] + cost[g]) / proportions[s])
-        load[s] += cost[g]
-        assign[s].append(g)
-    if any(not a for a in assign):
-        raise ShardingError("branch assignment left a shard without work; use fewer shards")
-    produced_by: dict[str, int] = {}
-    for s, gs in enumerate(assign):
-        for g in gs:
-            for i in groups[g]:
-                for o in view.model.graph.node[i].output:
-                    produced_by[o] = s
-    shards: list[onnx.ModelProto] = []
-    gathers: list[GatherSpec] = []
-    for name in view.output_names:
-        gathers.append(GatherSpec(name, GatherMode.TAKE, shard=produced_by.get(name, 0)))
-    for s in range(k):
-        nodes = list(view.model.graph.node)
-        outs = []
-        for spec in gathers:
-            if spec.shard != s:
+
+    def _why_whole(self, placement: RangePlacement, q: int) -> str:
+        node = self.nodes[q]
+        if q in self._captures:
+            return "control flow is never split"
+        k = placement.shards
+        if placement.strategy == "tile":
+            ana = next((a for (shards, _), a in self._tiles.items() if shards == k), None)
+            out = self.shape(node.output[0])
+            if ana is not None and all(
+                ana.map_rows(node, x) is None for x in range(len(out)) if out[x] >= k
+            ):
+                return f"{node.op_type} has no rule to run on a part of its rows"
+            return (
+                "its output is needed whole, and swapping it costs more than computing it on "
+                "the reference device and LAN"
+            )
+        if is_shardable(node, self.view.is_constant):
+            return "splitting it saves less than one exchange costs on the reference device and LAN"
+        return f"{node.op_type} has no rule for a split input, and nothing before it is split"
+
+    # -- from a placement to segment programs ----------------------------------------
+
+    def _placement_of(self, layout: ShardLayout) -> RangePlacement:
+        """Plan `layout` again (a layout made by another process from the same model)."""
+        family = {"megatron": "width", "column": "width", "conv-channel": "width"}.get(
+            layout.strategy, layout.strategy
+        )
+        placement = self._place(
+            family, layout.start, layout.end, layout.proportions, layout.whole_inputs
+        )
+        if self._layout(placement, layout.whole_inputs) != layout:
+            raise ShardingError(
+                "the layout was not made from this model; plan it again with "
+                "ShardAnalysis.layout on the loaded model"
+            )
+        return placement
+
+    def _programs(self, placement: RangePlacement) -> list[list[_SegmentModel]]:
+        points = placement.exchange_points()
+        cuts = [placement.start, *points, placement.end]
+        k = placement.shards
+        programs: list[list[_SegmentModel]] = []
+        for j in range(len(cuts) - 1):
+            programs.append([self._segment(placement, i, cuts[j], cuts[j + 1]) for i in range(k)])
+        # Outputs: parts for the exchange after the segment and the stage's output parts at
+        # the end, then the tensors a later segment reads from the same shard.
+        for j, per_shard in enumerate(programs):
+            end = cuts[j + 1]
+            for i, seg in enumerate(per_shard):
+                if end < placement.end:
+                    for name, ts in placement.tensors.items():
+                        if ts.exchange_at == end and ts.held[i] is not None:
+                            self._part(seg, placement, name, ts, i, end - 1)
+                    continue
+                for name in placement.outputs:
+                    ts = placement.tensors[name]
+                    if ts.mode is GatherMode.TAKE and i != ts.take_from:
+                        continue
+                    if ts.version(i, end) is not None:
+                        self._part(seg, placement, name, ts, i, end)
+        for j, per_shard in enumerate(programs[:-1]):
+            end = cuts[j + 1]
+            for i, seg in enumerate(per_shard):
+                later = {n for s in programs[j + 1 :] for n in s[i].inputs}
+                for name in sorted(seg.produced & later):
+                    ts = placement.tensors[name]
+                    if ts.exchange_at is None or ts.exchange_at > end:
+                        seg.outputs.append(name)
+        return programs
+
+    def _read(self, seg: _SegmentModel, placement: RangePlacement, name: str, shard: int,
+              position: int) -> Piece:  # fmt: skip
+        ts = placement.tensors.get(name)
+        version = ts.version(shard, position) if ts is not None else None
+        if version is None:
+            raise ShardingError(
+                f"internal: shard {shard} reads {name!r} at node {position} but holds none of it"
+            )
+        if name not in seg.produced and name not in seg.inputs:
+            seg.inputs.append(name)
+            seg.add(name, version.shape(self.shape(name)), self.dtype(name))
+        return version
+
+    def _slice(self, seg: _SegmentModel, name: str, have: Piece, want: Piece) -> str:
+        """A tensor holding piece `want` of `name`, cut from the held piece `have`."""
+        if want == have or (want.whole and have.whole):
+            return name
+        assert want.axis is not None and (have.whole or have.axis == want.axis), (want, have)
+        offset = 0 if have.axis is None else have.start
+        alias = f"{name}__rows{want.axis}_{want.start}_{want.stop}"
+        if alias in seg.produced:
+            return alias
+        lo, hi = want.start - offset, want.stop - offset
+        if self._opset < 10:
+            seg.nodes.append(
+                helper.make_node(
+                    "Slice",
+                    [name],
+                    [alias],
+                    axes=[want.axis],
+                    starts=[lo],
+                    ends=[hi],
+                    name=alias,
+                )
+            )
+        else:
+            names = [f"{alias}__{k}" for k in ("starts", "ends", "axes")]
+            for n, v in zip(names, (lo, hi, want.axis), strict=True):
+                seg.consts[n] = np.array([v], dtype=np.int64)
+            seg.nodes.append(helper.make_node("Slice", [name, *names], [alias], name=alias))
+        seg.owners.append(-1)
+        seg.produced.add(alias)
+        seg.add(alias, want.shape(self.shape(name)), self.dtype(name))
+        return alias
+
+    def _part(
+        self,
+        seg: _SegmentModel,
+        placement: RangePlacement,
+        name: str,
+        ts: TensorShards,
+        shard: int,
+        position: int,
+    ) -> None:
+        """Add shard `shard`'s part of `name` (rows it owns, its summand, or the whole) as
+        it holds the tensor when node `position` has run."""
+        have = self._read(seg, placement, name, shard, position)
+        if ts.mode is GatherMode.CONCAT:
+            assert ts.owned is not None
+            lo, hi = ts.owned[shard]
+            size = self.shape(name)[ts.axis]
+            want = WHOLE if (lo, hi) == (0, size) else Piece(ts.axis, lo, hi)
+            src = self._slice(seg, name, have, want)
+        else:
+            src = name
+        part = GatherSpec.part_name(name, shard)
+        seg.nodes.append(helper.make_node("Identity", [src], [part], name=part))
+        seg.owners.append(-1)
+        seg.produced.add(part)
+        seg.add(part, seg.shapes[src], seg.dtypes[src])
+        seg.outputs.append(part)
+
+    def _segment(
+        self, placement: RangePlacement, shard: int, start: int, end: int
+    ) -> _SegmentModel:
+        seg = _SegmentModel()
+        view = self.view
+        for q in range(start, end):
+            plan = placement.nodes[q][shard]
+            if plan is None:
                 continue
-            part = GatherSpec.part_name(spec.output, s)
-            nodes.append(helper.make_node("Identity", [spec.output], [part]))
-            elem = helper.np_dtype_to_tensor_dtype(view.dtype(spec.output))
-            outs.append(helper.make_tensor_value_info(part, elem, view.shape(spec.output)))
-        shards.append(_assemble(view.model, nodes, {}, outs, f"shard{s}"))
-    makespan = max(load[s] / proportions[s] * sum(proportions) / k for s in range(k))
-    layout = ShardLayout(tuple(proportions), tuple(gathers), "branch", tuple(int(x) for x in load))
-    return shards, layout, makespan
+            node = self.nodes[q]
+            if plan.vocab is not None:
+                self._embedding(seg, placement, shard, q, plan.vocab)
+                continue
+            inputs = list(node.input)
+            for slot, name in enumerate(node.input):
+                if not name or (plan.identity_of is not None and slot != plan.identity_of):
+                    continue
+                if slot in plan.drop:
+                    inputs[slot] = ""
+                elif slot in plan.consts:
+                    const = f"{node.output[0]}__in{slot}_s{shard}"
+                    seg.consts[const] = plan.consts[slot]
+                    inputs[slot] = const
+                elif view.is_constant(name):
+                    piece = plan.reads.get(slot)
+                    if piece is not None and not piece.whole:
+                        const = f"{name}__rows{piece.axis}_{piece.start}_{piece.stop}"
+                        seg.consts[const] = (name, piece)
+                        inputs[slot] = const
+                    else:
+                        seg.consts[name] = (name, WHOLE)
+                else:
+                    have = self._read(seg, placement, name, shard, q)
+                    want = plan.reads.get(slot, have)
+                    inputs[slot] = self._slice(seg, name, have, want)
+            for name in self._captures.get(q, ()):
+                if view.is_constant(name):
+                    seg.consts[name] = (name, WHOLE)
+                else:
+                    have = self._read(seg, placement, name, shard, q)
+                    if not have.whole:
+                        raise ShardingError(
+                            f"internal: the subgraph of node {node.name!r} reads a piece "
+                            f"of {name!r}"
+                        )
+            while inputs and not inputs[-1]:
+                inputs.pop()
+            outs = list(node.output)
+            if plan.identity_of is not None:
+                new = helper.make_node(
+                    "Identity", [inputs[plan.identity_of]], [outs[0]], name=node.name
+                )
+            elif (
+                not plan.attrs
+                and plan.scale is None
+                and plan.computed is None
+                and inputs == list(node.input)
+            ):
+                new = node
+            else:
+                new = onnx.NodeProto()
+                new.CopyFrom(node)
+                del new.input[:]
+                new.input.extend(inputs)
+                for key, value in plan.attrs.items():
+                    for a in list(new.attribute):
+                        if a.name == key:
+                            new.attribute.remove(a)
+                    new.attribute.append(helper.make_attribute(key, value))
+            if plan.scale is not None:
+                unscaled = f"{outs[0]}__shard_mean"
+                new.output[0] = unscaled
+            if plan.computed is not None:
+                new.output[0] = f"{outs[0]}__computed"
+            seg.nodes.append(new)
+            seg.owners.append(q)
+            for o, real in zip(new.output, outs, strict=True):
+                if not o:
+                    continue
+                ts = placement.tensors.get(real)
+                piece = ts.held[shard] if ts is not None else WHOLE
+                if plan.computed is not None and real == outs[0]:
+                    piece = plan.computed
+                seg.add(o, (piece or WHOLE).shape(self.shape(real)), self.dtype(real))
+                seg.produced.add(o)
+            if plan.computed is not None:
+                self._crop(seg, placement, shard, q, plan.computed)
+            if plan.scale is not None:
+                factor = f"{outs[0]}__share_s{shard}"
+                seg.consts[factor] = np.asarray(plan.scale, dtype=self.dtype(outs[0]))
+                seg.nodes.append(
+                    helper.make_node("Mul", [new.output[0], factor], [outs[0]], name=factor)
+                )
+                seg.owners.append(q)
+                seg.add(outs[0], seg.shapes[new.output[0]], self.dtype(outs[0]))
+                seg.produced.add(outs[0])
+        return seg
+
+    def _crop(
+        self, seg: _SegmentModel, placement: RangePlacement, shard: int, q: int, computed: Piece
+    ) -> None:
+        """Keep of the rows a node computed those the shard holds of its output."""
+        out = self.nodes[q].output[0]
+        want = placement.tensors[out].held[shard]
+        assert want is not None and computed.axis is not None
+        whole = self.shape(out)
+        lo, hi = (0, whole[computed.axis]) if want.axis is None else (want.start, want.stop)
+        lo, hi = lo - computed.start, hi - computed.start
+        src = f"{out}__computed"
+        if self._opset < 10:
+            node = helper.make_node(
+                "Slice", [src], [out], axes=[computed.axis], starts=[lo], ends=[hi], name=out
+            )
+        else:
+            names = [f"{out}__crop_{k}" for k in ("starts", "ends", "axes")]
+            for n, v in zip(names, (lo, hi, computed.axis), strict=True):
+                seg.consts[n] = np.array([v], dtype=np.int64)
+            node = helper.make_node("Slice", [src, *names], [out], name=f"{out}__crop")
+        seg.nodes.append(node)
+        seg.owners.append(q)
+        seg.add(out, want.shape(whole), self.dtype(out))
+        seg.produced.add(out)
+
+    def _embedding(
+        self,
+        seg: _SegmentModel,
+        placement: RangePlacement,
+        shard: int,
+        q: int,
+        rows: tuple[int, int],
+    ) -> None:
+        """Look up only the table rows [lo, hi) this shard holds: ids outside give zeros."""
+        node = self.nodes[q]
+        table, ids = node.input[0], node.input[1]
+        out = node.output[0]
+        self._read(seg, placement, ids, shard, q)
+        lo, hi = rows
+        part = f"{table}__rows0_{lo}_{hi}"
+        seg.consts[part] = (table, Piece(0, lo, hi))
+        id_type, value_type = self.dtype(ids), self.dtype(out)
+        for name, value in (("lo", lo), ("hi", hi), ("zero", 0)):
+            seg.consts[f"{out}__{name}"] = np.asarray(value, dtype=id_type)
+        id_shape = self.shape(ids)
+        mask_shape = (*id_shape, 1)
+        boolean = np.dtype(np.bool_)
+
+        def emit(op: str, ins: list[str], name: str, shape: tuple[int, ...], dtype: np.dtype,
+                 **attrs: object) -> None:  # fmt: skip
+            seg.nodes.append(helper.make_node(op, ins, [name], name=name, **attrs))  # type: ignore[arg-type]
+            seg.owners.append(q)
+            seg.add(name, shape, dtype)
+            seg.produced.add(name)
+
+        emit("GreaterOrEqual", [ids, f"{out}__lo"], f"{out}__ge", id_shape, boolean)
+        emit("Less", [ids, f"{out}__hi"], f"{out}__lt", id_shape, boolean)
+        emit("And", [f"{out}__ge", f"{out}__lt"], f"{out}__held", id_shape, boolean)
+        emit("Sub", [ids, f"{out}__lo"], f"{out}__local", id_shape, id_type)
+        emit("Where", [f"{out}__held", f"{out}__local", f"{out}__zero"], f"{out}__safe",
+             id_shape, id_type)  # fmt: skip
+        emit("Gather", [part, f"{out}__safe"], f"{out}__rows", self.shape(out), value_type)
+        if self._opset >= 13:
+            seg.consts[f"{out}__axes"] = np.asarray([len(id_shape)], dtype=np.int64)
+            emit("Unsqueeze", [f"{out}__held", f"{out}__axes"], f"{out}__mask", mask_shape,
+                 boolean)  # fmt: skip
+        else:
+            emit("Unsqueeze", [f"{out}__held"], f"{out}__mask", mask_shape, boolean,
+                 axes=[len(id_shape)])  # fmt: skip
+        elem = helper.np_dtype_to_tensor_dtype(value_type)
+        emit("Cast", [f"{out}__mask"], f"{out}__maskf", mask_shape, value_type, to=elem)
+        emit("Mul", [f"{out}__rows", f"{out}__maskf"], out, self.shape(out), value_type)
+
+    # -- figures -----------------------------------------------------------------------
+
+    def _array(self, name: str) -> np.ndarray:
+        if name not in self._arrays:
+            self._arrays[name] = numpy_helper.to_array(self.view.initializers[name])
+        return self._arrays[name]
+
+    def _const_shape(self, value: tuple[str, Piece] | np.ndarray) -> tuple[tuple[int, ...], int]:
+        if isinstance(value, np.ndarray):
+            return tuple(value.shape), value.dtype.itemsize
+        name, piece = value
+        return piece.shape(self.shape(name)), self.dtype(name).itemsize
+
+    def _figures(self, seg: _SegmentModel) -> _Figures:
+        flops, params, live = self._op_figures(seg)
+        return _Figures(
+            int(flops.sum()),
+            tuple(int(x) for x in flops.sum(axis=0)),
+            int(params.sum()),
+            int(live.max(initial=0)),
+        )
+
+    def _op_figures(self, seg: _SegmentModel) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per node of a segment model: FLOPs per op class, parameter bytes first read there,
+        activation bytes alive after it (what `profile_loaded` finds in the built model)."""
+        shapes = dict(seg.shapes)
+        const_sizes: dict[str, int] = {}
+        for name, value in seg.consts.items():
+            shape, itemsize = self._const_shape(value)
+            shapes[name] = shape
+            const_sizes[name] = math.prod(shape) * itemsize
+        flops = np.zeros((len(seg.nodes), len(OP_CLASSES)), dtype=np.int64)
+        params = np.zeros(len(seg.nodes), dtype=np.int64)
+        used: set[str] = set()
+        loops = (
+            self._trip_counts(seg) if any(n.op_type in CONTROL_FLOW_OPS for n in seg.nodes) else {}
+        )
+        for t, (node, owner) in enumerate(zip(seg.nodes, seg.owners, strict=True)):
+            if owner in self._captures or node.op_type in CONTROL_FLOW_OPS:
+                flops[t, OP_CLASSES.index(OpClass.OTHER)] = node_flops(node, shapes, loops)[0]
+            else:
+                flops[t, _CLASS_INDEX[node.op_type]] = node_cost(node, shapes.get)[0]
+            for name in (*node.input, *self._captures.get(owner, ())):
+                if name in const_sizes and name not in used:
+                    used.add(name)
+                    params[t] += const_sizes[name]
+        sizes = {
+            name: math.prod(shape) * seg.dtypes[name].itemsize for name, shape in seg.shapes.items()
+        }
+        live = live_bytes(seg.nodes, sizes, seg.inputs, seg.outputs, const_sizes)
+        return flops, params, live
+
+    def _trip_counts(self, seg: _SegmentModel) -> dict[str, onnx.TensorProto]:
+        out = {}
+        for name, value in seg.consts.items():
+            if isinstance(value, np.ndarray):
+                out[name] = numpy_helper.from_array(value, name)
+            elif value[1].whole:
+                out[name] = self.view.initializers[value[0]]
+        return out
+
+    def _layout(self, placement: RangePlacement, single_segment: bool) -> ShardLayout:
+        programs = self._programs(placement)
+        if single_segment and len(programs) != 1:
+            raise ShardingError("the layout needs exchanges between segments")
+        k = placement.shards
+        points = placement.exchange_points()
+        cuts = [placement.start, *points, placement.end]
+        segments: list[Segment] = []
+        totals = np.zeros((k, len(OP_CLASSES)), dtype=np.int64)
+        params = [0] * k
+        peaks = [0] * k
+        for j, per_shard in enumerate(programs):
+            figs = [self._figures(seg) for seg in per_shard]
+            for i, f in enumerate(figs):
+                totals[i] += f.class_flops
+                params[i] += f.param_bytes
+                peaks[i] = max(peaks[i], f.peak_bytes)
+            exchanges = tuple(
+                self._exchange(name, ts, k)
+                for name, ts in sorted(placement.tensors.items())
+                if ts.exchange_at == cuts[j + 1] and cuts[j + 1] < placement.end
+            )
+            segments.append(
+                Segment(
+                    start=cuts[j],
+                    end=cuts[j + 1],
+                    active=tuple(bool(seg.nodes) for seg in per_shard),
+                    inputs=tuple(tuple(seg.inputs) for seg in per_shard),
+                    exchanges=exchanges,
+                    shard_flops=tuple(f.flops for f in figs),
+                    shard_param_bytes=tuple(f.param_bytes for f in figs),
+                    shard_peak_bytes=tuple(f.peak_bytes for f in figs),
+                )
+            )
+        gathers = []
+        gather_bytes = [0] * k
+        for name in placement.outputs:
+            ts = placement.tensors[name]
+            if ts.mode is GatherMode.TAKE:
+                gathers.append(GatherSpec(name, GatherMode.TAKE, shard=ts.take_from))
+            else:
+                gathers.append(GatherSpec(name, ts.mode, axis=ts.axis))
+        last = programs[-1]
+        for i, seg in enumerate(last):
+            for out in seg.outputs:
+                gather_bytes[i] += math.prod(seg.shapes[out]) * seg.dtypes[out].itemsize
+        scatter = []
+        for name in placement.inputs:
+            ts = placement.tensors[name]
+            shape = self.shape(name)
+            axis = next((p.axis for p in ts.held if p is not None and p.axis is not None), 0)
+            size = shape[axis] if shape else 1
+            spans = tuple(
+                None if p is None else ((0, size) if p.axis is None else (p.start, p.stop))
+                for p in ts.held
+            )
+            scatter.append(Scatter(name, axis, shape, self.dtype(name).name, spans))
+        strategy = placement.strategy
+        return ShardLayout(
+            whole_inputs=single_segment,
+            proportions=placement.proportions,
+            gathers=tuple(gathers),
+            strategy=strategy,
+            shard_flops=tuple(int(x) for x in totals.sum(axis=1)),
+            start=placement.start,
+            end=placement.end,
+            segments=tuple(segments),
+            scatter=tuple(scatter),
+            shard_param_bytes=tuple(params),
+            shard_peak_bytes=tuple(peaks),
+            shard_class_flops=tuple(tuple(int(x) for x in row) for row in totals),
+            gather_bytes=tuple(gather_bytes),
+        )
+
+    def _exchange(self, name: str, ts: TensorShards, k: int) -> Exchange:
+        shape = self.shape(name)
+        assert ts.after is not None
+        if ts.mode is GatherMode.CONCAT:
+            assert ts.owned is not None
+            size = shape[ts.axis]
+            parts = tuple(ts.owned[i] if ts.held[i] is not None else None for i in range(k))
+            needs = tuple(
+                None if p is None else ((0, size) if p.axis is None else (p.start, p.stop))
+                for p in ts.after
+            )
+            return Exchange(name, GatherMode.CONCAT, ts.axis, shape, self.dtype(name).name,
+                            parts, needs)  # fmt: skip
+        size = shape[0] if shape else 1
+        parts = tuple((0, size) if ts.held[i] is SUMMAND else None for i in range(k))
+        needs = tuple(None if p is None else (0, size) for p in ts.after)
+        return Exchange(name, ts.mode, 0, shape, self.dtype(name).name, parts, needs)
+
+    # -- build -------------------------------------------------------------------------
+
+    def _model(self, seg: _SegmentModel, suffix: str) -> onnx.ModelProto:
+        inits = []
+        for name, value in seg.consts.items():
+            if isinstance(value, np.ndarray):
+                inits.append(numpy_helper.from_array(value, name))
+                continue
+            source, piece = value
+            if piece.whole:
+                inits.append(self.view.initializers[source])
+                continue
+            array = self._array(source)
+            index = [slice(None)] * array.ndim
+            assert piece.axis is not None
+            index[piece.axis] = slice(piece.start, piece.stop)
+            inits.append(numpy_helper.from_array(np.ascontiguousarray(array[tuple(index)]), name))
+
+        def info(name: str) -> onnx.ValueInfoProto:
+            elem = helper.np_dtype_to_tensor_dtype(seg.dtypes[name])
+            return helper.make_tensor_value_info(name, elem, list(seg.shapes[name]))
+
+        graph = helper.make_graph(
+            seg.nodes,
+            f"{self.model.graph.name or 'model'}_{suffix}",
+            [info(n) for n in seg.inputs],
+            [info(n) for n in seg.outputs],
+            inits,
+        )
+        out = helper.make_model(
+            graph, opset_imports=list(self.model.opset_import), producer_name="partita"
+        )
+        out.ir_version = self.model.ir_version
+        out.functions.extend(self.model.functions)
+        return out
+
+
+def _crossing_lists(view: GraphView) -> list[list[str]]:
+    from partita.model.slice import boundaries
+
+    return boundaries(view.model)
 
 
 def shard_stage(
-    stage: onnx.ModelProto, proportions: Sequence[float], strategy: str | None = None
+    stage: onnx.ModelProto,
+    proportions: Sequence[float],
+    strategy: str | None = None,
+    *,
+    costs: ReferenceCosts = REFERENCE,
 ) -> tuple[list[onnx.ModelProto], ShardLayout]:
-    """Split `stage` (static shapes) into len(proportions) standalone shard models.
-
-    `strategy` is "width", "branch" or None (the one with the smaller slowest shard).
+    """Split a stage model (static shapes) into one standalone model per shard that reads
+    the stage inputs whole and needs no exchange: what a fan-out of the whole stage input
+    followed by one gather can serve. `strategy` is "tile", "width", "branch" or None.
     """
-    props = tuple(float(p) for p in proportions)
-    if len(props) < 2 or any(not p > 0 for p in props):
-        raise ShardingError(f"proportions {list(proportions)} must be >= 2 positive numbers")
-    view = GraphView.of(stage)
-    for node in view.nodes:
-        for o in node.output:
-            if o:
-                view.shape(o)  # a clear ShapeError before any work
-    errors: list[str] = []
-    width: tuple[list[onnx.ModelProto], ShardLayout, float] | None = None
-    branch: tuple[list[onnx.ModelProto], ShardLayout, float] | None = None
-    if strategy in (None, "width"):
-        try:
-            plan = _plan_width(view, props)
-            built = [
-                _build_width_shard(view, plan.planner, s, view.output_names)
-                for s in range(len(props))
-            ]
-            share = np.asarray(props) / sum(props)
-            flops = tuple(
-                int(plan.planner.full_flops + plan.planner.split_flops * x) for x in share
-            )
-            layout = ShardLayout(props, tuple(built[0][1]), plan.strategy, flops)
-            width = ([m for m, _ in built], layout, plan.makespan)
-        except ShardingError as exc:
-            errors.append(str(exc))
-    if strategy in (None, "branch"):
-        try:
-            branch = _shard_branches(view, props)
-        except ShardingError as exc:
-            errors.append(str(exc))
-    candidates = [c for c in (width, branch) if c is not None]
-    if not candidates:
-        raise ShardingError("; ".join(errors))
-    shards, layout, _ = min(candidates, key=lambda c: c[2])
-    return shards, layout
-
-
-def gather(layout: ShardLayout, parts: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Rebuild the stage outputs from each shard's part tensors (pure numpy)."""
-    if len(parts) != layout.shards:
-        raise ShardingError(f"expected parts from {layout.shards} shards, got {len(parts)}")
-    out: dict[str, np.ndarray] = {}
-    for spec in layout.gathers:
-        if spec.mode is GatherMode.TAKE:
-            pieces = [parts[spec.shard].get(GatherSpec.part_name(spec.output, spec.shard))]
-        else:
-            pieces = [p.get(GatherSpec.part_name(spec.output, i)) for i, p in enumerate(parts)]
-        if any(x is None for x in pieces):
-            raise ShardingError(f"a shard did not return its part of {spec.output!r}")
-        arrays = [np.asarray(x) for x in pieces]
-        if spec.mode is GatherMode.CONCAT:
-            out[spec.output] = np.concatenate(arrays, axis=spec.axis)
-        elif spec.mode is GatherMode.SUM:
-            total = arrays[0].copy()
-            for x in arrays[1:]:
-                total += x
-            out[spec.output] = total
-        else:
-            out[spec.output] = arrays[0]
-    return out
+    analysis = ShardAnalysis(stage, costs)
+    layout = analysis.layout(0, len(analysis.nodes), proportions, strategy, single_segment=True)
+    models = [m for m in analysis.build(layout)[0] if m is not None]
+    if len(models) != layout.shards:
+        raise ShardingError("a shard would have nothing to do; use fewer shards")
+    return models, layout

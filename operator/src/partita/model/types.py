@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+import numpy as np
+
 
 class OpClass(StrEnum):
     """Operator families whose speed is measured separately per device."""
@@ -86,6 +88,13 @@ class ModelProfile:
     # How many node-output tensors each loading step resolved the shape of:
     # (("tensors", n), ("inference", a), ("folding", b), ("runtime", c)).
     shape_coverage: tuple[tuple[str, int], ...] = field(default_factory=tuple)
+    # Sharded figures of the ranges between cut points, per shard count and strategy.
+    shard_tables: tuple[ShardTable, ...] = field(default=(), compare=False, repr=False)
+
+    def shard_table(self, shards: int, strategy: str) -> ShardTable | None:
+        return next(
+            (t for t in self.shard_tables if t.shards == shards and t.strategy == strategy), None
+        )
 
     @property
     def input_bytes(self) -> int:
@@ -97,10 +106,11 @@ class ModelProfile:
 
 
 class GatherMode(StrEnum):
-    """How the partial outputs of a stage's shards rebuild one stage output."""
+    """How the partial outputs of a stage's shards rebuild one tensor."""
 
-    CONCAT = "concat"  # concatenate the shards' parts along `axis`, in shard order
-    SUM = "sum"  # add the shards' parts (row-parallel MatMul, split reductions)
+    CONCAT = "concat"  # concatenate the shards' rows along `axis`, in shard order
+    SUM = "sum"  # add the shards' summands (row-parallel MatMul, split reductions)
+    MAX = "max"  # the largest of the shards' partial maxima (a max pool over tiles)
     TAKE = "take"  # one shard computes the whole tensor (branch parallelism)
 
 
@@ -118,17 +128,234 @@ class GatherSpec:
         return f"{output}__shard{shard}"
 
 
+Span = tuple[int, int]  # rows [start, stop) along an exchange's axis
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """One tensor the shards swap between two segments of a sharded stage.
+
+    After the segment, shard i outputs `GatherSpec.part_name(tensor, i)`: rows `parts[i]`
+    of the tensor along `axis` (CONCAT), or a summand / partial maximum of the whole tensor
+    (SUM / MAX; `parts[i]` is then the whole axis). Before the next segment, shard j must
+    hold rows `needs[j]` of the assembled tensor under the tensor's own name (None: shard j
+    does not need it). `partita.model.exchange` does the arithmetic.
+    """
+
+    tensor: str
+    mode: GatherMode
+    axis: int
+    shape: tuple[int, ...]
+    dtype: str
+    parts: tuple[Span | None, ...]
+    needs: tuple[Span | None, ...]
+
+    @property
+    def row_bytes(self) -> int:
+        rows = self.shape[self.axis] if self.shape else 1
+        total = int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+        return total // max(rows, 1)
+
+    def sent_rows(self, source: int, target: int) -> int:
+        """Rows shard `source` sends shard `target` (peer to peer, only what it needs)."""
+        part, need = self.parts[source], self.needs[target]
+        if source == target or part is None or need is None:
+            return 0
+        if self.mode is GatherMode.CONCAT:
+            return max(0, min(part[1], need[1]) - max(part[0], need[0]))
+        return need[1] - need[0]
+
+    @property
+    def received_bytes(self) -> tuple[int, ...]:
+        k = len(self.parts)
+        return tuple(sum(self.sent_rows(i, j) for i in range(k)) * self.row_bytes for j in range(k))
+
+    @property
+    def sent_bytes(self) -> tuple[int, ...]:
+        k = len(self.parts)
+        return tuple(sum(self.sent_rows(i, j) for j in range(k)) * self.row_bytes for i in range(k))
+
+
+@dataclass(frozen=True)
+class Scatter:
+    """What each shard reads of one stage input: rows `spans[i]` along `axis`, or None."""
+
+    tensor: str
+    axis: int
+    shape: tuple[int, ...]
+    dtype: str
+    spans: tuple[Span | None, ...]
+
+    @property
+    def shard_bytes(self) -> tuple[int, ...]:
+        rows = self.shape[self.axis] if self.shape else 1
+        total = int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+        return tuple(0 if s is None else (s[1] - s[0]) * total // max(rows, 1) for s in self.spans)
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Nodes [start, end) of the model that every shard runs before the next exchange.
+
+    `inputs[i]` are the tensors shard i's segment model reads (stage inputs, tensors it
+    received in an exchange, tensors it kept from an earlier segment); the figures are
+    those of shard i's segment model. A shard with nothing to do in a segment (`active`
+    False) has no model for it.
+    """
+
+    start: int
+    end: int
+    active: tuple[bool, ...]
+    inputs: tuple[tuple[str, ...], ...]
+    exchanges: tuple[Exchange, ...]  # swapped after this segment (none after the last)
+    shard_flops: tuple[int, ...]
+    shard_param_bytes: tuple[int, ...]
+    shard_peak_bytes: tuple[int, ...]
+
+
 @dataclass(frozen=True)
 class ShardLayout:
-    """How one stage is split horizontally; each shard is a standalone ONNX model
-    that reads (a subset of) the stage inputs and produces the part tensors."""
+    """How one stage is split horizontally: the single source of truth the planner's
+    figures, the shard models and the data plane's exchanges are all read from.
+
+    Each shard runs `segments` in order; between two segments the shards swap the
+    segment's `exchanges`; at the end `gathers` rebuild the stage outputs from the
+    shards' part tensors. `partita.model.shard.build_shards` cuts exactly this layout.
+    """
 
     proportions: tuple[float, ...]
     gathers: tuple[GatherSpec, ...]
-    strategy: str  # "column", "conv-channel", "megatron", "branch", ...
-    # Estimated FLOPs each shard runs (replicated prefix included), in shard order.
+    strategy: str  # "tile", "megatron", "column", "conv-channel", "branch"
+    # FLOPs each shard runs (replicated and halo work included), in shard order.
     shard_flops: tuple[int, ...] = ()
+    start: int = 0  # the node range [start, end) of the loaded model it splits
+    end: int = 0
+    segments: tuple[Segment, ...] = ()
+    scatter: tuple[Scatter, ...] = ()
+    shard_param_bytes: tuple[int, ...] = ()
+    # Peak activation bytes of the shard's largest segment model.
+    shard_peak_bytes: tuple[int, ...] = ()
+    # FLOPs per shard per op class, in `OpClass` order (the planner times them per class).
+    shard_class_flops: tuple[tuple[int, ...], ...] = ()
+    # Bytes of the part tensors each shard sends to whoever gathers the stage outputs.
+    gather_bytes: tuple[int, ...] = ()
+    # The shard models read the stage inputs whole (one segment, served by a plain fan-out).
+    whole_inputs: bool = False
 
     @property
     def shards(self) -> int:
         return len(self.proportions)
+
+    @property
+    def exchanges(self) -> tuple[Exchange, ...]:
+        return tuple(x for s in self.segments for x in s.exchanges)
+
+    @property
+    def scatter_bytes(self) -> tuple[int, ...]:
+        """Bytes of the stage inputs each shard must be sent."""
+        return tuple(sum(x.shard_bytes[i] for x in self.scatter) for i in range(self.shards))
+
+
+# The planner proposes a sharded range only when its busiest shard runs less than this
+# share of the range's FLOPs (stricter than the layout's refusal, so what it proposes cuts).
+PROPOSE_SHARE = 0.85
+
+
+@dataclass(frozen=True, eq=False)
+class ShardTable:
+    """Figures of every range between `positions` sharded `shards` ways with one strategy at
+    equal proportions, for the planner's search; `ShardAnalysis.layout` gives the exact
+    layout of the range and proportions finally chosen.
+
+    They come from the strategy placed over the whole model (the halo points, splits and
+    exchanges a range's own layout keeps), restricted to the range. `column(b)` gives the
+    figures of every range ending at positions[b] at once. For a range that starts where
+    `starts` and ends where `ends` is true, at equal proportions, the FLOPs and exchanges
+    are those of the shards `ShardAnalysis.layout` cuts (a tile range keeps the whole
+    model's halo at its end and crops it off, `crop_params`); the peak activations are the
+    whole model's segments' (a tensor passing the range by stays live there).
+    """
+
+    shards: int
+    strategy: str  # "tile" or "width"
+    positions: np.ndarray  # (P,) node positions: 0, the profile's cut points, len(nodes)
+    total_flops: np.ndarray  # (P,) prefix sums of the unsharded FLOPs
+    # The planner's proportional rule (a shard holding proportion p of [a, b) runs
+    # p * split + shared), prefix sums per op class: the split nodes' own FLOPs, and what
+    # a shard runs beyond its share (halo, replicated nodes; the largest over shards).
+    split_flops: np.ndarray  # (P, classes)
+    shared_flops: np.ndarray  # (P, classes)
+    split_params: np.ndarray  # (P,) bytes of sliced weights, all shards together
+    shared_params: np.ndarray  # (P,) bytes of weights every shard holds whole
+    op_counts: np.ndarray  # (P, shards) nodes of each shard's segment models (fixed costs)
+    class_flops: np.ndarray  # (P, shards, classes) prefix sums, classes in `OpClass` order
+    param_bytes: np.ndarray  # (P, shards) prefix sums
+    peak_bytes: np.ndarray  # (P - 1, shards): largest activation bytes in each block
+    points_before: np.ndarray  # (P,) exchange points strictly before each position
+    points_upto: np.ndarray  # (P,) exchange points at or before each position
+    bytes_before: np.ndarray  # (P, shards) bytes received at those points, prefix sums
+    bytes_upto: np.ndarray  # (P, shards)
+    scatter_bytes: np.ndarray  # (P, shards): stage inputs each shard reads, range from here
+    gather_bytes: np.ndarray  # (P, shards): output parts each shard sends, range to here
+    starts: np.ndarray  # (P,) bool
+    # (P,) bool: a range may end here: no tensor crossing it is held in rows no gather can
+    # join (tile), nothing crossing it is split (width), or it is the model's end.
+    ends: np.ndarray
+    # (P, shards): weight bytes a range ending here adds to crop the rows each shard owns
+    # out of what it holds (the halo later nodes would need).
+    crop_params: np.ndarray
+    # (P - 1,) per block: the heaviest node no shard splits (-1: none) and its FLOPs, to
+    # name what keeps a range from splitting.
+    whole_node: np.ndarray
+    whole_flops: np.ndarray
+
+    FIELDS = (
+        "positions", "total_flops", "split_flops", "shared_flops", "split_params",
+        "shared_params", "op_counts", "class_flops", "param_bytes", "peak_bytes",
+        "points_before", "points_upto", "bytes_before", "bytes_upto", "scatter_bytes",
+        "gather_bytes", "starts", "ends", "crop_params", "whole_node", "whole_flops",
+    )  # fmt: skip
+
+    def heaviest_whole(self, a: int, b: int) -> int:
+        """Index of the heaviest node of positions[a]..positions[b] no shard splits, or -1."""
+        if b <= a:
+            return -1
+        j = a + int(np.argmax(self.whole_flops[a:b]))
+        return int(self.whole_node[j]) if self.whole_flops[j] > 0 else -1
+
+    def flops(self, a: int, b: int) -> np.ndarray:
+        """(shards,) FLOPs of positions[a]..positions[b] per shard."""
+        return (self.class_flops[b] - self.class_flops[a]).sum(axis=-1)
+
+    def column(self, b: int) -> ShardColumn:
+        """Every range [positions[a], positions[b]) with a < b."""
+        flops = self.class_flops[b][None] - self.class_flops[:b]
+        total = self.total_flops[b] - self.total_flops[:b]
+        busiest = flops.sum(axis=-1).max(axis=-1)
+        peak = np.maximum.accumulate(self.peak_bytes[:b][::-1], axis=0)[::-1]
+        return ShardColumn(
+            class_flops=flops,
+            param_bytes=self.param_bytes[b][None] - self.param_bytes[:b],
+            peak_bytes=peak,
+            exchanges=self.points_before[b] - self.points_upto[:b],
+            exchange_bytes=self.bytes_before[b][None] - self.bytes_upto[:b],
+            scatter_bytes=self.scatter_bytes[:b],
+            gather_bytes=self.gather_bytes[b],
+            allowed=self.starts[:b]
+            & self.ends[b]
+            & (busiest < PROPOSE_SHARE * np.maximum(total, 1)),
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class ShardColumn:
+    """The figures of every sharded range ending at one position, indexed by its start."""
+
+    class_flops: np.ndarray  # (b, shards, classes)
+    param_bytes: np.ndarray  # (b, shards)
+    peak_bytes: np.ndarray  # (b, shards)
+    exchanges: np.ndarray  # (b,) exchange points inside the range
+    exchange_bytes: np.ndarray  # (b, shards) bytes each shard receives in them
+    scatter_bytes: np.ndarray  # (b, shards)
+    gather_bytes: np.ndarray  # (shards,)
+    allowed: np.ndarray  # (b,) bool: may be proposed

@@ -55,7 +55,7 @@ def baselines(
 
 def _network_unaware(prob: Problem) -> PlanResult:
     request, snapshot, table = prob.request, prob.snapshot, prob.table
-    need = float(table.memory(0, table.size - 1, 1.0, False, request.runtime_overhead_bytes))
+    need = float(table.memory(0, table.size - 1, False, request.runtime_overhead_bytes))
     scored = []
     for node in snapshot.nodes:
         if node.pool not in prob.pools or node_blockers(node, request) or node.memory_free < need:

@@ -23,10 +23,9 @@ def small_table(request: ModelRequest) -> RangeTable:
 def small_compute_s(table: RangeTable, node: NodeState, request: ModelRequest) -> float:
     """Seconds one small-model inference takes on `node`."""
     assert request.cascade is not None
-    split, whole = table.times(node)
-    return float(split[-1] + whole[-1]) / request.cascade.speed_ratio
+    return float(table.times(node)[-1]) / request.cascade.speed_ratio
 
 
 def small_memory(table: RangeTable, request: ModelRequest) -> int:
     """Bytes the small model's server holds: weights, peak activations, runtime overhead."""
-    return int(table.memory(0, table.size - 1, 1.0, False, float(request.runtime_overhead_bytes)))
+    return int(table.memory(0, table.size - 1, False, float(request.runtime_overhead_bytes)))

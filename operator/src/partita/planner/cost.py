@@ -1,20 +1,23 @@
 """The cost model, written plainly: the reference every search result is checked against.
 
 Per request: stage compute = Σ FLOPs / device speed of the op's class (+ a fixed cost
-per graph node); a shard does its proportion of the split work plus all of the rest
-(`ranges.RangeTable` says which is which); transfers = bytes after cut compression /
-bandwidth + RTT; shards add a scatter of the stage input and a gather of its output over
-the pool's LAN. With a cascade, everything after the first stage is weighted by the
-observed offload rate, and the cascade's small model (ahead of the stages) runs for every
-request. Throughput = 1 / the busiest stage or link. Energy = (active - idle watts) × busy
-time of every shard (what a request adds to the idle draw) + radio watts × sending time on
-inter-pool links. Memory per node = parameters + peak live activations + runtime overhead.
+per graph node); a shard runs what the shard model model analysis cuts for it runs
+(`ranges.ShardedRanges`), the strategy being the one whose busiest shard finishes first;
+transfers = bytes after cut compression / bandwidth + RTT; shards add the stage inputs
+sent to them, the exchanges between their segments and the gather of their output parts
+over the pool's LAN, one round trip each. With a cascade, everything after the first
+stage is weighted by the observed offload rate, and the cascade's small model (ahead of
+the stages) runs for every request. Throughput = 1 / the busiest stage or link. Energy =
+(active - idle watts) × busy time of every shard (what a request adds to the idle draw) +
+radio watts × sending time on inter-pool links. Memory per node = parameters (int8 ones
+scaled by the measured weight factor) + peak live activations + runtime overhead.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from partita.model.types import ModelProfile
 
@@ -28,9 +31,9 @@ from .plan import (
     Stage,
     StagePrediction,
 )
-from .ranges import RangeTable, boundary_bytes, boundary_tensors
-from .request import Compression, ModelRequest, Objective
-from .snapshot import ClusterSnapshot, NodeState
+from .ranges import RangeTable, ShardedRanges, boundary_bytes, boundary_tensors, device_kind
+from .request import Compression, ModelRequest, Objective, Quantization
+from .snapshot import ClusterSnapshot, LinkEstimate, NodeState
 
 __all__ = [
     "boundary_bytes",
@@ -42,6 +45,79 @@ __all__ = [
     "predict",
     "predict_stages",
 ]
+
+
+@dataclass(frozen=True)
+class ShardFigures:
+    """A sharded stage as the strategy chosen for it would cut it."""
+
+    strategy: str
+    shards: tuple[ShardPrediction, ...]
+    exchange_s: float  # stage inputs to the shards, exchanges, output parts: on the LAN
+    exchanges: int
+    exchange_bytes: int
+
+
+def shard_figures(
+    profile: ModelProfile,
+    table: RangeTable,
+    stage: Stage,
+    a: int,
+    b: int,
+    nodes: Sequence[NodeState | None],
+    quantization: Quantization,
+    overhead: float,
+    lan: LinkEstimate,
+) -> ShardFigures | str:
+    """The figures of `stage` ([a, b) of `table`) cut in its shards by the strategy whose
+    busiest shard finishes first on `nodes`; a refusal naming why when none may cut it.
+    An int8 stage runs `quantization.speedup` faster on conv/matmul and holds its weights
+    scaled by `quantization.weight_factor`."""
+    k = len(stage.shards)
+    found: list[tuple[float, ShardFigures]] = []
+    refusals = []
+    for sr in table.sharded.get(k, ()):
+        if not sr.allowed(a, b):
+            refusals.append(sr.refusal(profile, a, b))
+            continue
+        found.append(_shard_figures(sr, stage, a, b, nodes, quantization, overhead, lan))
+    if not found:
+        start, end = stage.start, stage.end
+        why = "; ".join(refusals) or "model analysis found no way to split the model so"
+        return f"nodes [{start}, {end}) cannot be cut in {k} shards ({why})"
+    return min(found, key=lambda f: f[0])[1]
+
+
+def _shard_figures(
+    sr: ShardedRanges,
+    stage: Stage,
+    a: int,
+    b: int,
+    nodes: Sequence[NodeState | None],
+    quantization: Quantization,
+    overhead: float,
+    lan: LinkEstimate,
+) -> tuple[float, ShardFigures]:
+    k = sr.shards
+    split_flops = float((sr.split_flops[b] - sr.split_flops[a]).sum())
+    speedup = quantization.speedup if stage.int8 else 1.0
+    factor = quantization.weight_factor
+    preds = []
+    for i, (shard, node) in enumerate(zip(stage.shards, nodes, strict=True)):
+        extra = shard.proportion - 1.0 / k
+        compute = math.inf
+        if node is not None and node.ready:
+            mine, split = sr.times(device_kind(node, speedup))
+            compute = float(mine[b, i] - mine[a, i] + extra * (split[b] - split[a]))
+        flops = float(sr.flops[b, i] - sr.flops[a, i]) + extra * split_flops
+        memory = float(sr.memory(a, b, i, shard.proportion, stage.int8, overhead, factor))
+        preds.append(ShardPrediction(shard.node, compute, math.ceil(memory), flops))
+    nbytes, trips = sr.exchange(a, b)
+    exchange_s = float(nbytes) * 8.0 / lan.bandwidth_bps + float(trips) * lan.rtt_s
+    count = int(sr.points_before[b] - sr.points_upto[a])
+    received = int((sr.bytes_before[b] - sr.bytes_upto[a]).max())
+    busy = max(p.compute_s for p in preds) + exchange_s
+    return busy, ShardFigures(sr.strategy, tuple(preds), exchange_s, count, received)
 
 
 def carries_raw_input(profile: ModelProfile, position: int) -> bool:
@@ -131,46 +207,53 @@ def predict_stages(
     prev_pool = request.data_source
     if not snapshot.has_pool(request.data_source):
         violations.append(f"data source pool {request.data_source} is not in the snapshot")
-    small, small_in = None, 0.0
-    if request.cascade is not None:
-        small, small_in, small_energy, small_busy = _predict_cascade(
-            request, cascade, table, snapshot, stages, violations, lost
-        )
-        latency += small_in + small.compute_s
-        energy += small_energy
-        bottleneck = small_busy
-        prev_pool = cascade.pool if cascade is not None else prev_pool
+    if request.cascade is not None and cascade is not None:
+        prev_pool = cascade.pool  # the small model runs ahead of the stages
     for stage in stages:
         weight = rate
         a, b = table.index(stage.start), table.index(stage.end)
-        shard_preds = []
-        for shard in stage.shards:
-            memory = float(
-                table.memory(
-                    a, b, shard.proportion, stage.int8, overhead, quantization.weight_factor
-                )
-            )
-            node = snapshot.node(shard.node)
-            compute = math.inf
+        k = len(stage.shards)
+        nodes = [snapshot.node(s.node) for s in stage.shards]
+        for shard, node in zip(stage.shards, nodes, strict=True):
             if node is None or not node.ready:
                 lost.append(shard.node)
                 violations.append(f"stage {stage.index}: node {shard.node} is lost")
+                continue
+            for reason in node_blockers(node, request):
+                if reason != "node is not Ready":
+                    violations.append(f"stage {stage.index}: node {node.name}: {reason}")
+            if node.pool != stage.pool:
+                violations.append(f"stage {stage.index}: node {node.name} left pool {stage.pool}")
+        lan = snapshot.link(stage.pool, stage.pool) if k > 1 else None
+        sharded = None
+        if k > 1:
+            if lan is None:
+                violations.append(f"stage {stage.index}: no link inside pool {stage.pool}")
             else:
-                split, whole = table.times(node, quantization.speedup if stage.int8 else 1.0)
-                compute = float(shard.proportion * (split[b] - split[a]) + whole[b] - whole[a])
-                for reason in node_blockers(node, request):
-                    if reason != "node is not Ready":
-                        violations.append(f"stage {stage.index}: node {node.name}: {reason}")
-                if node.pool != stage.pool:
-                    violations.append(
-                        f"stage {stage.index}: node {node.name} left pool {stage.pool}"
-                    )
-                if memory > node.memory_free:
-                    violations.append(
-                        f"stage {stage.index}: node {node.name} needs {memory / 2**20:.1f} MiB, "
-                        f"has {node.memory_free / 2**20:.1f} MiB free"
-                    )
-            shard_preds.append(ShardPrediction(shard.node, compute, math.ceil(memory)))
+                sharded = shard_figures(
+                    profile, table, stage, a, b, nodes, quantization, overhead, lan
+                )
+                if isinstance(sharded, str):
+                    violations.append(f"stage {stage.index}: {sharded}")
+        speedup = quantization.speedup if stage.int8 else 1.0
+        shard_preds = []
+        if k == 1 or not isinstance(sharded, ShardFigures):
+            for shard, node in zip(stage.shards, nodes, strict=True):
+                memory = float(table.memory(a, b, stage.int8, overhead, quantization.weight_factor))
+                compute = flops = math.inf if k > 1 else table.range_flops(a, b)
+                if node is not None and node.ready and k == 1:
+                    seconds = table.times(node, speedup)
+                    compute = float(seconds[b] - seconds[a])
+                shard_preds.append(ShardPrediction(shard.node, compute, math.ceil(memory), flops))
+        else:
+            shard_preds = list(sharded.shards)
+        for pred, node in zip(shard_preds, nodes, strict=True):
+            if node is not None and pred.memory_bytes > node.memory_free:
+                violations.append(
+                    f"stage {stage.index}: node {node.name} needs "
+                    f"{pred.memory_bytes / 2**20:.1f} MiB, has {node.memory_free / 2**20:.1f} "
+                    "MiB free"
+                )
         if not snapshot.has_pool(stage.pool):
             violations.append(f"stage {stage.index}: pool {stage.pool} is gone")
             stage_preds.append(
@@ -203,12 +286,8 @@ def predict_stages(
         compute = max((s.compute_s for s in shard_preds), default=math.inf)
         energy += weight * pool.compute_watts * sum(s.compute_s for s in shard_preds)
         scatter_gather = 0.0
-        k = len(stage.shards)
         if k > 1:
-            lan = snapshot.link(stage.pool, stage.pool)
-            assert lan is not None
-            scatter, gather = table.exchange_bytes(a, b, k)
-            scatter_gather = lan.transfer_s(float(scatter)) + lan.transfer_s(float(gather))
+            scatter_gather = sharded.exchange_s if isinstance(sharded, ShardFigures) else math.inf
         busy = compute + scatter_gather
         stage_preds.append(
             StagePrediction(
@@ -218,11 +297,24 @@ def predict_stages(
                 weight * busy,
                 tuple(shard_preds),
                 float(table.wire[stage.input_compression][a]),
+                *(
+                    (sharded.strategy, sharded.exchanges, sharded.exchange_bytes)
+                    if isinstance(sharded, ShardFigures)
+                    else ()
+                ),
             )
         )
         latency += weight * (transfer + busy)
         bottleneck = max(bottleneck, weight * busy, weight * wire)
         prev_pool = stage.pool
+    small, small_in = None, 0.0
+    if request.cascade is not None:
+        small, small_in, small_energy, small_busy = _predict_cascade(
+            request, cascade, table, snapshot, stage_preds, violations, lost
+        )
+        latency += small_in + small.compute_s
+        energy += small_energy
+        bottleneck = max(bottleneck, small_busy)
     # Answer back to the data source (for the share of requests the main model answers).
     out_weight = rate
     output_transfer = math.inf
@@ -259,7 +351,7 @@ def _predict_cascade(
     cascade: CascadePlacement | None,
     table: RangeTable,
     snapshot: ClusterSnapshot,
-    stages: Sequence[Stage],
+    stages: Sequence[StagePrediction],
     violations: list[str],
     lost: list[str],
 ) -> tuple[ShardPrediction, float, float, float]:
@@ -280,19 +372,8 @@ def _predict_cascade(
         violations.append(f"cascade: node {node.name}: {reason}")
     if node.pool != cascade.pool:
         violations.append(f"cascade: node {node.name} left pool {cascade.pool}")
-    # The small model shares its node with any stage placed there.
-    factor = request.quantization.weight_factor
-    beside = [
-        float(
-            table.memory(
-                table.index(s.start), table.index(s.end), sh.proportion, s.int8, 0.0, factor
-            )
-        )
-        + request.runtime_overhead_bytes
-        for s in stages
-        for sh in s.shards
-        if sh.node == cascade.node
-    ]
+    # The small model shares its node with any shard of `stages` (as predicted) placed there.
+    beside = [sh.memory_bytes for s in stages for sh in s.shards if sh.node == cascade.node]
     if memory + sum(beside) > node.memory_free:
         violations.append(
             f"cascade: node {node.name} needs {(memory + sum(beside)) / 2**20:.1f} MiB with "

@@ -58,9 +58,7 @@ def diagnose(prob: Problem) -> list[str]:
     """Why no plan exists."""
     request, snapshot = prob.request, prob.snapshot
     reasons = []
-    whole = float(
-        prob.table.memory(0, prob.table.size - 1, 1.0, False, request.runtime_overhead_bytes)
-    )
+    whole = float(prob.table.memory(0, prob.table.size - 1, False, request.runtime_overhead_bytes))
     biggest = max(prob.nodes, key=lambda n: n.memory_free)
     if whole > biggest.memory_free:
         reasons.append(

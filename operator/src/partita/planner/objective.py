@@ -19,6 +19,7 @@ from .plan import RELATIVE_TOLERANCE, Plan, ShardPlacement, Stage
 from .ranges import boundary_tensors
 from .request import Objective
 from .shortest_path import Path, Weights, shortest_path
+from .snapshot import NodeState
 from .space import Problem, SearchSpace, options
 
 # Cap steps just under the best bottleneck before bisecting, and the most steps in all.
@@ -37,9 +38,7 @@ def build(prob: Problem, path: Path, revision: int = 1) -> Plan:
         members = [prob.nodes[i] for i in option.members]
         props = [1.0]
         if len(members) > 1:
-            split = [table.times(n, prob.speedup(option.int8))[0] for n in members]
-            inverse = [1.0 / float(s[b] - s[a]) for s in split]
-            props = [x / sum(inverse) for x in inverse]
+            props = proportions(prob, members, a, b, option.int8)
         stages.append(
             Stage(
                 index=index,
@@ -59,6 +58,32 @@ def build(prob: Problem, path: Path, revision: int = 1) -> Plan:
     return plan_for(
         prob.request, stages, profile, snapshot, revision, prob.table, cascade=prob.cascade
     )
+
+
+def proportions(prob: Problem, members: list[NodeState], a: int, b: int, int8: bool) -> list[float]:
+    """Shard proportions of [a, b) on `members`: each shard's share of the split work
+    inversely to its time for it, under the strategy whose busiest shard finishes first
+    (as `shortest_path` priced it); equal when the members are of one device kind."""
+    k = len(members)
+    kinds = [prob.table.kind(n, prob.speedup(int8)) for n in members]
+    if len(set(kinds)) == 1:
+        return [1.0 / k] * k
+    best: tuple[float, list[float]] | None = None
+    for sr in prob.table.sharded.get(k, ()):
+        if not sr.allowed(a, b):
+            continue
+        mine, split = [], []
+        for i, kind in enumerate(kinds):
+            m_t, s_t = sr.times(kind)
+            mine.append(float(m_t[b, i] - m_t[a, i]))
+            split.append(float(s_t[b] - s_t[a]))
+        if min(split) <= 0:
+            continue
+        share = 1.0 / sum(1.0 / x for x in split)
+        busy = max(m - x / k for m, x in zip(mine, split, strict=True)) + share
+        if best is None or busy < best[0]:
+            best = (busy, [share / x for x in split])
+    return best[1] if best is not None else [1.0 / k] * k
 
 
 def better(a: Plan, b: Plan | None) -> bool:

@@ -18,7 +18,7 @@ class ShardPlacement:
     """One container of a stage: the node it is pinned to and its share of the stage's work."""
 
     node: str
-    proportion: float  # of the stage's shardable work (1.0 when the stage is not split)
+    proportion: float  # of the stage's split work (1.0 when the stage is not split)
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,9 @@ class ShardPrediction:
     node: str
     compute_s: float  # not weighted by the cascade offload rate (inf when the node is lost)
     memory_bytes: int  # params + peak activations + runtime overhead
+    # FLOPs the shard runs per request (its share of the split work, halo and replicated
+    # work included): the figure of the shard model model analysis cuts for this stage.
+    flops: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,9 @@ class StagePrediction:
     busy_s: float  # what limits pipelined throughput at this stage
     shards: tuple[ShardPrediction, ...]
     wire_bytes: float = 0.0  # bytes of its inputs on the wire per request reaching it
+    strategy: str = ""  # how a sharded stage splits ("tile", "width"), "" when run whole
+    exchanges: int = 0  # exchange points between the stage's segments
+    exchange_bytes: int = 0  # bytes the busiest shard receives in them
 
 
 @dataclass(frozen=True)

@@ -239,9 +239,10 @@ def _stage_costs(
 ) -> Array:
     """(option, start, end) → weighted cost of running [start, end) on the option; inf if barred.
 
-    Members of a shard group that share a device kind have the same times, so the
-    (start × end) matrices are computed once per device kind of the pool, and a group
-    combines its kinds: k shards of one kind are busy s/k + w.
+    A single node's (start × end) times are computed once per device kind of the pool. A
+    shard group is priced by each strategy model analysis offers for k shards (the
+    ranges it does not allow are barred): k shards of one kind each run their cut
+    model; of several kinds, proportions follow speed on the split work.
     """
     request, table = prob.request, prob.table
     pool = prob.snapshot.pool(prob.pools[opts[0].pool])
@@ -250,69 +251,73 @@ def _stage_costs(
     valid = a < b
     w = rate  # with a cascade every stage sees the offload rate (1 without)
     factor = request.quantization.weight_factor
-    whole_need = float(table.memory(0, table.size - 1, 1.0, False, overhead))
-    kinds: dict[tuple[float, ...], tuple[Array, Array]] = {}
+    whole_need = float(table.memory(0, table.size - 1, False, overhead))
+    kinds: dict[tuple[float, ...], Array] = {}
 
-    def times(member: int, int8: bool) -> tuple[Array, Array]:
+    def times(member: int, int8: bool) -> Array:
         node = prob.nodes[member]
         key = (*table.kind(node, prob.speedup(int8)), float(int8))
         if key not in kinds:
-            split, whole = table.times(node, prob.speedup(int8))
-            kinds[key] = (split[b] - split[a], whole[b] - whole[a])
+            seconds = table.times(node, prob.speedup(int8))
+            kinds[key] = seconds[b] - seconds[a]
         return kinds[key]
 
     lan = prob.snapshot.link(pool.name, pool.name)
     out = np.empty((len(opts), len(starts), len(ends)))
-    for row, option in enumerate(opts):
-        k = len(option.members)
-        by_kind: dict[int, tuple[int, float]] = {}  # id of the kind's times → (count, min free)
-        parts: dict[int, tuple[Array, Array]] = {}
-        for m in option.members:
-            split_t, whole_t = times(m, option.int8)
-            count, free = by_kind.get(id(split_t), (0, math.inf))
-            by_kind[id(split_t)] = (count + 1, min(free, float(prob.nodes[m].memory_free)))
-            parts[id(split_t)] = (split_t, whole_t)
-        needs_memory = any(free < whole_need for _count, free in by_kind.values())
-        shares: dict[int, Array | float] = {}  # each kind's proportion of the split work
-        if k == 1:
-            split_t, whole_t = next(iter(parts.values()))
-            busy = split_t + whole_t
-            energy = busy
-            ok = valid
-            shares = dict.fromkeys(parts, 1.0)
-        else:
-            assert lan is not None
-            scatter, gather = table.exchange_bytes(a, b, k)
-            exchange = (scatter + gather) * 8.0 / lan.bandwidth_bps + 2 * lan.rtt_s
-            if len(parts) == 1:  # k shards of one device kind: s/k + w each
-                split_t, whole_t = next(iter(parts.values()))
-                share = split_t / k
-                busy = share + whole_t + exchange
-                energy = split_t + k * whole_t
-                ok = valid & (split_t > 0)
-                shares = dict.fromkeys(parts, 1.0 / k)
-            else:
-                splittable = next(iter(parts.values()))[0] > 0
-                inverse = {key: 1.0 / np.where(s > 0, s, 1.0) for key, (s, _w) in parts.items()}
-                inv_sum = sum(count * inverse[key] for key, (count, _f) in by_kind.items())
-                share = np.where(splittable, 1.0 / inv_sum, 0.0)  # each shard's split time
-                whole_max = np.max([w_t for _s, w_t in parts.values()], axis=0)
-                busy = share + whole_max + exchange
-                energy = k * share + sum(
-                    count * parts[key][1] for key, (count, _f) in by_kind.items()
-                )
-                ok = valid & splittable
-                if needs_memory:
-                    shares = {key: share * inverse[key] for key in parts}
-        if math.isfinite(cap):
-            ok = ok & (w * busy <= cap)
-        if needs_memory:
-            for key, (_count, free) in by_kind.items():
-                if free < whole_need:  # else even the whole model fits every such member
-                    need = table.memory(a, b, shares[key], option.int8, overhead, factor)
-                    ok = ok & (need <= free)
+
+    def cost(busy: Array, energy: Array) -> Array:
         scalar = busy if weights.bottleneck else weights.latency * busy
         if weights.energy and not weights.bottleneck:
             scalar = scalar + weights.energy * pool.compute_watts * energy
-        out[row] = np.where(ok, w * scalar, math.inf)
+        return np.asarray(w * scalar)
+
+    for row, option in enumerate(opts):
+        k = len(option.members)
+        if k == 1:
+            node = prob.nodes[option.members[0]]
+            busy = times(option.members[0], option.int8)
+            ok = valid
+            if math.isfinite(cap):
+                ok = ok & (w * busy <= cap)
+            if float(node.memory_free) < whole_need:
+                need = table.memory(a, b, option.int8, overhead, factor)
+                ok = ok & (need <= float(node.memory_free))
+            out[row] = np.where(ok, cost(busy, busy), math.inf)
+            continue
+        out[row] = math.inf
+        if lan is None:
+            continue
+        speedup = prob.speedup(option.int8)
+        members = [prob.nodes[m] for m in option.members]
+        member_kinds = [table.kind(n, speedup) for n in members]
+        for sr in table.sharded.get(k, ()):
+            ok = valid & sr.allowed(a, b)
+            if not ok.any():
+                continue
+            nbytes, trips = sr.exchange(a, b)
+            exchange = nbytes * 8.0 / lan.bandwidth_bps + trips * lan.rtt_s
+            mine, split = [], []
+            for i, kind in enumerate(member_kinds):
+                m_t, s_t = sr.times(kind)
+                mine.append(m_t[b, i] - m_t[a, i])
+                split.append(s_t[b] - s_t[a])
+            if len(set(member_kinds)) == 1:  # equal proportions: each shard runs its cut model
+                busy = np.max(mine, axis=0) + exchange
+                energy = np.sum(mine, axis=0)
+                shares: list[Array | float] = [1.0 / k] * k
+            else:  # proportions follow speed: every shard spends `share` on the split work
+                positive = [np.where(x > 0, x, 1.0) for x in split]
+                share = np.where(split[0] > 0, 1.0 / sum(1.0 / x for x in positive), 0.0)
+                rest = [m_t - x / k for m_t, x in zip(mine, split, strict=True)]
+                busy = np.max(rest, axis=0) + share + exchange
+                energy = np.sum(rest, axis=0) + k * share
+                shares = [np.where(split[0] > 0, share / x, 1.0 / k) for x in positive]
+            if math.isfinite(cap):
+                ok = ok & (w * busy <= cap)
+            for i, node in enumerate(members):
+                free = float(node.memory_free)
+                if free < whole_need:  # else even the whole model fits it
+                    need = sr.memory(a, b, i, shares[i], option.int8, overhead, factor)
+                    ok = ok & (need <= free)
+            out[row] = np.minimum(out[row], np.where(ok, cost(busy, energy), math.inf))
     return out

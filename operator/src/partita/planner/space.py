@@ -186,8 +186,7 @@ def _fastest_first(prob: Problem, members: list[int], int8: bool) -> list[int]:
         node = prob.nodes[i]
         kind = prob.table.kind(node, prob.speedup(int8))
         if kind not in seconds:
-            split, whole = prob.table.times(node, prob.speedup(int8))
-            seconds[kind] = float(split[-1] + whole[-1])
+            seconds[kind] = float(prob.table.times(node, prob.speedup(int8))[-1])
         key.append((seconds[kind], -node.memory_free, node.name, i))
     return [i for *_key, i in sorted(key)]
 
