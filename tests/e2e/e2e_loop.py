@@ -39,7 +39,21 @@ def stored(name: str) -> tuple[str, str]:
     return f"file://{STORE}/{name}", digest
 
 
+def _document(name: str, spec: dict[str, Any]) -> str:
+    """The EdgeModel `name` in the suite's namespace, as `kubectl apply -f -` takes it."""
+    return json.dumps(
+        {
+            "apiVersion": "partita.dev/v1alpha1",
+            "kind": "EdgeModel",
+            "metadata": {"name": name, "namespace": NAMESPACE},
+            "spec": spec,
+        }
+    )
+
+
 def edge_model(name: str, **spec: Any) -> str:
+    """An EdgeModel of open-nsfw from the model store, its data source edge-a; `spec` adds or
+    replaces fields."""
     uri, digest = stored("open_nsfw.onnx")
     body = {
         "source": {"uri": uri, "sha256": digest},
@@ -49,15 +63,7 @@ def edge_model(name: str, **spec: Any) -> str:
         "rescheduling": {"minImprovement": 0.3, "cooldownSeconds": 5},
         "resources": {"cpu": 1},
     }
-    body.update(spec)
-    return json.dumps(
-        {
-            "apiVersion": "partita.dev/v1alpha1",
-            "kind": "EdgeModel",
-            "metadata": {"name": name, "namespace": NAMESPACE},
-            "spec": body,
-        }
-    )
+    return _document(name, {**body, **spec})
 
 
 def entry_url(cluster: Any, name: str) -> str:
@@ -80,15 +86,7 @@ def ocr_model(name: str, source: tuple[str, str] | None = None, **spec: Any) -> 
         "partitioning": {"mode": "none"},
         "resources": {"cpu": 1},
     }
-    body.update(spec)
-    return json.dumps(
-        {
-            "apiVersion": "partita.dev/v1alpha1",
-            "kind": "EdgeModel",
-            "metadata": {"name": name, "namespace": NAMESPACE},
-            "spec": body,
-        }
-    )
+    return _document(name, {**body, **spec})
 
 
 class Clients:
