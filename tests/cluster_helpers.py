@@ -38,3 +38,18 @@ def holds_for(check: Callable[[], Any], seconds: float, what: str, interval: flo
     if not last:
         raise AssertionError(f"{what} stopped holding (last: {last!r})")
     return last
+
+
+def settles(value: Callable[[], Any], quiet_s: float, timeout: float, what: str) -> Any:
+    """Poll `value` until it has not changed for `quiet_s` seconds; return it. Fail naming
+    `what` when it keeps changing past `timeout`."""
+    deadline = time.monotonic() + timeout
+    last, since = value(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = value()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return last
+    raise AssertionError(f"{what}: still changing after {timeout} s (last: {last!r})")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from e2e_loop import NAMESPACE, Clients, edge_model, entry_url, ocr_model, open_nsfw
 
-from cluster_helpers import eventually, get_json, holds_for
+from cluster_helpers import eventually, get_json, holds_for, settles
 
 pytestmark = pytest.mark.cluster
 
@@ -217,10 +217,14 @@ def test_jittering_metrics_move_the_plan_at_most_once(served: Any) -> None:
         "-p",
         '{"spec": {"rescheduling": {"minImprovement": 0.4, "cooldownSeconds": 5}}}',
     )
-    eventually(lambda: _status(served).get("phase") == "Ready", 60, "Ready after the patch")
-    start = _revision(served)
-    # Past the cooldown with nothing moving, the plan stays.
-    holds_for(lambda: _revision(served) == start, 6, f"revision {start} without jitter")
+
+    # The earlier tests' changes (a node back, links restored) may still move the plan once:
+    # start from a plan that has held past two cooldowns.
+    def plan() -> tuple[str, int]:
+        return _status(served).get("phase", ""), _revision(served)
+
+    phase, start = settles(plan, 12, 120, "the plan after the earlier tests")
+    assert phase == "Ready"
     served.partita("testbed", "set", "sim", "jitter=0.2", "seed=11")
     revisions = {start}
 
