@@ -309,7 +309,7 @@ Look around:
   eval "$(partita testbed env --dir {run_dir})"
   kubectl get edgemodels,devicepools -A
   kubectl partita status -n {NAMESPACE} {MODEL}
-  kubectl logs -n partita-system deploy/partita
+  the operator's log: {run_dir}/logs/pod-partita-system-partita-*.log
   kubectl get events -n {NAMESPACE} --field-selector involvedObject.kind=EdgeModel
   Prometheus: {info.prometheus_url}
     (try: partita_request_seconds_count or iperf3_received_bytes)

@@ -98,11 +98,14 @@ class Release:
         return None
 
     def logs(self) -> str:
-        """The operator's log (from the pod the kubelet runs)."""
-        return self.kubectl(
-            "logs", "-n", self.namespace, "-l", f"app.kubernetes.io/instance={self.name}",
-            "--tail=-1", check=False,
-        )  # fmt: skip
+        """The operator's log: the test bed's kubelet writes each pod's output to
+        logs/pod-NAMESPACE-NAME.log in the run directory (the one holding the kubeconfig);
+        it serves no `kubectl logs`. Every pod of the release, oldest first."""
+        files = sorted(
+            (self.kubeconfig.parent / "logs").glob(f"pod-{self.namespace}-{self.name}-*.log"),
+            key=lambda p: p.stat().st_mtime,
+        )
+        return "".join(f"==> {f.name}\n{f.read_text(errors='replace')}" for f in files)
 
     def _volume(self, directory: Path) -> str:
         """The model store's volume: named after the directory it holds, so a release
