@@ -8,7 +8,6 @@ import base64
 import hashlib
 import json
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import pytest
 import yaml
 from api_cluster import ROOT, edge_model, tiny_model
 
-from cluster_helpers import eventually, get_json
+from cluster_helpers import eventually, get_json, holds_for
 
 pytestmark = pytest.mark.cluster
 
@@ -258,8 +257,12 @@ def test_operator_works_with_the_chart_rbac_and_peering(release: Any, tmp_path: 
             "apply", "-f", "-",
             input=edge_model("while-paused", MODELS, uri, hashlib.sha256(data).hexdigest()),
         )  # fmt: skip
-        time.sleep(5)  # a window in which an unpaused operator would have written status
-        assert "status" not in get_json(cluster, "em", "while-paused", "-n", MODELS)
+        # A window in which an unpaused operator would have written status.
+        holds_for(
+            lambda: "status" not in get_json(cluster, "em", "while-paused", "-n", MODELS),
+            5,
+            "no status on an EdgeModel while both replicas pause",
+        )
     finally:
         for process in (second, first):
             if process is not None:

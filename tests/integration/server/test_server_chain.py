@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import socket
 import threading
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 import tritonclient.http as triton
 from stage_servers import CLS, CLS_OUT, GRPC, NSFW, TOKEN, Serve, free_port, host_of
 
+from cluster_helpers import eventually
 from partita.runtime import Session
 from partita_server.spec import StageTokens
 
@@ -291,7 +291,4 @@ def test_tokens_rotate_under_load_without_a_failed_request(serve: Serve, tmp_pat
 
 
 def _eventually(condition: Callable[[], bool], timeout_s: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.01)
+    eventually(condition, timeout_s, "condition", interval=0.01)
