@@ -107,18 +107,49 @@ def _report(what: str, seconds: float, clients: Clients) -> None:
     )
 
 
+LINKS = ("link=edge-a:cloud", "link=cloud:edge-a")
+
+
+def _set_links(cluster: Any, bandwidth: str, rtt: str) -> None:
+    for link in LINKS:
+        cluster.partita("testbed", "set", link, f"bandwidth={bandwidth}", f"rtt={rtt}")
+
+
+def _settled_plan(cluster: Any) -> dict[str, Any]:
+    """The plan once it has held for a few polls (an earlier test's change may still move it)."""
+
+    def plan() -> tuple[str, int]:
+        return _status(cluster).get("phase", ""), _revision(cluster)
+
+    phase, _ = settles(plan, 8, 120, "the plan before the change")
+    assert phase == "Ready"
+    return dict(_status(cluster)["plan"])
+
+
+def _settled_after(cluster: Any, moved: dict[str, Any]) -> int:
+    """The revision serving once the plan has stopped moving after `moved` served, with every
+    other revision's Deployments deleted."""
+    revision = settles(lambda: _revision(cluster), 8, 120, "the plan after the move")
+    assert revision >= moved["revision"]
+    eventually(lambda: _only_revision(cluster, revision), 90, "old revisions deleted")
+    return int(revision)
+
+
 def test_bandwidth_collapse_moves_the_plan_without_failed_requests(served: Any) -> None:
-    before = _status(served)["plan"]
-    with Clients(entry_url(served, MODEL), MODEL) as clients:
-        eventually(lambda: clients.ok >= 4, 60, "answers before the change")
-        changed = time.monotonic()
-        for link in ("link=edge-a:cloud", "link=cloud:edge-a"):
-            served.partita("testbed", "set", link, "bandwidth=2Mbit", "rtt=40ms")
-        moved = _serving_after(served, before, "a new plan serving after the bandwidth drop")
-        took = time.monotonic() - changed
-        # The clients run on through the drain and deletion of the old revision.
-        eventually(lambda: _only_revision(served, moved["revision"]), 90, "old revision deleted")
+    before = _settled_plan(served)
+    try:
+        with Clients(entry_url(served, MODEL), MODEL) as clients:
+            eventually(lambda: clients.ok >= 4, 60, "answers before the change")
+            changed = time.monotonic()
+            _set_links(served, "2Mbit", "40ms")
+            moved = _serving_after(served, before, "a new plan serving after the bandwidth drop")
+            took = time.monotonic() - changed
+            # The clients run on through the drain and deletion of the old revision.
+            final = _settled_after(served, moved)
+    finally:
+        _set_links(served, "100Mbit", "20ms")
     _report("bandwidth 100 -> 2 Mbit/s", took, clients)
+    print(f"revisions {before['revision']} -> {moved['revision']} (first move) -> {final}")
     assert clients.ok > 0
     assert clients.failed == [], clients.failed[:3]
     assert moved["pools"] != before["pools"] or moved["stages"] != before["stages"]
@@ -126,7 +157,7 @@ def test_bandwidth_collapse_moves_the_plan_without_failed_requests(served: Any) 
 
 
 def test_node_loss_moves_its_stages_without_failed_requests(served: Any) -> None:
-    plan = _status(served)["plan"]
+    plan = _settled_plan(served)
     node = plan["stages"][0]["nodes"][0]
     with Clients(entry_url(served, MODEL), MODEL) as clients:
         eventually(lambda: clients.ok >= 4, 60, "answers before the node loss")
@@ -147,16 +178,16 @@ def test_node_loss_moves_its_stages_without_failed_requests(served: Any) -> None
 
 
 def test_prometheus_down_keeps_the_plan_and_says_metrics_are_stale(served: Any) -> None:
+    _settled_plan(served)
     served.partita("testbed", "prometheus", "--stop")
     try:
         eventually(
             lambda: _condition(_status(served), "MetricsFresh") == "False", 40, "MetricsFresh=False"
         )
-        # The last plan made from fresh metrics (one may have been made while Prometheus went).
-        before = _status(served)["plan"]["revision"]
-        # The network recovers meanwhile, but nothing measured says so: no churn.
-        for link in ("link=edge-a:cloud", "link=cloud:edge-a"):
-            served.partita("testbed", "set", link, "bandwidth=100Mbit", "rtt=20ms")
+        # The last plan made from fresh metrics.
+        before = _revision(served)
+        # The network collapses meanwhile, but nothing measured says so: no churn.
+        _set_links(served, "2Mbit", "40ms")
         # Four polls of the operator: the plan holds.
         holds_for(
             lambda: (s := _status(served))["plan"]["revision"] == before and s["phase"] == "Ready",
@@ -164,6 +195,7 @@ def test_prometheus_down_keeps_the_plan_and_says_metrics_are_stale(served: Any) 
             f"revision {before} serving while Prometheus is down",
         )
     finally:
+        _set_links(served, "100Mbit", "20ms")
         served.partita("testbed", "prometheus", "--start")
     eventually(
         lambda: _condition(_status(served), "MetricsFresh") == "True", 90, "MetricsFresh=True again"

@@ -266,23 +266,29 @@ def test_operator_sigkilled_during_rollouts_loses_nothing(steady: Any, release: 
             placements.setdefault(plan["revision"], set()).add(where)
 
     pid: int | None = None
-    with Clients(entry_url(steady, STEADY), STEADY) as clients:
-        eventually(lambda: clients.ok >= 4, 60, "answers before the first kill")
-        for kill in range(KILLS):
-            if kill % 4 == 0:  # the link flips: the kills fall into replans and rollouts
-                _set_links(steady, *(("2Mbit", "40ms") if kill % 8 == 0 else ("100Mbit", "20ms")))
-            pid = eventually(
-                partial(_operator_process, release, pid), 60, "the operator's process again"
+    try:
+        with Clients(entry_url(steady, STEADY), STEADY) as clients:
+            eventually(lambda: clients.ok >= 4, 60, "answers before the first kill")
+            for kill in range(KILLS):
+                if kill % 4 == 0:  # the link flips: the kills fall into replans and rollouts
+                    slow = kill % 8 == 0
+                    _set_links(steady, *(("2Mbit", "40ms") if slow else ("100Mbit", "20ms")))
+                pid = eventually(
+                    partial(_operator_process, release, pid), 60, "the operator's process again"
+                )
+                note_plan()
+                time.sleep(rng.uniform(0.2, 4.0))  # a random moment of the operator's life
+                os.kill(pid, signal.SIGKILL)
+            last_kill = time.monotonic()
+            eventually(partial(_operator_process, release, pid), 60, "the operator restarted")
+            restarted = time.monotonic()
+            status = eventually(
+                partial(_converged, steady, release), 90, "converged after the kills"
             )
+            took, since_restart = time.monotonic() - last_kill, time.monotonic() - restarted
             note_plan()
-            time.sleep(rng.uniform(0.2, 4.0))  # a random moment of the operator's life
-            os.kill(pid, signal.SIGKILL)
-        last_kill = time.monotonic()
-        eventually(partial(_operator_process, release, pid), 60, "the operator restarted")
-        restarted = time.monotonic()
-        status = eventually(partial(_converged, steady, release), 90, "converged after the kills")
-        took, since_restart = time.monotonic() - last_kill, time.monotonic() - restarted
-        note_plan()
+    finally:
+        _set_links(steady, "100Mbit", "20ms")  # the next tests start from a healthy link
     print(
         f"{KILLS} SIGKILLs: converged {took:.1f} s after the last ({since_restart:.1f} s after "
         f"the operator's process was started again, {restarted - last_kill:.1f} s of crash-loop "

@@ -165,6 +165,21 @@ def test_node_loss_moves_make_before_break_then_drains_and_deletes() -> None:
     assert done.actions == (DeleteRevisions(frozenset({2})),)
 
 
+def test_a_rescheduling_knob_change_moves_nothing() -> None:
+    # A better plan exists, but not by minImprovement: it stays, also when the user then
+    # changes the cooldown (the knobs say when to move, not what the plan must be).
+    patient = replace(REQUEST, rescheduling=Rescheduling(min_improvement=0.99, cooldown_s=30.0))
+    first = run(ModelState(), inputs(SLOW, request=patient), 0.0)
+    state = run(first.state, inputs(SLOW, {1: True}, request=patient), 1.0).state
+    kept = run(state, inputs(FAST, {1: True}, request=patient), 100.0)
+    assert kept.actions == ()
+    knob = replace(patient, rescheduling=Rescheduling(min_improvement=0.99, cooldown_s=7.0))
+    r = run(kept.state, inputs(FAST, {1: True}, request=knob), 101.0)
+    assert r.actions == () and r.report.phase == "Ready"
+    assert r.state.serving is not None and r.state.serving.request == knob
+    assert r.state.serving.placement == state.serving.placement  # type: ignore[union-attr]
+
+
 def test_stale_metrics_keep_the_plan() -> None:
     state = serving(SLOW)
     # The link got a thousand times faster, but nothing fresh says so: no new revision.
@@ -254,8 +269,27 @@ def test_observed_compute_refines_the_node_speed() -> None:
     node = plan.stages[0].shards[0].node
     # The server reports four times the predicted compute: the node is slower than profiled.
     observed = {(0, node): plan.prediction.stages[0].compute_s * 4}
-    r = run(state, inputs(FAST, {1: True}, observed_compute=observed), 100.0)
+    r = run(state, inputs(FAST, {1: True}, observed_compute=observed, observed_at=99.0), 100.0)
     assert r.state.speed_factors[node] < 1.0
+
+
+def test_each_observation_teaches_once() -> None:
+    # Every status write wakes the loop: the same observation is seen by several steps.
+    state = serving(FAST)
+    plan = state.serving
+    assert plan is not None
+    node = plan.stages[0].shards[0].node
+    observed = {(0, node): plan.prediction.stages[0].compute_s * 4}
+    first = run(state, inputs(FAST, {1: True}, observed_compute=observed, observed_at=99.0), 100.0)
+    factor = first.state.speed_factors[node]
+    again = first.state
+    for t in (100.5, 101.0, 101.5):
+        seen = inputs(FAST, {1: True}, observed_compute=observed, observed_at=99.0)
+        again = run(again, seen, t).state
+    assert again.speed_factors[node] == factor
+    # The next poll teaches again: the factor moves on toward what it measured.
+    later = inputs(FAST, {1: True}, observed_compute=observed, observed_at=101.0)
+    assert run(again, later, 102.0).state.speed_factors[node] < factor
 
 
 def test_a_relay_stage_teaches_nothing_about_node_speed() -> None:
@@ -277,7 +311,7 @@ def test_a_relay_stage_teaches_nothing_about_node_speed() -> None:
     plan = plan_for(REQUEST, stages, PROFILE, FAST)
     state = ModelState(serving=plan, revision=1, serving_since=0.0)
     observed = {(0, "edge-1"): 0.002, (1, "cloud-1"): 10.0}
-    r = run(state, inputs(FAST, {1: True}, observed_compute=observed), 100.0)
+    r = run(state, inputs(FAST, {1: True}, observed_compute=observed, observed_at=99.0), 100.0)
     assert "edge-1" not in r.state.speed_factors
     assert r.state.speed_factors["cloud-1"] < 1.0
 

@@ -425,6 +425,7 @@ class ControlLoop:
             entry_ready=any(i.ready for i in routers),
             others=[v for k, v in self._placed.items() if k != key],
             observed_compute=self._observed_compute(model, state),
+            observed_at=observation.taken_at if observation is not None else -math.inf,
             cut_check=lambda plan: self._catalog.cut_check(profiled, plan),
             accuracy_check=lambda plan: self._catalog.accuracy_refusal(
                 profiled, plan, model.spec.quantization

@@ -74,6 +74,9 @@ class ModelState:
     unschedulable: tuple[str, ...] = ()  # the reasons last reported, so each is said once
     # Learned per node from observed stage compute times (1.0: as profiled).
     speed_factors: Mapping[str, float] = field(default_factory=dict)
+    # When the observation the speed factors last learned from was taken: each observation
+    # teaches once, however many steps it is seen in.
+    learned_at: float = -math.inf
     # The planned shards could not be cut: plan this model without shards (the reason).
     no_shards: str | None = None
     # A plan's int8 stages or int8 cuts measured over quantization.maxAccuracyDrop: plan
@@ -114,8 +117,10 @@ class ModelInputs:
     revisions: Mapping[int, Readiness] = field(default_factory=dict)
     # Every other model that serves or is being deployed, for joint planning.
     others: Sequence[tuple[ModelRequest, ModelProfile, Plan]] = ()
-    # (stage index, node) of the serving revision -> compute seconds per request, measured.
+    # (stage index, node) of the serving revision -> compute seconds per request, measured
+    # by the observation taken at `observed_at`.
     observed_compute: Mapping[tuple[int, str], float] = field(default_factory=dict)
+    observed_at: float = -math.inf
     # Can the stage servers cut this plan's shards? None, or why not.
     cut_check: Callable[[Plan], str | None] = lambda plan: None
     # The model's entry routers (what clients call) have a ready replica.
@@ -353,8 +358,13 @@ def _keep_or_move(turn: _Turn) -> StepResult:
     request_changed = not same_spec(serving.request, request)
     if not inputs.metrics_fresh and not request_changed:
         return _serving(turn, "metrics stale: plan kept")
-    if inputs.observed_compute and inputs.metrics_fresh:
-        turn.state = replace(turn.state, speed_factors=_learn(turn.state, inputs))
+    if inputs.observed_compute and inputs.metrics_fresh and inputs.observed_at > st.learned_at:
+        # Once per observation: every status write wakes the loop again, and the same
+        # figures learned from at each of those steps would drive the factor to whatever one
+        # poll implied instead of averaging over polls.
+        turn.state = replace(
+            turn.state, speed_factors=_learn(turn.state, inputs), learned_at=inputs.observed_at
+        )
     snapshot = apply_speed_factors(inputs.snapshot, turn.state.speed_factors)
     decision = reschedule(
         serving, inputs.profile, request, snapshot, now=turn.now, last_change=st.serving_since
@@ -370,8 +380,8 @@ def _keep_or_move(turn: _Turn) -> StepResult:
             return _serving(turn, "spec change; same placement")
         return _deploy(turn, decision.plan, "Rescheduled", why=decision.reason)
     if serving.request != request and same_spec(serving.request, request):
-        # Only a measured figure moved (the cascade's offload rate): the plan stays and its
-        # prediction follows what was measured.
+        # Only a measured figure (the cascade's offload rate) or a rescheduling knob moved:
+        # the plan stays, under the new knobs, and its prediction follows what was measured.
         kept = replace(serving, request=request)
         turn.state = replace(
             turn.state, serving=replace(kept, prediction=predict(kept, inputs.profile, snapshot))

@@ -137,13 +137,15 @@ class ModelRequest:
 
 
 def same_spec(a: ModelRequest, b: ModelRequest) -> bool:
-    """Whether two requests ask for the same thing: the cascade's offload rate is a
+    """Whether two requests ask for the same plan. The cascade's offload rate is a
     measurement, not part of what the user asked for (a change in it is re-predicted and
-    weighed by the rescheduler, not taken as a spec change)."""
+    weighed by the rescheduler), and the rescheduling knobs say when a better plan is worth
+    a move, not what a plan must be: a change in either is no reason to move."""
     return _spec_only(a) == _spec_only(b)
 
 
 def _spec_only(request: ModelRequest) -> ModelRequest:
+    request = replace(request, rescheduling=Rescheduling())
     if request.cascade is None:
         return request
     return replace(request, cascade=replace(request.cascade, offload_rate=0.0))
