@@ -206,13 +206,15 @@ def test_cascade_answers_at_the_edge_and_offloads_only_unconfident_inputs(
         where = f'namespace="{NAMESPACE}", model="{name}"'
 
         def counted() -> float | None:
-            fwd = _prometheus(
-                loop, f'sum(partita_cascade_requests_total{{{where}, decision="forward"}})'
+            # One query, so both counts come from the same scrape (two queries may straddle one).
+            rows = _prometheus(
+                loop, f"sum by (decision) (partita_cascade_requests_total{{{where}}})"
             )
-            every = _prometheus(loop, f"sum(partita_cascade_requests_total{{{where}}})")
-            if not fwd or not every or float(every[0]["value"][1]) < len(images):
+            counts = {r["metric"]["decision"]: float(r["value"][1]) for r in rows}
+            every = sum(counts.values())
+            if every < len(images):
                 return None
-            return float(fwd[0]["value"][1]) / float(every[0]["value"][1])
+            return counts.get("forward", 0.0) / every
 
         assert eventually(counted, 60, "the decisions in Prometheus") == pytest.approx(forwarded)
         # The planner now plans with the measured ratio, not the declared 0.9.
