@@ -262,13 +262,18 @@ def test_revisions_a_crash_left_behind_are_deleted() -> None:
     assert r.actions == (DeleteRevisions(frozenset({1})),)
 
 
-def test_observed_compute_refines_the_node_speed() -> None:
-    state = serving(FAST)
+def _slow_node(state: ModelState) -> tuple[str, dict[tuple[int, str], float]]:
+    """Stage 0's node, and a server report of four times its predicted compute: the node is
+    slower than profiled."""
     plan = state.serving
     assert plan is not None
     node = plan.stages[0].shards[0].node
-    # The server reports four times the predicted compute: the node is slower than profiled.
-    observed = {(0, node): plan.prediction.stages[0].compute_s * 4}
+    return node, {(0, node): plan.prediction.stages[0].compute_s * 4}
+
+
+def test_observed_compute_refines_the_node_speed() -> None:
+    state = serving(FAST)
+    node, observed = _slow_node(state)
     r = run(state, inputs(FAST, {1: True}, observed_compute=observed, observed_at=99.0), 100.0)
     assert r.state.speed_factors[node] < 1.0
 
@@ -276,10 +281,7 @@ def test_observed_compute_refines_the_node_speed() -> None:
 def test_each_observation_teaches_once() -> None:
     # Every status write wakes the loop: the same observation is seen by several steps.
     state = serving(FAST)
-    plan = state.serving
-    assert plan is not None
-    node = plan.stages[0].shards[0].node
-    observed = {(0, node): plan.prediction.stages[0].compute_s * 4}
+    node, observed = _slow_node(state)
     first = run(state, inputs(FAST, {1: True}, observed_compute=observed, observed_at=99.0), 100.0)
     factor = first.state.speed_factors[node]
     again = first.state
