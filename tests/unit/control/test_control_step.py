@@ -262,13 +262,13 @@ def test_revisions_a_crash_left_behind_are_deleted() -> None:
     assert r.actions == (DeleteRevisions(frozenset({1})),)
 
 
-def _slow_node(state: ModelState) -> tuple[str, dict[tuple[int, str], float]]:
+def _slow_node(state: ModelState) -> tuple[str, dict[tuple[int, int, str], float]]:
     """Stage 0's node, and a server report of four times its predicted compute: the node is
     slower than profiled."""
     plan = state.serving
     assert plan is not None
     node = plan.stages[0].shards[0].node
-    return node, {(0, node): plan.prediction.stages[0].compute_s * 4}
+    return node, {(plan.revision, 0, node): plan.prediction.stages[0].compute_s * 4}
 
 
 def test_observed_compute_refines_the_node_speed() -> None:
@@ -294,6 +294,27 @@ def test_each_observation_teaches_once() -> None:
     assert run(again, later, 102.0).state.speed_factors[node] < factor
 
 
+def test_a_new_revision_learns_nothing_from_what_its_predecessor_measured() -> None:
+    # Revision 1 runs the whole model on edge-1; revision 2 only its first half there. The
+    # step that switches to 2 still sees what revision 1's server measured on edge-1.
+    eager = replace(REQUEST, rescheduling=Rescheduling(min_improvement=0.1, cooldown_s=0.0))
+    first = run(ModelState(), inputs(snapshot(1e5), request=eager), 0.0)
+    whole = run(first.state, inputs(snapshot(1e5), {1: True}, request=eager), 1.0).state
+    assert whole.serving is not None and whole.serving.stages[0].end == 4
+    moving = run(whole, inputs(snapshot(1e6), {1: True}, request=eager), 50.0).state
+    assert moving.rollout is not None
+    half = moving.rollout.plan.stages[0]
+    assert (half.shards[0].node, half.end) == ("edge-1", 2)
+    measured = {(1, 0, "edge-1"): whole.serving.prediction.stages[0].compute_s}
+    seen = inputs(
+        snapshot(1e6), {1: True, 2: True}, request=eager, observed_compute=measured,
+        observed_at=55.0,
+    )  # fmt: skip
+    switched = run(moving, seen, 56.0)
+    assert switched.actions[0] == SwitchEntry(2)
+    assert "edge-1" not in switched.state.speed_factors
+
+
 def test_a_relay_stage_teaches_nothing_about_node_speed() -> None:
     def stage(i: int, start: int, end: int, node: str, pool: str) -> Stage:
         return Stage(
@@ -312,7 +333,7 @@ def test_a_relay_stage_teaches_nothing_about_node_speed() -> None:
     stages = (stage(0, 0, 0, "edge-1", "edge"), stage(1, 0, 4, "cloud-1", "cloud"))
     plan = plan_for(REQUEST, stages, PROFILE, FAST)
     state = ModelState(serving=plan, revision=1, serving_since=0.0)
-    observed = {(0, "edge-1"): 0.002, (1, "cloud-1"): 10.0}
+    observed = {(1, 0, "edge-1"): 0.002, (1, 1, "cloud-1"): 10.0}
     r = run(state, inputs(FAST, {1: True}, observed_compute=observed, observed_at=99.0), 100.0)
     assert "edge-1" not in r.state.speed_factors
     assert r.state.speed_factors["cloud-1"] < 1.0

@@ -424,7 +424,7 @@ class ControlLoop:
             revisions=self._revisions(model.metadata.name, state, present, problems, revisions),
             entry_ready=any(i.ready for i in routers),
             others=[v for k, v in self._placed.items() if k != key],
-            observed_compute=self._observed_compute(model, state),
+            observed_compute=self._observed_compute(model),
             observed_at=observation.taken_at if observation is not None else -math.inf,
             cut_check=lambda plan: self._catalog.cut_check(profiled, plan),
             accuracy_check=lambda plan: self._catalog.accuracy_refusal(
@@ -513,24 +513,19 @@ class ControlLoop:
                 out[revision] = Readiness(all(i.ready for i in mine), "not a live revision")
         return out
 
-    def _observed_compute(
-        self, model: EdgeModel, state: ModelState
-    ) -> dict[tuple[int, str], float]:
-        """(stage index, node) -> compute seconds per request that the serving revision's
+    def _observed_compute(self, model: EdgeModel) -> dict[tuple[int, int, str], float]:
+        """(revision, stage index, node) -> compute seconds per request that the model's stage
         servers report, from the last observation."""
-        obs, serving = self._observation, state.serving
-        if obs is None or serving is None:
+        obs = self._observation
+        if obs is None:
             return {}
         out = {}
+        where = (model.metadata.namespace, model.metadata.name)
         for key, seen in obs.stages.items():
-            if (key.namespace, key.model, key.revision) != (
-                model.metadata.namespace,
-                model.metadata.name,
-                str(serving.revision),
-            ):
+            if (key.namespace, key.model) != where or not key.revision.isdigit():
                 continue
             if key.stage.isdigit() and key.node and seen.compute_s:
-                out[(int(key.stage), key.node)] = seen.compute_s
+                out[(int(key.revision), int(key.stage), key.node)] = seen.compute_s
         return out
 
     async def _write(

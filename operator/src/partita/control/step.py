@@ -117,9 +117,10 @@ class ModelInputs:
     revisions: Mapping[int, Readiness] = field(default_factory=dict)
     # Every other model that serves or is being deployed, for joint planning.
     others: Sequence[tuple[ModelRequest, ModelProfile, Plan]] = ()
-    # (stage index, node) of the serving revision -> compute seconds per request, measured
-    # by the observation taken at `observed_at`.
-    observed_compute: Mapping[tuple[int, str], float] = field(default_factory=dict)
+    # (revision, stage index, node) -> compute seconds per request, measured by the
+    # observation taken at `observed_at`. Keyed by revision: a step that switches to a new
+    # revision learns nothing from what its predecessor's servers measured.
+    observed_compute: Mapping[tuple[int, int, str], float] = field(default_factory=dict)
     observed_at: float = -math.inf
     # Can the stage servers cut this plan's shards? None, or why not.
     cut_check: Callable[[Plan], str | None] = lambda plan: None
@@ -428,7 +429,7 @@ def _learn(st: ModelState, inputs: ModelInputs) -> dict[str, float]:
         if share < LEARN_MIN_SHARE or sp.compute_s < LEARN_MIN_COMPUTE_S:
             continue
         node = stage.shards[0].node
-        seen = inputs.observed_compute.get((stage.index, node))
+        seen = inputs.observed_compute.get((st.serving.revision, stage.index, node))
         if seen and sp.compute_s > 0:
             factors[node] = update_speed(
                 factors.get(node, 1.0), seen, sp.compute_s, bounds=LEARN_BOUNDS
