@@ -66,6 +66,12 @@ def edge_model(name: str, **spec: Any) -> str:
     return _document(name, {**body, **spec})
 
 
+def set_links(cluster: Any, bandwidth: str, rtt: str) -> None:
+    """Shape both directions of the link between the data source's pool and the cloud."""
+    for link in ("link=edge-a:cloud", "link=cloud:edge-a"):
+        cluster.partita("testbed", "set", link, f"bandwidth={bandwidth}", f"rtt={rtt}")
+
+
 def entry_url(cluster: Any, name: str) -> str:
     def lookup() -> str | None:
         services = json.loads((cluster.run_dir / "services.json").read_text())

@@ -9,7 +9,15 @@ from typing import Any
 
 import numpy as np
 import pytest
-from e2e_loop import NAMESPACE, Clients, edge_model, entry_url, ocr_model, open_nsfw
+from e2e_loop import (
+    NAMESPACE,
+    Clients,
+    edge_model,
+    entry_url,
+    ocr_model,
+    open_nsfw,
+    set_links,
+)
 
 from cluster_helpers import eventually, get_json, holds_for, settles
 
@@ -107,14 +115,6 @@ def _report(what: str, seconds: float, clients: Clients) -> None:
     )
 
 
-LINKS = ("link=edge-a:cloud", "link=cloud:edge-a")
-
-
-def _set_links(cluster: Any, bandwidth: str, rtt: str) -> None:
-    for link in LINKS:
-        cluster.partita("testbed", "set", link, f"bandwidth={bandwidth}", f"rtt={rtt}")
-
-
 def _settled_plan(cluster: Any) -> dict[str, Any]:
     """The plan once it has held for a few polls (an earlier test's change may still move it)."""
 
@@ -141,13 +141,13 @@ def test_bandwidth_collapse_moves_the_plan_without_failed_requests(served: Any) 
         with Clients(entry_url(served, MODEL), MODEL) as clients:
             eventually(lambda: clients.ok >= 4, 60, "answers before the change")
             changed = time.monotonic()
-            _set_links(served, "2Mbit", "40ms")
+            set_links(served, "2Mbit", "40ms")
             moved = _serving_after(served, before, "a new plan serving after the bandwidth drop")
             took = time.monotonic() - changed
             # The clients run on through the drain and deletion of the old revision.
             final = _settled_after(served, moved)
     finally:
-        _set_links(served, "100Mbit", "20ms")
+        set_links(served, "100Mbit", "20ms")
     _report("bandwidth 100 -> 2 Mbit/s", took, clients)
     print(f"revisions {before['revision']} -> {moved['revision']} (first move) -> {final}")
     assert clients.ok > 0
@@ -187,7 +187,7 @@ def test_prometheus_down_keeps_the_plan_and_says_metrics_are_stale(served: Any) 
         # The last plan made from fresh metrics.
         before = _revision(served)
         # The network collapses meanwhile, but nothing measured says so: no churn.
-        _set_links(served, "2Mbit", "40ms")
+        set_links(served, "2Mbit", "40ms")
         # Four polls of the operator: the plan holds.
         holds_for(
             lambda: (s := _status(served))["plan"]["revision"] == before and s["phase"] == "Ready",
@@ -195,7 +195,7 @@ def test_prometheus_down_keeps_the_plan_and_says_metrics_are_stale(served: Any) 
             f"revision {before} serving while Prometheus is down",
         )
     finally:
-        _set_links(served, "100Mbit", "20ms")
+        set_links(served, "100Mbit", "20ms")
         served.partita("testbed", "prometheus", "--start")
     eventually(
         lambda: _condition(_status(served), "MetricsFresh") == "True", 90, "MetricsFresh=True again"

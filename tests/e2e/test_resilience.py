@@ -20,14 +20,22 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from e2e_loop import NAMESPACE, STORE, Clients, edge_model, entry_url, ocr_model, store_models
+from e2e_loop import (
+    NAMESPACE,
+    STORE,
+    Clients,
+    edge_model,
+    entry_url,
+    ocr_model,
+    set_links,
+    store_models,
+)
 
 from cluster_helpers import eventually, get_json
 
 pytestmark = pytest.mark.cluster
 
 STEADY = "steady"
-LINKS = ("link=edge-a:cloud", "link=cloud:edge-a")
 KILLS = 20
 OPERATOR_SA = "system:serviceaccount:partita-system:partita"
 
@@ -189,11 +197,6 @@ def steady(loop: Any) -> Any:
     return loop
 
 
-def _set_links(cluster: Any, bandwidth: str, rtt: str) -> None:
-    for link in LINKS:
-        cluster.partita("testbed", "set", link, f"bandwidth={bandwidth}", f"rtt={rtt}")
-
-
 def _operator_process(release: Any, not_pid: int | None) -> int | None:
     """The pid of the operator pod's running process once it is another than `not_pid`."""
     from partita.testbed.errors import TestbedError
@@ -272,7 +275,7 @@ def test_operator_sigkilled_during_rollouts_loses_nothing(steady: Any, release: 
             for kill in range(KILLS):
                 if kill % 4 == 0:  # the link flips: the kills fall into replans and rollouts
                     slow = kill % 8 == 0
-                    _set_links(steady, *(("2Mbit", "40ms") if slow else ("100Mbit", "20ms")))
+                    set_links(steady, *(("2Mbit", "40ms") if slow else ("100Mbit", "20ms")))
                 pid = eventually(
                     partial(_operator_process, release, pid), 60, "the operator's process again"
                 )
@@ -288,7 +291,7 @@ def test_operator_sigkilled_during_rollouts_loses_nothing(steady: Any, release: 
             took, since_restart = time.monotonic() - last_kill, time.monotonic() - restarted
             note_plan()
     finally:
-        _set_links(steady, "100Mbit", "20ms")  # the next tests start from a healthy link
+        set_links(steady, "100Mbit", "20ms")  # the next tests start from a healthy link
     print(
         f"{KILLS} SIGKILLs: converged {took:.1f} s after the last ({since_restart:.1f} s after "
         f"the operator's process was started again, {restarted - last_kill:.1f} s of crash-loop "
