@@ -27,7 +27,7 @@ import yaml
 from partita.api import labels
 from partita.testbed import binaries, pki, processes
 from partita.testbed.errors import TestbedError
-from partita.testbed.layout import Layout, NodeSpec
+from partita.testbed.layout import POD_CIDR, Layout, NodeSpec, pod_cidr
 
 Log = Callable[[str], None]
 
@@ -418,7 +418,7 @@ def _start_control_plane(
             "--manage-nodes-with-label-selector=type=kwok",
             "--node-lease-duration-seconds=40",
             f"--server-address=127.0.0.1:{ports['kwok']}",
-            "--cidr=10.244.0.0/16",
+            f"--cidr={POD_CIDR}",
             f"--node-ip={NODE_IP}",
         ],
         run_dir,
@@ -459,7 +459,7 @@ def node_manifest(node: NodeSpec, index: int) -> dict[str, Any]:
                 labels.SPEED: str(node.speed),
             },
         },
-        "spec": {"podCIDR": f"10.244.{index}.0/24", "podCIDRs": [f"10.244.{index}.0/24"]},
+        "spec": {"podCIDR": pod_cidr(index), "podCIDRs": [pod_cidr(index)]},
         "status": {
             "capacity": {
                 "cpu": str(node.cpu),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,21 @@ TIER_DEFAULTS: dict[str, tuple[int, int]] = {"edge": (4, 4 * GIB), "cloud": (32,
 # How fast one core of a node computes relative to one core of this machine: an edge board
 # is four times slower (the agent enforces it with a CPU quota on the stage processes).
 TIER_SPEED: dict[str, float] = {"edge": 0.25, "cloud": 1.0}
+
+
+# Every node's pods get a /24 of this block (as kube-controller-manager's --cluster-cidr with
+# --node-cidr-mask-size=24 would give them): 1,024 nodes at most.
+POD_CIDR = "10.244.0.0/14"
+NODE_CIDR_PREFIX = 24
+MAX_NODES = 2 ** (NODE_CIDR_PREFIX - ipaddress.ip_network(POD_CIDR).prefixlen)
+
+
+def pod_cidr(index: int) -> str:
+    """The podCIDR of the `index`-th node (from 0)."""
+    if not 0 <= index < MAX_NODES:
+        raise TestbedError(f"node index {index}: the local cluster holds {MAX_NODES} nodes")
+    block = ipaddress.ip_network(POD_CIDR)
+    return str(ipaddress.ip_network((int(block.network_address) + (index << 8), NODE_CIDR_PREFIX)))
 
 
 @dataclass(frozen=True)
@@ -45,6 +61,13 @@ class LinkSpec:
 class Layout:
     nodes: tuple[NodeSpec, ...]
     links: tuple[LinkSpec, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if len(self.nodes) > MAX_NODES:
+            raise TestbedError(
+                f"{len(self.nodes)} nodes asked for: the local cluster holds at most {MAX_NODES}"
+                f" (one /{NODE_CIDR_PREFIX} of {POD_CIDR} for each node's pods)"
+            )
 
     def node(self, name: str) -> NodeSpec:
         for n in self.nodes:
