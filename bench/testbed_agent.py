@@ -5,7 +5,8 @@ cluster whose agent runs>, also part 3). Writes bench/results/testbed_agent.json
 
 1. Link shaping: the agent's `ShapingProxy` in front of a local HTTP server, a link of B bit/s
    and R s RTT from the client's pool to the server's; measured time of an exchange vs the
-   ideal R + bytes*8/B, and the same exchange through an unshaped proxy as the baseline.
+   ideal R + bytes*8/B, the same exchange through an unshaped proxy as the baseline, and
+   through the byte forwarder of non-HTTP/1 entry ports (`ShapingForwarder`, gRPC's).
 2. CPU quota: one onnxruntime worker (one thread) in a cgroup with the quota of a node of speed
    0.25, then 1.0 (and unconfined); the ratio of mean latency should be 1/speed.
 3. The same through the agent: a served stage on a node annotated speed 1.0, then 0.25.
@@ -29,7 +30,13 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 from partita.testbed import cgroup, simstate
-from partita.testbed.netshape import Endpoint, LinkTable, ShapingProxy, Target
+from partita.testbed.netshape import (
+    Endpoint,
+    LinkTable,
+    ShapingForwarder,
+    ShapingProxy,
+    Target,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -95,6 +102,22 @@ async def _shaping_case(
                 times.append(time.perf_counter() - t0)
         await proxy.close()
         results[name] = statistics.median(times)
+    service = ("bench", "origin", 8000)
+    forwarder = ShapingForwarder(
+        "bench-bytes", "edge", resolve, _links(bandwidth, rtt), service=service
+    )
+    base = f"http://127.0.0.1:{await forwarder.start()}"
+    async with httpx.AsyncClient(base_url=base, timeout=60) as c:
+        await c.post(f"/bytes/{down}", content=b"w")  # warm the connection
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            await asyncio.gather(
+                *(c.post(f"/bytes/{down}", content=b"u" * up) for _ in range(parallel))
+            )
+            times.append(time.perf_counter() - t0)
+    await forwarder.close()
+    results["bytes"] = statistics.median(times)
     server.close()
     ideal = rtt + parallel * (up + down) * 8 / bandwidth
     return {
@@ -107,6 +130,8 @@ async def _shaping_case(
         "measured_s": results["shaped"],
         "unshaped_s": results["baseline"],
         "error": results["shaped"] / ideal - 1,
+        "forwarded_s": results["bytes"],
+        "forwarded_error": results["bytes"] / ideal - 1,
     }
 
 
@@ -314,14 +339,16 @@ def main() -> None:
     lines = [
         "# Test bed agent: link shaping and CPU quota fidelity",
         "",
-        "| link | up B | down B | parallel | expected s | measured s | error | unshaped s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| link | up B | down B | parallel | expected s | measured s | error | unshaped s "
+        "| bytes forwarder s | error |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for c in report["shaping"]:
         lines.append(
             f"| {c['bandwidth_bps'] / 1e6:g} Mbit/s, {c['rtt_s'] * 1000:g} ms | {c['up_bytes']} "
             f"| {c['down_bytes']} | {c['parallel']} | {c['expected_s']:.4f} | "
-            f"{c['measured_s']:.4f} | {100 * c['error']:+.1f}% | {c['unshaped_s']:.4f} |"
+            f"{c['measured_s']:.4f} | {100 * c['error']:+.1f}% | {c['unshaped_s']:.4f} | "
+            f"{c['forwarded_s']:.4f} | {100 * c['forwarded_error']:+.1f}% |"
         )
     q = report["cpu_quota"]
     lines += ["", f"CPU quota ({q.get('cgroup')}, period {q.get('period_us')} us):", ""]

@@ -80,6 +80,16 @@ def entry_url(cluster: Any, name: str) -> str:
     return str(eventually(lookup, 30, f"entry listener for {name}"))
 
 
+def grpc_target(cluster: Any, name: str) -> str:
+    """host:port of the model's Service's port `grpc`, as a gRPC client dials it."""
+
+    def lookup() -> str | None:
+        services = json.loads((cluster.run_dir / "services.json").read_text())
+        return services.get(f"{NAMESPACE}/{name}:grpc")
+
+    return str(eventually(lookup, 30, f"gRPC entry listener for {name}"))
+
+
 def ocr_model(name: str, source: tuple[str, str] | None = None, **spec: Any) -> str:
     """An EdgeModel of the small OCR classifier served whole on edge-b (from the model store
     unless `source` gives (uri, sha256)); `spec` adds or replaces fields."""

@@ -1,6 +1,7 @@
 """The whole product on the local cluster: real apiserver, Prometheus, stage processes,
 shaped links. Applying an EdgeModel brings it to Ready with stages that answer like the
-whole model; the plan follows the network and node health without failing requests."""
+whole model, over v2 REST and gRPC; the plan follows the network and node health without
+failing requests."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from e2e_loop import (
     Clients,
     edge_model,
     entry_url,
+    grpc_target,
     ocr_model,
     open_nsfw,
     set_links,
@@ -86,6 +88,39 @@ def test_ready_with_a_plan_and_answers_like_the_whole_model(served: Any) -> None
         assert d["metadata"]["ownerReferences"][0]["kind"] == "EdgeModel"
 
 
+def test_tritonclient_grpc_works_unchanged_against_the_models_service(served: Any) -> None:
+    """What a Triton or KServe user does: the standard gRPC client on the Service's gRPC port."""
+    import tritonclient.grpc as grpc
+    from tritonclient.utils import InferenceServerException
+
+    client = grpc.InferenceServerClient(grpc_target(served, MODEL))
+    try:
+        assert client.is_server_live() and client.is_server_ready()
+        assert client.is_model_ready(MODEL)
+        meta = client.get_model_metadata(MODEL, as_json=True)
+        assert meta["name"] == MODEL
+        assert [(t["name"], t["shape"][1:]) for t in meta["inputs"]] == [
+            ("input_0", ["224", "224", "3"])  # the batch dimension as the model has it
+        ]
+        assert OUTPUT in [t["name"] for t in meta["outputs"]]
+        image = np.random.default_rng(11).random((1, 224, 224, 3), dtype=np.float32)
+        inp = grpc.InferInput("input_0", list(image.shape), "FP32")
+        inp.set_data_from_numpy(image)
+        got = client.infer(MODEL, [inp], client_timeout=60).as_numpy(OUTPUT)
+        assert np.allclose(got, _infer(entry_url(served, MODEL), image))
+        wrong_shape = grpc.InferInput("input_0", [1, 3, 224, 224], "FP32")
+        wrong_shape.set_data_from_numpy(image.reshape(1, 3, 224, 224))
+        unknown = grpc.InferInput("pixels", list(image.shape), "FP32")
+        unknown.set_data_from_numpy(image)
+        for bad, tensor in ((wrong_shape, "input_0"), (unknown, "pixels")):
+            with pytest.raises(InferenceServerException) as err:
+                client.infer(MODEL, [bad], client_timeout=60)
+            assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
+            assert f"'{tensor}'" in str(err.value.message())
+    finally:
+        client.close()
+
+
 def _only_revision(cluster: Any, revision: int) -> bool:
     """Whether every stage Deployment of the model belongs to `revision` (the others deleted)."""
     selector = f"partita.dev/model={MODEL},partita.dev/revision"
@@ -116,12 +151,16 @@ def _report(what: str, seconds: float, clients: Clients) -> None:
 
 
 def _settled_plan(cluster: Any) -> dict[str, Any]:
-    """The plan once it has held for a few polls (an earlier test's change may still move it)."""
+    """The plan once it has held Ready for a few polls (an earlier test's change may still
+    move it, and a revision on a slow edge node may deploy for longer than those polls)."""
 
     def plan() -> tuple[str, int]:
         return _status(cluster).get("phase", ""), _revision(cluster)
 
+    deadline = time.monotonic() + 180
     phase, _ = settles(plan, 8, 120, "the plan before the change")
+    while phase != "Ready" and time.monotonic() < deadline:
+        phase, _ = settles(plan, 8, 120, "the plan before the change")
     assert phase == "Ready"
     return dict(_status(cluster)["plan"])
 

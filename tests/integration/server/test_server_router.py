@@ -1,6 +1,6 @@
 """A model's entry router on real sockets: it relays to the serving stage, holds a request
-while no stage answers and delivers it once one does (inference is idempotent), passes a
-client's own mistakes straight back, and gives up at its deadline naming the stage."""
+(REST or gRPC) while no stage answers and delivers it once one does (inference is idempotent),
+passes a client's own mistakes straight back, and gives up at its deadline naming the stage."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import tritonclient.grpc as grpcclient
 import tritonclient.http as http
 from prometheus_client.parser import text_string_to_metric_families
-from stage_servers import CLS, CLS_OUT, free_port, host_of, running
+from stage_servers import CLS, CLS_OUT, GRPC, free_port, host_of, running
 
 from partita_server.app import create_app, create_dataplane
 from partita_server.spec import StageSpec, StageTokens
@@ -34,8 +35,12 @@ def router(upstream: str, tmp: Path, deadline_s: float = 20.0) -> StageSpec:
 
 
 def serve_router(stack: ExitStack, upstream: str, tmp: Path, deadline_s: float = 20.0) -> str:
+    """The router's REST base URL; `GRPC[url]` is its gRPC target (it relays to REST)."""
     plane = create_dataplane(router(upstream, tmp, deadline_s), tokens=StageTokens(()))
-    return str(stack.enter_context(running(create_app(dataplane=plane))))
+    app = create_app(dataplane=plane, grpc_address="127.0.0.1:0")
+    url = str(stack.enter_context(running(app)))
+    GRPC[url] = f"127.0.0.1:{app.state.grpc_port}"
+    return url
 
 
 def stage(tmp: Path) -> StageSpec:
@@ -53,6 +58,16 @@ def infer(url: str, x: np.ndarray, timeout: float = 60, name: str = "x") -> np.n
         client.close()
 
 
+def infer_grpc(target: str, x: np.ndarray, timeout: float = 60, name: str = "x") -> np.ndarray:
+    client = grpcclient.InferenceServerClient(target)
+    try:
+        inp = grpcclient.InferInput(name, list(x.shape), "FP32")
+        inp.set_data_from_numpy(x)
+        return np.asarray(client.infer("cls", [inp], client_timeout=timeout).as_numpy(CLS_OUT))
+    finally:
+        client.close()
+
+
 def retries(url: str) -> float:
     text = httpx.get(f"{url}/metrics", timeout=5).text
     return sum(
@@ -66,7 +81,10 @@ def retries(url: str) -> float:
 X = np.random.default_rng(5).random((1, 3, 48, 192), dtype=np.float32)
 
 
-def test_a_request_waits_for_the_stage_that_replaces_a_lost_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["rest", "grpc"])
+def test_a_request_waits_for_the_stage_that_replaces_a_lost_one(
+    tmp_path: Path, transport: str
+) -> None:
     port = free_port()
     upstream = f"http://127.0.0.1:{port}"
     with ExitStack() as stack:
@@ -78,7 +96,10 @@ def test_a_request_waits_for_the_stage_that_replaces_a_lost_one(tmp_path: Path) 
 
         def call() -> None:
             try:
-                got.append(infer(entry, X))
+                if transport == "grpc":
+                    got.append(infer_grpc(GRPC[entry], X))
+                else:
+                    got.append(infer(entry, X))
             except BaseException as exc:  # the assertion below shows it
                 errors.append(exc)
 
@@ -117,6 +138,9 @@ def test_a_clients_mistake_is_not_retried_and_a_lost_cause_ends_at_the_deadline(
         with pytest.raises(http.InferenceServerException, match="'y' is not an input") as bad:
             infer(entry, X, name="y")
         assert bad.value.status() == "400" and time.monotonic() - started < 5
+        with pytest.raises(grpcclient.InferenceServerException, match="'y' is not an input") as g:
+            infer_grpc(GRPC[entry], X, name="y")
+        assert g.value.status() == "StatusCode.INVALID_ARGUMENT"
         nowhere = f"http://127.0.0.1:{free_port()}"
         gone = serve_router(stack, nowhere, tmp_path, 1.5)
         with pytest.raises(http.InferenceServerException, match="serving") as lost:

@@ -1,6 +1,7 @@
 """The test bed agent runs a stage pod as a real partita-server process, reports it like a
-kubelet, routes Service traffic to it (entry listener and node proxy), restarts it when it
-crashes or fails its liveness probe, and removes it when the pod is deleted."""
+kubelet, routes Service traffic to it (entry listeners for REST and gRPC, each container port
+on its own local port, and node proxy), restarts it when it crashes or fails its liveness
+probe, and removes it when the pod is deleted."""
 
 from __future__ import annotations
 
@@ -72,7 +73,7 @@ def _manifests(ns: str, model: Path, node: str) -> list[dict[str, Any]]:
         "name": "server",
         "image": "partita/server:dev",
         "command": ["partita-server"],
-        "args": ["--host", "0.0.0.0", "--port", "8000"],
+        "args": ["--host", "0.0.0.0", "--port", "8000", "--grpc-port", "8081"],
         "env": [
             {"name": "PARTITA_STAGE_SPEC", "value": "/etc/partita/stage.json"},
             {
@@ -81,7 +82,10 @@ def _manifests(ns: str, model: Path, node: str) -> list[dict[str, Any]]:
             },
             {"name": "PARTITA_CPU_LIMIT", "value": "1"},
         ],
-        "ports": [{"name": "http", "containerPort": 8000}],
+        "ports": [
+            {"name": "http", "containerPort": 8000},
+            {"name": "grpc", "containerPort": 8081},
+        ],
         "volumeMounts": [{"name": "stage", "mountPath": "/etc/partita", "readOnly": True}],
         "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": 8000}},
         # Liveness only once started: a quarter-core edge node takes 5-15 s to start it.
@@ -166,7 +170,18 @@ def _manifests(ns: str, model: Path, node: str) -> list[dict[str, Any]]:
                 "namespace": ns,
                 "annotations": {"partita.dev/data-source-pool": "edge-a"},
             },
-            "spec": service_spec,
+            "spec": {
+                **service_spec,
+                "ports": [
+                    {"name": "http", "port": 8000, "targetPort": "http"},
+                    {
+                        "name": "grpc",
+                        "port": 8081,
+                        "targetPort": "grpc",
+                        "appProtocol": "kubernetes.io/h2c",
+                    },
+                ],
+            },
         },
     ]
 
@@ -235,6 +250,18 @@ def test_stage_pod_runs_serves_restarts_and_goes_away(
         result = client.infer("adder", [inp])
         np.testing.assert_array_equal(result.as_numpy("y"), expected)
         client.close()
+
+        # The Service's second port: its own local port, a byte forwarder to the pod's.
+        grpc_entry = targets.load_agent_info(cluster.run_dir).services[f"{ns}/adder:grpc"]
+        assert not grpc_entry.startswith("http") and grpc_entry != entry.removeprefix("http://")
+        import tritonclient.grpc as triton_grpc
+
+        gclient = triton_grpc.InferenceServerClient(grpc_entry)
+        assert gclient.is_server_ready()
+        ginp = triton_grpc.InferInput("x", list(x.shape), "FP32")
+        ginp.set_data_from_numpy(x)
+        np.testing.assert_array_equal(gclient.infer("adder", [ginp]).as_numpy("y"), expected)
+        gclient.close()
 
         proxy = agent_info.proxies[next(n.name for n in cluster.nodes if n.pool == "cloud")]
         with httpx.Client(proxy=proxy, timeout=30) as http:

@@ -167,6 +167,28 @@ def test_clients_call_routers_that_forward_to_the_serving_revision() -> None:
     ]
 
 
+def test_the_model_service_serves_v2_grpc_from_its_routers_and_stages_stay_rest() -> None:
+    _, routers, service = entry_objects(REF)
+    assert service["spec"]["ports"] == [
+        {"name": "http", "port": 8000, "targetPort": "http"},
+        {"name": "grpc", "port": 8081, "targetPort": "grpc", "appProtocol": "kubernetes.io/h2c"},
+    ]
+    (router,) = routers["spec"]["template"]["spec"]["containers"]
+    assert router["ports"] == [
+        {"name": "http", "containerPort": 8000},
+        {"name": "grpc", "containerPort": 8081},
+    ]
+    assert router["args"][-2:] == ["--grpc-port", "8081"]
+    plan = _plan(_stage(0, "cloud", ["c1"], ["x"], ["y"]))
+    for obj in render_revision(REF, plan):
+        if obj["kind"] == "Deployment":
+            (server,) = obj["spec"]["template"]["spec"]["containers"]
+            assert "--grpc-port" not in server["args"]
+            assert [p["name"] for p in server["ports"]] == ["http"]
+        elif obj["kind"] == "Service":
+            assert [p["name"] for p in obj["spec"]["ports"]] == ["http"]
+
+
 def test_pods_tolerate_what_the_model_tolerates_and_use_their_revision_token() -> None:
     from dataclasses import replace
 

@@ -29,7 +29,7 @@ POD: dict[str, Any] = {
 
 
 def test_status_of_a_running_ready_pod_and_of_one_that_cannot_start() -> None:
-    run = pods.new_run("partita-system/partita-abc", POD, "10.244.4.254", 4321)
+    run = pods.new_run("partita-system/partita-abc", POD, "10.244.4.254", lambda: 4321)
     node = {"status": {"addresses": [{"type": "InternalIP", "address": "10.240.0.1"}]}}
     waiting = pods.pod_status(run, POD, node)
     assert waiting["phase"] == "Pending" and waiting["conditions"]["Ready"] == "False"
@@ -175,7 +175,7 @@ def test_liveness_and_readiness_wait_for_the_startup_probe(tmp_path: Path) -> No
             "/ready": [True] * 50,
         }
         runner = _runner(tmp_path, results)
-        run = pods.new_run("m/p", POD, "10.244.0.254", 1)
+        run = pods.new_run("m/p", POD, "10.244.0.254", lambda: 1)
         run.pid = proc.pid
         run.probes = {
             "startupProbe": pods.ProbeState(Probe("/start", period_s=1, failure_threshold=5)),

@@ -26,6 +26,8 @@ HOSTNAME = "kubernetes.io/hostname"
 ROUTER_CPU = 0.25  # cores of one entry router: it decodes, forwards and encodes
 ROUTER_MEMORY = 256 * 2**20
 SERVER_PORT = 8000
+GRPC_PORT = 8081  # v2 gRPC of a model's entry routers (stage-to-stage hops stay on REST)
+H2C = "kubernetes.io/h2c"  # appProtocol of cleartext HTTP/2: gRPC without TLS
 FIELD_MANAGER = "partita-operator"
 
 
@@ -408,8 +410,16 @@ def _pod(
     memory: int,
     env: list[dict[str, Any]],
     affinity: dict[str, Any],
+    *,
+    grpc: bool = False,
 ) -> dict[str, Any]:
-    """The pod template of a Partita server: its ConfigMap `name` holds its spec."""
+    """The pod template of a Partita server: its ConfigMap `name` holds its spec; with `grpc`
+    it serves v2 gRPC too, on its port `grpc`."""
+    args = ["--host", "0.0.0.0", "--port", str(SERVER_PORT)]
+    ports: list[dict[str, Any]] = [{"name": "http", "containerPort": SERVER_PORT}]
+    if grpc:
+        args += ["--grpc-port", str(GRPC_PORT)]
+        ports.append({"name": "grpc", "containerPort": GRPC_PORT})
     cpu_text = f"{max(round(cpu * 1000), 10)}m"
     mem_text = str(memory)
     spec: dict[str, Any] = {
@@ -425,13 +435,13 @@ def _pod(
                 "name": "server",
                 "image": ref.image,
                 "command": ["partita-server"],
-                "args": ["--host", "0.0.0.0", "--port", str(SERVER_PORT)],
+                "args": args,
                 "env": [
                     {"name": "PARTITA_STAGE_SPEC", "value": "/etc/partita/stage.json"},
                     {"name": "PARTITA_CPU_LIMIT", "value": str(cpu)},
                     *env,
                 ],
-                "ports": [{"name": "http", "containerPort": SERVER_PORT}],
+                "ports": ports,
                 "readinessProbe": {
                     "httpGet": {"path": "/v2/health/ready", "port": "http"},
                     "periodSeconds": 2,
@@ -508,10 +518,11 @@ def serving_service(ref: ModelRef, revision: int) -> dict[str, Any]:
 
 
 def entry_objects(ref: ModelRef) -> list[dict[str, Any]]:
-    """The model's stable entry: the Service named after the model that clients call, and
-    behind it routers in the data source pool that forward every request to the serving
-    revision and retry it there (inference is idempotent) when a stage fails on the way,
-    until the revision that replaces a lost one serves or the deadline passes."""
+    """The model's stable entry: the Service named after the model that clients call (v2 REST
+    on port `http`, v2 gRPC on port `grpc`), and behind it routers in the data source pool
+    that forward every request, REST or gRPC, to the serving revision (over REST) and retry
+    it there (inference is idempotent) when a stage fails on the way, until the revision
+    that replaces a lost one serves or the deadline passes."""
     name = entry_name(ref.name)
     tags = {
         labels.NAME: "partita-server",
@@ -567,7 +578,7 @@ def entry_objects(ref: ModelRef) -> list[dict[str, Any]]:
         ]
     if node_affinity:
         affinity["nodeAffinity"] = node_affinity
-    pod = _pod(ref, name, tags, ROUTER_CPU, ROUTER_MEMORY, [], affinity)
+    pod = _pod(ref, name, tags, ROUTER_CPU, ROUTER_MEMORY, [], affinity, grpc=True)
     strategy = {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}}
     return [
         {
@@ -587,7 +598,10 @@ def entry_objects(ref: ModelRef) -> list[dict[str, Any]]:
             },
             "spec": {
                 "selector": tags,
-                "ports": [{"name": "http", "port": SERVER_PORT, "targetPort": "http"}],
+                "ports": [
+                    {"name": "http", "port": SERVER_PORT, "targetPort": "http"},
+                    {"name": "grpc", "port": GRPC_PORT, "targetPort": "grpc", "appProtocol": H2C},
+                ],
             },
         },
     ]

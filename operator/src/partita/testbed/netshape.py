@@ -1,6 +1,8 @@
 """The test bed's data plane between simulated nodes: an HTTP forward proxy per node (what
 kube-proxy and the wire are on a real cluster) that routes `<svc>.<ns>.svc` to the local process
-of a ready endpoint and shapes every exchange like the link between the two nodes' pools.
+of a ready endpoint and shapes every exchange like the link between the two nodes' pools, and
+entry listeners: the same as a reverse proxy for one HTTP Service port, or a byte forwarder
+(`ShapingForwarder`) for a port that is not HTTP/1, such as gRPC's.
 
 Shaping follows the simulator state (the same file the metrics simulator reports from), so a
 link the operator *sees* at 2 Mbit/s also *carries* 2 Mbit/s:
@@ -526,8 +528,7 @@ class ShapingProxy:
         )
 
     async def _delay(self, seconds: float) -> None:
-        if seconds > MIN_SLEEP_S:
-            await asyncio.sleep(seconds)
+        await _pause(seconds)
 
     def _sender(
         self, writer: asyncio.StreamWriter, shaping: Shaping
@@ -538,12 +539,139 @@ class ShapingProxy:
         return send
 
     async def _send(self, writer: asyncio.StreamWriter, data: bytes, shaping: Shaping) -> None:
-        for i in range(0, len(data), CHUNK):
-            chunk = data[i : i + CHUNK]
-            if shaping.pacer is not None:
-                await self._delay(shaping.pacer.reserve(len(chunk), self._clock()))
-            writer.write(chunk)
-            await writer.drain()
+        await _paced_write(writer, data, shaping, self._clock)
+
+
+class ShapingForwarder:
+    """One entry listener for a Service port that is not HTTP/1 (gRPC's cleartext HTTP/2,
+    `appProtocol: kubernetes.io/h2c`): bytes, not messages. Each connection goes to one ready
+    endpoint, picked round-robin when it opens (kube-proxy balances per connection, so a gRPC
+    channel stays on one backend), and each direction is shaped like the link between
+    `source_pool` and the endpoint's pool: every chunk is released half the RTT after it
+    arrived, paced by the link's shared pacer."""
+
+    QUEUED_CHUNKS = 64  # per direction: back-pressure once this much is in flight
+
+    def __init__(
+        self,
+        name: str,
+        source_pool: str,
+        resolver: Resolver,
+        links: LinkTable,
+        *,
+        service: tuple[str, str, int],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name, self.source_pool, self.service = name, source_pool, service
+        self._resolver, self._links, self._clock = resolver, links, clock
+        self._rr = 0
+        self._server: asyncio.Server | None = None
+        self._conns: set[asyncio.Task[None]] = set()
+        self.port = 0
+
+    async def start(self, port: int = 0, host: str = "127.0.0.1") -> int:
+        self._server = await asyncio.start_server(self._on_client, host, port)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self.port
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._conns):
+            task.cancel()
+        if self._conns:
+            await asyncio.gather(*self._conns, return_exceptions=True)
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+
+    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._conns.add(task)
+        upstream: asyncio.StreamWriter | None = None
+        try:
+            ep, up_reader, upstream = await self._connect()
+            await asyncio.gather(
+                self._pipe(reader, upstream, self.source_pool, ep.pool),
+                self._pipe(up_reader, writer, ep.pool, self.source_pool),
+            )
+        except RouteError as exc:
+            log.info("%s: %s", self.name, exc)  # the client sees the connection closed
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            if upstream is not None:
+                upstream.close()
+            writer.close()
+            self._conns.discard(task)
+
+    async def _connect(self) -> tuple[Endpoint, asyncio.StreamReader, asyncio.StreamWriter]:
+        ns, svc, port = self.service
+        endpoints = self._resolver(Target(ns, svc, port, ""))
+        if not endpoints:
+            raise RouteError(503, f"Service {ns}/{svc} port {port} has no ready endpoints")
+        start, self._rr = self._rr, self._rr + 1
+        failures = []
+        for i in range(len(endpoints)):
+            ep = endpoints[(start + i) % len(endpoints)]
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection("127.0.0.1", ep.port), CONNECT_TIMEOUT_S
+                )
+            except (OSError, TimeoutError) as exc:
+                failures.append(f"{ep.key}: {exc}")
+                continue
+            return ep, reader, writer
+        raise RouteError(
+            502, f"Service {ns}/{svc} port {port}: no endpoint accepted ({'; '.join(failures)})"
+        )
+
+    async def _pipe(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        source_pool: str,
+        target_pool: str,
+    ) -> None:
+        """Copy one direction until its end of stream, then half-close the other side. The
+        link is looked up per chunk, so a changed RTT or rate applies to open connections."""
+        queue: asyncio.Queue[tuple[float, bytes] | None] = asyncio.Queue(self.QUEUED_CHUNKS)
+
+        async def receive() -> None:
+            with contextlib.suppress(ConnectionError):  # a reset ends it as an end of stream
+                while data := await reader.read(CHUNK):
+                    await queue.put((self._clock(), data))
+            await queue.put(None)
+
+        receiving = asyncio.ensure_future(receive())
+        try:
+            while (item := await queue.get()) is not None:
+                received, data = item
+                shaping = self._links.shaping(source_pool, target_pool)
+                await _pause(received + shaping.one_way_delay_s - self._clock())
+                await _paced_write(writer, data, shaping, self._clock)
+            if writer.can_write_eof() and not writer.is_closing():
+                writer.write_eof()
+        finally:
+            receiving.cancel()
+
+
+async def _pause(seconds: float) -> None:
+    if seconds > MIN_SLEEP_S:
+        await asyncio.sleep(seconds)
+
+
+async def _paced_write(
+    writer: asyncio.StreamWriter, data: bytes, shaping: Shaping, clock: Callable[[], float]
+) -> None:
+    """Write `data` in chunks, each once the link's pacer says the previous are through."""
+    for i in range(0, len(data), CHUNK):
+        chunk = data[i : i + CHUNK]
+        if shaping.pacer is not None:
+            await _pause(shaping.pacer.reserve(len(chunk), clock()))
+        writer.write(chunk)
+        await writer.drain()
 
 
 async def _read_head(reader: asyncio.StreamReader) -> bytes | None:

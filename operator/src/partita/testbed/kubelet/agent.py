@@ -1,9 +1,10 @@
 """The agent: the kubelet of every simulated node of one local cluster, in one process.
 
 Its sync loop runs whenever an informer sees a change (and every 0.25 s for probes): each pod
-scheduled on a simulated node gets a local process (`pods`), a deleted pod's process is
-stopped and the deletion finished, a NotReady node's processes are stopped, and the routing
-table, entry listeners and scrape targets follow.
+scheduled on a simulated node gets a local process (`pods`, one local port per container port),
+a deleted pod's process is stopped and the deletion finished, a NotReady node's processes are
+stopped, and the routing table, entry listeners (one per port of each data-source Service,
+listed in services.json; see `targets`) and scrape targets follow.
 """
 
 from __future__ import annotations
@@ -36,7 +37,13 @@ from partita.testbed.kubelet.podspec import (
     node_ready,
     pod_name,
 )
-from partita.testbed.kubelet.serviceproxy import ServiceProxy, endpoints_for
+from partita.testbed.kubelet.serviceproxy import (
+    EntryPort,
+    LocalPod,
+    ServiceProxy,
+    endpoints_for,
+    entry_ports,
+)
 from partita.testbed.kubelet.tokens import TokenKeeper
 from partita.testbed.netshape import Endpoint, Target
 
@@ -118,7 +125,7 @@ class Agent:
         self.stop_event = threading.Event()
         self.dirty = threading.Event()
         self.runs: dict[str, PodRun] = {}
-        self.local_ports: dict[str, Endpoint] = {}  # pod key -> endpoint; replaced, not mutated
+        self.local_pods: dict[str, LocalPod] = {}  # pod key -> its ports; replaced, not mutated
         self.pools = {n.name: n.pool for n in self.info.nodes}
         self.limiter = cgroup.CpuLimiter(cgroup.detect(run_dir))
         self.proxy = ServiceProxy(self.info.state_file, self.resolve)
@@ -176,7 +183,7 @@ class Agent:
             target,
             self.informers["services"].items,
             self.informers["slices"].items,
-            self.local_ports,
+            self.local_pods,
             HOST_IPS,
         )
 
@@ -264,8 +271,8 @@ class Agent:
                 self._forget(run)
         for key, pod in mine.items():
             self._sync_pod(key, pod, nodes.get(pod["spec"]["nodeName"]) or {})
-        self.local_ports = {
-            k: Endpoint(k, r.port, r.node, self.pools[r.node])
+        self.local_pods = {
+            k: LocalPod(k, r.node, self.pools[r.node], r.ports)
             for k, r in self.runs.items()
             if r.pid is not None and r.stopping_since is None
         }
@@ -308,7 +315,15 @@ class Agent:
         cidr = (node.get("spec") or {}).get("podCIDR") or DEFAULT_POD_CIDR
         if not ip or ip in used or ipaddress.ip_address(ip) not in ipaddress.ip_network(cidr):
             ip = allocate_ip(cidr, used)
-        run = new_run(key, pod, ip, processes.free_port())
+        taken = {p for r in self.runs.values() for p in (r.port, *r.ports.by_number.values())}
+
+        def free_port() -> int:  # one the OS offers that no other pod holds yet
+            while (port := processes.free_port()) in taken:
+                pass
+            taken.add(port)
+            return port
+
+        run = new_run(key, pod, ip, free_port)
         self.runs[key] = run
         return run
 
@@ -343,29 +358,20 @@ class Agent:
     # -- entry listeners, services.json, Prometheus targets --
 
     def _sync_entries(self) -> None:
-        desired: dict[str, tuple[str, str, int, str]] = {}
+        desired: dict[str, EntryPort] = {}
         for key, svc in self.informers["services"].items.items():
             pool = (svc["metadata"].get("annotations") or {}).get(labels.DATA_SOURCE_POOL)
-            ports = (svc.get("spec") or {}).get("ports") or []
-            if pool and ports:
-                desired[key] = (
-                    svc["metadata"]["namespace"],
-                    svc["metadata"]["name"],
-                    int(ports[0]["port"]),
-                    pool,
-                )
+            if pool:
+                desired.update(entry_ports(key, svc, pool))
         if (
             self.entry_urls is not None
             and set(desired) == set(self.entry_urls)
-            and all(
-                (p.service, p.source_pool) == (desired[k][:3], desired[k][3])
-                for k, p in self.proxy.entries.items()
-            )
+            and all(spec == desired.get(k) for k, (spec, _) in self.proxy.entries.items())
         ):
             return
         preferred = targets.previous_ports(self.run_dir / targets.SERVICES_FILE)
         ports = self.proxy.call(self.proxy.set_entries(desired, preferred))
-        self.entry_urls = {k: f"http://{LOOPBACK}:{p}" for k, p in ports.items()}
+        self.entry_urls = {k: desired[k].address(p) for k, p in ports.items()}
         targets.write_json_atomic(self.run_dir / targets.SERVICES_FILE, self.entry_urls)
         log.info("entry listeners: %s", self.entry_urls)
 

@@ -4,8 +4,8 @@ The test bed has no container runtime: an image it knows stands for a console sc
 project's venv (the venv is what the image's /opt/partita holds), with the ENTRYPOINT, CMD and
 ENV its Dockerfile gives. Any other image is refused with ErrImagePull and the reason.
 
-Every pod's processes share this machine's loopback, so the port a container listens on is
-moved to a free one; each image says where its command line names that port.
+Every pod's processes share this machine's loopback, so each port a container declares is
+moved to a free one; each image says where its command line names its ports.
 """
 
 from __future__ import annotations
@@ -18,23 +18,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from partita.testbed.kubelet.podspec import CREATE_ERROR, IMAGE_ERROR, LOOPBACK, PodError, expand
+from partita.testbed.kubelet.podspec import (
+    CREATE_ERROR,
+    IMAGE_ERROR,
+    LOOPBACK,
+    LocalPorts,
+    PodError,
+    expand,
+)
 
-Listen = Callable[[Sequence[str], int], list[str]]
+Listen = Callable[[Sequence[str], LocalPorts], list[str]]
+SERVER_PORT_FLAGS = ("--port", "--grpc-port")  # the stage server's REST and gRPC ports
 
 
-def host_port_flags(args: Sequence[str], port: int) -> list[str]:
-    """`--host H --port P` (or `--host=H`, `--port=P`) moved to loopback and `port`, added when
-    missing: the stage server's command line."""
+def host_port_flags(args: Sequence[str], ports: LocalPorts) -> list[str]:
+    """The stage server's command line: `--host H` moved to loopback, and each port flag
+    (`--port P`, `--grpc-port G`, or `--flag=V`) moved to the local port of the containerPort it
+    names; `--host` and `--port` (the primary port) added when missing, `--grpc-port 0` (no
+    gRPC) kept."""
     out: list[str] = []
     seen: set[str] = set()
     i = 0
     while i < len(args):
         arg = args[i]
-        flag, eq, _ = arg.partition("=")
-        if flag in ("--host", "--port"):
+        flag, eq, inline = arg.partition("=")
+        if flag == "--host" or flag in SERVER_PORT_FLAGS:
             seen.add(flag)
-            value = LOOPBACK if flag == "--host" else str(port)
+            given = inline if eq else (args[i + 1] if i + 1 < len(args) else "")
+            value = LOOPBACK if flag == "--host" else _moved_port(flag, given, ports)
             out.append(f"{flag}={value}" if eq else flag)
             if not eq:
                 out.append(value)
@@ -45,19 +56,35 @@ def host_port_flags(args: Sequence[str], port: int) -> list[str]:
     if "--host" not in seen:
         out += ["--host", LOOPBACK]
     if "--port" not in seen:
-        out += ["--port", str(port)]
+        out += ["--port", str(ports.primary)]
     return out
 
 
-def operator_flags(args: Sequence[str], port: int) -> list[str]:
+def _moved_port(flag: str, given: str, ports: LocalPorts) -> str:
+    if flag == "--port":
+        return str(ports.local(int(given)) if given.isdigit() else ports.primary)
+    if given == "0":
+        return given
+    if not given.isdigit() or int(given) not in ports.by_number:
+        declared = sorted(ports.by_number) or "none"
+        raise PodError(
+            f"{flag} {given}: the test bed moves only declared container ports to loopback; "
+            f"declare it in the container's ports (declared: {declared})",
+            CREATE_ERROR,
+        )
+    return str(ports.by_number[int(given)])
+
+
+def operator_flags(args: Sequence[str], ports: LocalPorts) -> list[str]:
     """The operator's command line: `--listen=HOST:PORT` (its one HTTP port: /healthz, /metrics,
-    /v1/models) moved to loopback and `port`, where its probes go and its Service leads."""
+    /v1/models) moved to loopback and its primary port, where its probes go and its Service
+    leads."""
     out = list(args)
     for i, arg in enumerate(out):
         if arg.startswith("--listen="):
-            out[i] = f"--listen={LOOPBACK}:{port}"
+            out[i] = f"--listen={LOOPBACK}:{ports.primary}"
         elif arg == "--listen" and i + 1 < len(out):
-            out[i + 1] = f"{LOOPBACK}:{port}"
+            out[i + 1] = f"{LOOPBACK}:{ports.primary}"
     return out
 
 
@@ -116,10 +143,10 @@ class LocalCommand:
 
 
 def local_command(
-    container: Mapping[str, Any], exe_dir: Path, env: Mapping[str, str], port: int
+    container: Mapping[str, Any], exe_dir: Path, env: Mapping[str, str], ports: LocalPorts
 ) -> LocalCommand:
     """The container's command line for this machine: the image's program (or the container's
-    `command`, found in the venv or on PATH), `$(VAR)` expanded, listening on `port`."""
+    `command`, found in the venv or on PATH), `$(VAR)` expanded, listening on `ports`."""
     image = container.get("image", "")
     local = IMAGES.get(repository(image))
     if local is None:
@@ -133,7 +160,7 @@ def local_command(
     args = list(container.get("args") or ([] if command else local.cmd))
     exe, rest = (command[0], command[1:] + args) if command else (local.entrypoint, args)
     return LocalCommand(
-        [_find(exe, exe_dir), *local.listen([expand(a, env) for a in rest], port)],
+        [_find(exe, exe_dir), *local.listen([expand(a, env) for a in rest], ports)],
         dict(local.env),
     )
 

@@ -3,9 +3,10 @@ ServiceAccount token, probe it, restart it with back-off when it exits or fails 
 probe, stop it (SIGTERM, SIGKILL after the grace period) and report all of it as the pod's
 status.
 
-A pod runs its first container only (the project's pods have one). Its listening port moves to
-a free loopback port (`images`), its probes go to that port, its CPU is limited to its node's
-speed (`cgroup`), and HTTP_PROXY is its node's shaping proxy (`serviceproxy`).
+A pod runs its first container only (the project's pods have one). Each of its container ports
+moves to a free loopback port of its own (`podspec.LocalPorts`, `images`), its probes go to the
+first, its CPU is limited to its node's speed (`cgroup`), and HTTP_PROXY is its node's shaping
+proxy (`serviceproxy`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from partita.testbed.kubelet import images, sandbox
 from partita.testbed.kubelet.podspec import (
     IMAGE_ERROR,
     LOOPBACK,
+    LocalPorts,
     Mount,
     PodError,
     Probe,
@@ -36,6 +38,7 @@ from partita.testbed.kubelet.podspec import (
     backoff,
     container_env,
     cpu_limit,
+    local_ports,
     materialise_volumes,
     node_speed,
     probe,
@@ -90,7 +93,7 @@ class PodRun:
     uid: str
     node: str
     ip: str
-    port: int
+    ports: LocalPorts
     container: str
     image: str
     limit_cores: float | None = None
@@ -113,6 +116,11 @@ class PodRun:
     tokens: tuple[TokenProjection, ...] = ()
     reported: dict[str, Any] = field(default_factory=dict)
     transitions: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    @property
+    def port(self) -> int:
+        """The primary local port: where probes and scrapes go."""
+        return self.ports.primary
 
 
 def pod_status(run: PodRun, pod: Mapping[str, Any], node: Mapping[str, Any]) -> dict[str, Any]:
@@ -246,7 +254,7 @@ class PodRunner:
         self.tokens.ensure(pod, volumes.tokens)
         rewrite = None if self.sandboxed else volumes.by_path()
         declared = container_env(pod, container, self.sources, run.ip, rewrite)
-        command = images.local_command(container, self.exe_dir, declared, run.port)
+        command = images.local_command(container, self.exe_dir, declared, run.ports)
         env = {
             "PATH": f"{self.exe_dir}:{SYSTEM_PATH}",
             "HOSTNAME": pod["metadata"]["name"],
@@ -267,7 +275,14 @@ class PodRunner:
         run.waiting_reason = run.waiting_message = ""
         now = self._clock()
         run.probes = {k: ProbeState(p, now + p.initial_delay_s) for k, p in probes.items()}
-        log.info("started %s (pid %d) on %s as 127.0.0.1:%d", run.key, proc.pid, run.node, run.port)
+        log.info(
+            "started %s (pid %d) on %s as 127.0.0.1:%d (container ports %s)",
+            run.key,
+            proc.pid,
+            run.node,
+            run.port,
+            dict(run.ports.by_number),
+        )
 
     def _service_env(self) -> dict[str, str]:
         host, port = self.kubernetes.host, str(self.kubernetes.port)
@@ -481,8 +496,8 @@ class PodRunner:
         run.reported = status
 
 
-def new_run(key: str, pod: Mapping[str, Any], ip: str, port: int) -> PodRun:
-    """A PodRun for a pod not started yet."""
+def new_run(key: str, pod: Mapping[str, Any], ip: str, free_port: Callable[[], int]) -> PodRun:
+    """A PodRun for a pod not started yet, each of its container ports on a free local port."""
     spec = pod["spec"]
     container = spec["containers"][0]
     return PodRun(
@@ -490,7 +505,7 @@ def new_run(key: str, pod: Mapping[str, Any], ip: str, port: int) -> PodRun:
         pod["metadata"]["uid"],
         spec["nodeName"],
         ip,
-        port,
+        local_ports(container, free_port),
         container["name"],
         container.get("image", ""),
         limit_cores=cpu_limit(container),

@@ -9,8 +9,8 @@ from __future__ import annotations
 import base64
 import ipaddress
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -333,9 +333,36 @@ def container_env(
 
 
 @dataclass(frozen=True)
+class LocalPorts:
+    """Where a container's ports listen on this machine: every pod shares one loopback, so
+    each declared containerPort moves to a free local port of its own (as each pod has its
+    own IP on a real cluster). `primary` is the first declared port's, or the one port a
+    container that declares none gets; probes and scrapes go there."""
+
+    primary: int
+    by_number: Mapping[int, int] = field(default_factory=dict)  # containerPort -> local
+    names: Mapping[str, int] = field(default_factory=dict)  # port name -> containerPort
+
+    def local(self, port: int | str | None) -> int:
+        """The local port of a containerPort given by number or name (a Service's
+        targetPort); a port the container does not declare is its primary one."""
+        number = self.names.get(port) if isinstance(port, str) else port
+        return self.by_number.get(number, self.primary) if number is not None else self.primary
+
+
+def local_ports(container: Mapping[str, Any], free_port: Callable[[], int]) -> LocalPorts:
+    """A free local port for each of the container's declared ports."""
+    declared = [p for p in container.get("ports") or [] if "containerPort" in p]
+    by_number = {int(p["containerPort"]): free_port() for p in declared}
+    names = {str(p["name"]): int(p["containerPort"]) for p in declared if p.get("name")}
+    primary = by_number[int(declared[0]["containerPort"])] if declared else free_port()
+    return LocalPorts(primary, by_number, names)
+
+
+@dataclass(frozen=True)
 class Probe:
-    """An httpGet or tcpSocket probe. Its port is the process's one local port (the test bed
-    moves every container's listening port to a free loopback port)."""
+    """An httpGet or tcpSocket probe. Its port is the process's primary local port (the test
+    bed moves every container port to a free loopback port; see `LocalPorts`)."""
 
     path: str | None  # None: a tcpSocket probe
     period_s: float = 10.0

@@ -2,7 +2,8 @@
 
 - one shaping forward proxy per simulated node (pods get it as HTTP_PROXY), routing
   `<svc>.<ns>.svc` through EndpointSlices (`netshape` shapes the bytes like the pools' link);
-- one entry listener per data-source Service (clients call it directly);
+- one entry listener per port of a data-source Service (clients call it directly): a reverse
+  proxy for an HTTP/1 port, a byte forwarder for any other (gRPC's `kubernetes.io/h2c`);
 - the `kubernetes` Service: a TCP forwarder from a loopback address of this cluster, port 443,
   to the apiserver, which pods know as `kubernetes.default.svc` and KUBERNETES_SERVICE_HOST.
 
@@ -18,14 +19,17 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from partita.testbed.errors import TestbedError
+from partita.testbed.kubelet.podspec import LocalPorts
 from partita.testbed.netshape import (
     Endpoint,
     LinkTable,
     RouteError,
+    ShapingForwarder,
     ShapingProxy,
     StateWatcher,
     Target,
@@ -34,21 +38,65 @@ from partita.testbed.netshape import (
 log = logging.getLogger(__name__)
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+HTTP1_PROTOCOLS = frozenset({"", "http"})  # appProtocol of ports the HTTP proxy understands
 STATE_POLL_S = 0.25
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class EntryPort:
+    """One entry listener: a port of a data-source Service, called from its `pool`; `raw`
+    ports (not HTTP/1, e.g. gRPC's `kubernetes.io/h2c`) are carried as bytes."""
+
+    namespace: str
+    service: str
+    port: int
+    pool: str
+    raw: bool
+
+    def address(self, local_port: int) -> str:
+        """What a client dials: an HTTP base URL, or host:port (a gRPC target) for bytes."""
+        return f"127.0.0.1:{local_port}" if self.raw else f"http://127.0.0.1:{local_port}"
+
+
+def entry_ports(key: str, svc: Mapping[str, Any], pool: str) -> dict[str, EntryPort]:
+    """Every port of the data-source Service `key` (namespace/name), by services.json key: the
+    first HTTP/1 port as `key` itself, each other port as `key:<port name or number>`."""
+    ns, name = key.split("/", 1)
+    out: dict[str, EntryPort] = {}
+    for p in (svc.get("spec") or {}).get("ports") or []:
+        raw = str(p.get("appProtocol") or "").lower() not in HTTP1_PROTOCOLS
+        entry = EntryPort(ns, name, int(p["port"]), pool, raw)
+        out[key if not raw and key not in out else f"{key}:{p.get('name') or p['port']}"] = entry
+    return out
+
+
+@dataclass(frozen=True)
+class LocalPod:
+    """A pod the agent runs, as routing sees it: where its container ports listen here."""
+
+    key: str  # namespace/name
+    node: str
+    pool: str
+    ports: LocalPorts
+
+    def endpoint(self, container_port: int | str | None) -> Endpoint:
+        return Endpoint(self.key, self.ports.local(container_port), self.node, self.pool)
 
 
 def endpoints_for(
     target: Target,
     services: Mapping[str, Mapping[str, Any]],
     slices: Mapping[str, Mapping[str, Any]],
-    pods: Mapping[str, Endpoint],
+    pods: Mapping[str, LocalPod],
     host_ips: frozenset[str],
 ) -> list[Endpoint]:
-    """The ready endpoints of the target's Service: its EndpointSlices' pods that run here
-    (`pods`: namespace/name -> local endpoint), and addresses of this machine (`host_ips`,
-    a Service of the test bed's own processes) as loopback. RouteError when the Service or
-    its port does not exist."""
+    """The ready endpoints of the target's Service port, as kube-proxy finds them: its
+    EndpointSlices' pods that run here (`pods`: namespace/name -> local pod), each at the local
+    port of the containerPort the slice gives for that Service port (or, without one, of the
+    port's `targetPort`, by name or number), and addresses of this machine (`host_ips`, a
+    Service of the test bed's own processes) as loopback. RouteError when the Service or its
+    port does not exist."""
     svc = services.get(f"{target.namespace}/{target.service}")
     if svc is None:
         raise RouteError(502, f"no Service {target.namespace}/{target.service}")
@@ -61,6 +109,7 @@ def endpoints_for(
             f"Service {target.namespace}/{target.service} has no port {target.port} "
             f"(ports: {known})",
         )
+    target_port = port.get("targetPort", port.get("port"))
     out: list[Endpoint] = []
     for sl in slices.values():
         meta = sl["metadata"]
@@ -76,13 +125,15 @@ def endpoints_for(
             if (ep.get("conditions") or {}).get("ready") is False:
                 continue
             ref = ep.get("targetRef") or {}
+            found: Endpoint | None = None
             if ref.get("kind") == "Pod":
-                found = pods.get(f"{ref.get('namespace', target.namespace)}/{ref.get('name')}")
+                pod = pods.get(f"{ref.get('namespace', target.namespace)}/{ref.get('name')}")
+                if pod is not None:
+                    wanted = slice_port if slice_port is not None else target_port
+                    found = pod.endpoint(wanted)
             elif slice_port is not None and set(ep.get("addresses") or ()) & host_ips:
                 key = f"{target.namespace}/{target.service}"
                 found = Endpoint(key, int(slice_port), "", "")
-            else:
-                found = None
             if found is not None and found not in out:
                 out.append(found)
     return out
@@ -98,7 +149,7 @@ class ServiceProxy:
         self.resolver = resolver
         self.loop = asyncio.new_event_loop()
         self.node_proxies: dict[str, ShapingProxy] = {}
-        self.entries: dict[str, ShapingProxy] = {}
+        self.entries: dict[str, tuple[EntryPort, ShapingProxy | ShapingForwarder]] = {}
         self._servers: list[asyncio.Server] = []
         self._stopping: asyncio.Event | None = None
         self._thread = threading.Thread(target=self._run, name="service-proxy", daemon=True)
@@ -121,7 +172,7 @@ class ServiceProxy:
             self.watcher.poll()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), STATE_POLL_S)
-        for proxy in [*self.node_proxies.values(), *self.entries.values()]:
+        for proxy in [*self.node_proxies.values(), *(e[1] for e in self.entries.values())]:
             await proxy.close()
         for server in self._servers:
             server.close()
@@ -155,27 +206,31 @@ class ServiceProxy:
         self._servers.append(await asyncio.start_server(on_client, *listen))
 
     async def set_entries(
-        self, desired: Mapping[str, tuple[str, str, int, str]], preferred: Mapping[str, int]
+        self, desired: Mapping[str, EntryPort], preferred: Mapping[str, int]
     ) -> dict[str, int]:
-        """Entry listeners for exactly `desired` (key -> ns, svc, port, pool); keep ports."""
+        """Entry listeners for exactly `desired` (services.json key -> port); keep ports."""
         for key in list(self.entries):
-            proxy = self.entries[key]
-            want = desired.get(key)
-            if want is None or (proxy.service, proxy.source_pool) != (want[:3], want[3]):
-                await proxy.close()
+            spec, listener = self.entries[key]
+            if desired.get(key) != spec:
+                await listener.close()
                 del self.entries[key]
-        for key, (ns, svc, port, pool) in desired.items():
+        for key, spec in desired.items():
             if key in self.entries:
                 continue
-            proxy = ShapingProxy(
-                f"entry/{key}", pool, self.resolver, self.links, service=(ns, svc, port)
+            kind = ShapingForwarder if spec.raw else ShapingProxy
+            listener = kind(
+                f"entry/{key}",
+                spec.pool,
+                self.resolver,
+                self.links,
+                service=(spec.namespace, spec.service, spec.port),
             )
             try:
-                await proxy.start(preferred.get(key, 0))
+                await listener.start(preferred.get(key, 0))
             except OSError:
-                await proxy.start(0)
-            self.entries[key] = proxy
-        return {k: p.port for k, p in self.entries.items()}
+                await listener.start(0)
+            self.entries[key] = (spec, listener)
+        return {k: e[1].port for k, e in self.entries.items()}
 
     def stop(self) -> None:
         if self._stopping is not None:

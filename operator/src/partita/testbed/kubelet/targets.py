@@ -1,6 +1,15 @@
 """The files the agent writes for the rest of the test bed: DIR/services.json (entry Services
--> URL, read by tests, the demo and the bench), DIR/agent.json (node proxies, the cgroup
-mode, the `kubernetes` Service address) and Prometheus' scrape targets of the stage servers."""
+-> where to call them, read by tests, the demo and the bench), DIR/agent.json (node proxies,
+the cgroup mode, the `kubernetes` Service address) and Prometheus' scrape targets of the stage
+servers.
+
+services.json has one key per port of each data-source Service (one annotated with
+`partita.dev/data-source-pool`, such as a model's Service):
+- `"ns/name"` -> `"http://127.0.0.1:PORT"`: its first HTTP port (a model's v2 REST), a base URL;
+- `"ns/name:PORT_NAME"` (or `:NUMBER` for an unnamed port) -> its other ports: a base URL for
+  another HTTP port, `"127.0.0.1:PORT"` (no scheme: a gRPC target) for a port carried as bytes,
+  such as a model's v2 gRPC, `"ns/name:grpc"`.
+"""
 
 from __future__ import annotations
 
