@@ -9,6 +9,7 @@ the tensor's parameters so the receiving stage decodes it.
 from __future__ import annotations
 
 import math
+from array import array as typed_array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -124,8 +125,11 @@ def _header(body: bytes, header_length: int | None, limits: Limits) -> tuple[Any
             f"{limits.max_json_bytes}-byte limit for JSON; send tensors in binary"
         )
     # Every JSON number but the last of an array is followed by a comma: bound the Python
-    # objects orjson would create before it creates them.
-    if body.count(b",", 0, header_length) > limits.max_elements + 4096:
+    # objects orjson would create before it creates them (a header shorter than the bound
+    # cannot hold that many commas, and counting a large one costs a millisecond).
+    if header_length > limits.max_elements + 4096 and (
+        body.count(b",", 0, header_length) > limits.max_elements + 4096
+    ):
         raise PayloadTooLarge(
             f"the JSON request holds more than the server's {limits.max_elements} elements"
         )
@@ -167,6 +171,17 @@ def _dtype(value: Any, where: str) -> np.dtype[Any]:
 def _json_data(data: Any, dtype: np.dtype[Any], count: int, where: str) -> np.ndarray:
     """JSON numbers (flat or nested lists) as an array of `dtype`, refusing what would not
     survive the conversion: strings, ragged lists, integers out of the type's range."""
+    if dtype.kind == "f" and type(data) is list:
+        # A flat list of numbers straight into a C array: no float64 array in between, and
+        # `array` refuses anything but numbers (nested lists, strings) as the path below does.
+        try:
+            flat = typed_array("d" if dtype.itemsize == 8 else "f", data)
+        except (TypeError, OverflowError):
+            pass  # nested, or not numbers: the general path says which
+        else:
+            if len(flat) == count:
+                native = np.float64 if dtype.itemsize == 8 else np.float32
+                return np.frombuffer(flat, native).astype(dtype, copy=False)
     try:
         array = np.asarray(data)
     except (ValueError, TypeError, OverflowError) as exc:
@@ -208,6 +223,8 @@ def _tensor(
     shape = _shape(entry.get("shape"), where)
     params = _mapping(entry.get("parameters"), f"{where}: parameters")
     count = math.prod(shape)
+    if math.prod(d or 1 for d in shape) * dtype.itemsize >= 2**62:  # numpy cannot shape it
+        raise InvalidInput(f"{where}: shape {list(shape)} is too large, even if empty")
     if count > budget:
         raise PayloadTooLarge(
             f"{where}: shape {list(shape)} has {count} elements, over the {budget} the request "
