@@ -35,6 +35,7 @@ __all__ = [
     "decode_response",
     "decompress",
     "encode_request",
+    "encode_request_parts",
     "encode_response",
 ]
 
@@ -335,7 +336,8 @@ def _assemble(
     tensors: Mapping[str, np.ndarray],
     binary: Mapping[str, bool],
     params: Mapping[str, Mapping[str, Any]],
-) -> tuple[bytes, int | None]:
+) -> tuple[list[bytes | memoryview], int | None]:
+    """The JSON header and the tensors' bytes as they lie in memory (no copy)."""
     entries = []
     blobs: list[memoryview] = []
     for name, array in tensors.items():
@@ -350,9 +352,7 @@ def _assemble(
         entries.append(entry)
     header[key] = entries
     head = orjson.dumps(header, option=orjson.OPT_SERIALIZE_NUMPY)
-    if not blobs:
-        return head, None
-    return b"".join([head, *blobs]), len(head)
+    return [head, *blobs], len(head) if blobs else None
 
 
 def encode_response(
@@ -366,7 +366,10 @@ def encode_response(
         header["id"] = response.id
     if response.parameters:
         header["parameters"] = response.parameters
-    return _assemble(header, "outputs", response.outputs, binary, response.output_parameters)
+    parts, header_length = _assemble(
+        header, "outputs", response.outputs, binary, response.output_parameters
+    )
+    return b"".join(parts), header_length
 
 
 def encode_request(
@@ -377,6 +380,21 @@ def encode_request(
     outputs: Sequence[str] | None = None,
 ) -> tuple[bytes, int | None]:
     """Encode a binary request for the next stage, asking for binary outputs."""
+    parts, header_length = encode_request_parts(
+        inputs, input_parameters=input_parameters, parameters=parameters, outputs=outputs
+    )
+    return b"".join(parts), header_length
+
+
+def encode_request_parts(
+    inputs: Mapping[str, np.ndarray],
+    *,
+    input_parameters: Mapping[str, Mapping[str, Any]] | None = None,
+    parameters: Mapping[str, Any] | None = None,
+    outputs: Sequence[str] | None = None,
+) -> tuple[list[bytes | memoryview], int | None]:
+    """`encode_request` as its JSON header and views of the tensors' bytes, to be written
+    to a socket as they are (a hop's tensor is not copied into one body first)."""
     header: dict[str, Any] = {"parameters": {**(parameters or {}), "binary_data_output": True}}
     if outputs is not None:
         header["outputs"] = [{"name": n, "parameters": {"binary_data": True}} for n in outputs]
