@@ -5,6 +5,11 @@ uvicorn writes a response's head as soon as the app starts it and the body when 
 sends it: two segments on a TCP_NODELAY socket, so the caller (the stage before, on the same
 core more often than not) wakes for the head, finds no body, and wakes again. Writes made
 in one step of the event loop are held until the step ends and then leave together.
+
+uvicorn also stops reading a request once 64 KiB of its body wait for the app, so a
+600 KB tensor arrives in many rounds of pause, resume and wake-up; a stage server reads up
+to `BODY_BUFFER` before it pauses (its own body limit still refuses larger bodies as they
+come).
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-__all__ = ["HttpProtocol"]
+__all__ = ["BODY_BUFFER", "HttpProtocol"]
+
+BODY_BUFFER = 4 * 1024 * 1024
 
 
 class _OneWrite(asyncio.Transport):
@@ -89,3 +96,14 @@ class HttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_OneWrite(transport, asyncio.get_running_loop()))
+
+    def on_body(self, body: bytes) -> None:
+        """uvicorn's, with `BODY_BUFFER` where it pauses at 64 KiB."""
+        if (
+            self.parser.should_upgrade() and self._should_upgrade()
+        ) or self.cycle.response_complete:
+            return
+        self.cycle.body += body
+        if len(self.cycle.body) > BODY_BUFFER:
+            self.flow.pause_reading()
+        self.cycle.message_event.set()
