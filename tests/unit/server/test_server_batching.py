@@ -170,7 +170,7 @@ def _learning_queue(cost: Callable[[int], float], runs: int) -> tuple[list[int],
 
 def test_batches_stop_growing_when_they_cost_more_per_row() -> None:
     """Rows cost 1.5x in a batch (a busy core, a cache-bound model): after the first runs
-    the queue runs requests alone, but for a probe of large batches every 10 runs."""
+    the queue runs requests alone, but for probes of large batches (10 runs apart at first)."""
     sizes, _ = _learning_queue(lambda rows: 1.0 if rows == 1 else 1.5 * rows, 60)
     late = sizes[20:]
     assert sum(1 for s in late if s > 1) <= len(late) // 10 + 1  # the probes only
