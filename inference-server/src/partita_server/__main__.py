@@ -1,5 +1,5 @@
-"""`partita-server`: run one stage server: v2 REST under uvicorn (uvloop + httptools) and v2
-gRPC on the same event loop and data plane."""
+"""`partita-server`: run one stage server: v2 REST under uvicorn (uvloop + httptools, each
+response in one write) and v2 gRPC on the same event loop and data plane."""
 
 from __future__ import annotations
 
@@ -37,6 +37,7 @@ def serve(
 
     from partita_server.app import create_app
     from partita_server.errors import StageSpecError
+    from partita_server.http_server import HttpProtocol
     from partita_server.spec import load_spec
 
     overrides: dict[str, object] = {"model": model}
@@ -54,7 +55,7 @@ def serve(
         host=host,
         port=port,
         loop="uvloop",
-        http="httptools",
+        http=HttpProtocol,
         log_level=log_level,
         access_log=False,
         timeout_keep_alive=75,

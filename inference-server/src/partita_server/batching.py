@@ -7,10 +7,11 @@ and the next free worker takes all of them that fit (same non-batch dims and dty
 to `max_rows`) in one run. Batches grow exactly when the server is saturated.
 
 Whether a batch pays depends on the model and on the machine (on a busy core a big batch can
-cost more per row than single runs): the queue keeps a moving average of each run size's
-time per row and merges only up to the size that has been cheapest per row, trying the
-largest size again every `probe_every` runs. So batching on costs at most those probes when
-merging does not pay, and takes what it gains when it does.
+cost more per row than single runs): a `MergePolicy` learns it from each run's time, as the
+event loop sees it (from the hand-off to the worker to the answer back, so the cost of a
+run's trip through the executor counts too), and merges only when merging has been cheaper
+per row. Its probes of the size it does not use back off while they lose, so batching on
+costs ever less when merging does not pay, and takes what it gains when it does.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import numpy as np
 
 from partita_server.metrics import ServerMetrics
 
-__all__ = ["RunQueue"]
+__all__ = ["MergePolicy", "RunQueue"]
 
 RunFn = Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]]
 Signature = tuple[tuple[str, tuple[int, ...], str], ...]
@@ -42,6 +43,80 @@ class _Pending:
 
     def __post_init__(self) -> None:
         self.signature = tuple((n, a.shape[1:], a.dtype.str) for n, a in sorted(self.feeds.items()))
+
+
+class MergePolicy:
+    """How many rows the next run may merge, learnt from measured run times.
+
+    Pure (fed `(rows, seconds)` of each run), so tests give it times instead of waiting.
+    It keeps a moving average of each run size's seconds per row and merges only when a
+    larger size has been cheaper per row than single runs by `margin`: batching must pay
+    to be used, and an even call runs requests alone. The size it does not use is tried
+    again after `probe_every` runs (the largest one while it runs requests alone, single
+    runs while it merges, so neither estimate goes stale); each probe that changes nothing
+    doubles the wait, up to `max_probe_every`, so at saturation on a model that batching
+    does not help the probes cost ever less; a probe that changes the choice starts over.
+    """
+
+    def __init__(
+        self,
+        max_rows: int,
+        *,
+        probe_every: int = 32,
+        max_probe_every: int = 1024,
+        margin: float = 0.05,
+    ) -> None:
+        self.max_rows, self._margin = max_rows, margin
+        self._first_wait, self._max_wait = probe_every, max(probe_every, max_probe_every)
+        self._wait = probe_every
+        self._countdown = probe_every
+        self._per_row: dict[int, float] = {}
+        self._best = max_rows  # until single and merged runs are both measured
+        self._probe: int | None = None  # the size being tried, until a run of it is seen
+
+    @property
+    def best(self) -> int:
+        """The size the measurements favour (the cap outside probes)."""
+        return self._best
+
+    @property
+    def wait(self) -> int:
+        """Runs between probes, as backed off so far."""
+        return self._wait
+
+    def cap(self) -> int:
+        """The most rows the run about to start may merge."""
+        return self._best if self._probe is None else self._probe
+
+    def observe(self, rows: int, seconds: float) -> None:
+        """Fold in one finished run and choose the next cap."""
+        if self.max_rows == 1 or rows < 1:
+            return
+        per_row = seconds / rows
+        old = self._per_row.get(rows)
+        # A size run only in probes is seen rarely: its newest run counts for half.
+        weight = 0.2 if rows == self._best else 0.5
+        self._per_row[rows] = per_row if old is None else (1 - weight) * old + weight * per_row
+        before = self._best
+        self._best = self._choose()
+        if self._probe is not None and (rows > 1) == (self._probe > 1):
+            self._probe = None  # answered
+            self._wait = (
+                self._first_wait if self._best != before else min(2 * self._wait, self._max_wait)
+            )
+            self._countdown = self._wait
+        elif self._probe is None:
+            self._countdown -= 1
+            if self._countdown <= 0:
+                self._probe = 1 if self._best > 1 else self.max_rows
+
+    def _choose(self) -> int:
+        single = self._per_row.get(1)
+        merged = {r: t for r, t in self._per_row.items() if r > 1}
+        if single is None or not merged:
+            return self._best
+        size = min(merged, key=lambda r: (merged[r], -r))
+        return size if merged[size] < (1 - self._margin) * single else 1
 
 
 class RunQueue:
@@ -66,10 +141,10 @@ class RunQueue:
     ) -> None:
         self._run, self._executor, self._metrics = run, executor, metrics
         self._free, self._max_rows, self._clock = workers, max_rows, clock
-        self._cap, self._probe_every, self._runs = max_rows, probe_every, 0
-        self._per_row: dict[int, float] = {}  # moving average of seconds per row, by rows
+        self._policy = MergePolicy(max_rows, probe_every=probe_every)
+        self._cap = 1
         self._pending: deque[_Pending] = deque()
-        self._running: set[asyncio.Future[tuple[list[dict[str, np.ndarray]], int, float]]] = set()
+        self._running: set[asyncio.Future[list[dict[str, np.ndarray]]]] = set()
         self._open = False
 
     def start(self) -> None:
@@ -116,45 +191,36 @@ class RunQueue:
         """Start runs while workers are free and requests wait."""
         loop = asyncio.get_running_loop()
         while self._free and self._pending:
+            self._cap = self._policy.cap()
             batch = self._take()
             if not batch:
                 break
             self._free -= 1
             run = loop.run_in_executor(self._executor, self._run_batch, batch)
             self._running.add(run)
-            run.add_done_callback(functools.partial(self._finished, batch=batch))
+            run.add_done_callback(
+                functools.partial(self._finished, batch=batch, started=self._clock())
+            )
         self._metrics.queue.set(len(self._pending))
 
     @property
     def cap(self) -> int:
         """The most rows the next run may merge."""
-        return self._cap
-
-    def _learn(self, rows: int, seconds: float) -> None:
-        """Fold one run into the per-row averages and choose the next cap."""
-        if self._max_rows == 1 or rows < 1:
-            return
-        per_row = seconds / rows
-        old = self._per_row.get(rows)
-        self._per_row[rows] = per_row if old is None else 0.8 * old + 0.2 * per_row
-        self._runs += 1
-        if self._runs % self._probe_every == 0:
-            self._cap = self._max_rows  # try the large batches again
-        elif len(self._per_row) > 1:
-            self._cap = min(self._per_row, key=lambda r: (self._per_row[r], -r))
+        return self._policy.cap()
 
     def _finished(
         self,
-        run: asyncio.Future[tuple[list[dict[str, np.ndarray]], int, float]],
+        run: asyncio.Future[list[dict[str, np.ndarray]]],
         *,
         batch: list[_Pending],
+        started: float,
     ) -> None:
         self._running.discard(run)
         self._free += 1
         error = None if run.cancelled() else run.exception()
         if not run.cancelled() and error is None:
-            outputs, rows, seconds = run.result()
-            self._learn(rows, seconds)
+            outputs = run.result()
+            self._policy.observe(sum(p.rows for p in batch), self._clock() - started)
         for i, item in enumerate(batch):
             if item.future.done():
                 continue
@@ -167,19 +233,14 @@ class RunQueue:
         if self._open:
             self._pump()
 
-    def _run_batch(self, batch: list[_Pending]) -> tuple[list[dict[str, np.ndarray]], int, float]:
-        """On a worker thread: one run for the batch; its outputs by request, rows, seconds."""
-        rows = sum(p.rows for p in batch)
+    def _run_batch(self, batch: list[_Pending]) -> list[dict[str, np.ndarray]]:
+        """On a worker thread: one run for the batch; its outputs by request."""
         if len(batch) == 1:
-            started = self._clock()
-            outputs = [self._run(batch[0].feeds)]
-            return outputs, rows, self._clock() - started
+            return [self._run(batch[0].feeds)]
         names = list(batch[0].feeds)
         feeds = {n: np.concatenate([p.feeds[n] for p in batch]) for n in names}
-        started = self._clock()
         merged = self._run(feeds)
-        seconds = self._clock() - started
         bounds = np.cumsum([p.rows for p in batch])[:-1]
         per_output = {n: np.split(v, bounds) for n, v in merged.items()}
         split = [{n: parts[i] for n, parts in per_output.items()} for i in range(len(batch))]
-        return split, rows, seconds
+        return split

@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -55,7 +55,7 @@ from partita_server.protocol import (
     compress,
     decode_response,
     decompress,
-    encode_request,
+    encode_request_parts,
 )
 from partita_server.spec import Hop, StageTokens
 from partita_server.stage import layout_from_json
@@ -123,7 +123,7 @@ class HttpTransport:
 
     async def _request(
         self, hop: Hop, endpoint: str, method: str, path: str, headers: Mapping[str, str],
-        body: bytes, timeout_s: float,
+        body: bytes | Sequence[bytes | memoryview], timeout_s: float,
     ) -> Http1Response:  # fmt: skip
         url = urlsplit(endpoint)
         try:
@@ -147,7 +147,7 @@ class HttpTransport:
         parameters: Mapping[str, Mapping[str, Any]],
         timeout_s: float,
     ) -> Reply:
-        body, header_length = encode_request(tensors, input_parameters=parameters)
+        body, header_length = encode_request_parts(tensors, input_parameters=parameters)
         headers = {"content-type": "application/octet-stream", TIMEOUT_HEADER: f"{timeout_s:.6f}"}
         if header_length is not None:
             headers[HEADER_LENGTH] = str(header_length)
@@ -164,7 +164,7 @@ class HttpTransport:
         response = decode_response(
             reply.body, int(length) if length and length.isdigit() else None, stage=hop.stage
         )
-        return Reply(response, len(body), server_seconds)
+        return Reply(response, sum(memoryview(b).nbytes for b in body), server_seconds)
 
     async def metadata(
         self, hop: Hop, endpoint: str, model: str, timeout_s: float

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -89,14 +89,18 @@ class Http1Pool:
         method: str,
         path: str,
         headers: Mapping[str, str],
-        body: bytes = b"",
+        body: bytes | Sequence[bytes | memoryview] = b"",
         *,
         timeout_s: float,
         connect_timeout_s: float,
     ) -> Http1Response:
+        """One call; `body` may come in parts (e.g. a header and views of tensors), written
+        with the request head in one go, uncopied."""
         key, target = self._route(host, port, path)
+        parts = [body] if isinstance(body, bytes) else list(body)
+        length = sum(memoryview(p).nbytes for p in parts)
         head = [f"{method} {target} HTTP/1.1", f"host: {host}:{port}",
-                f"content-length: {len(body)}"]  # fmt: skip
+                f"content-length: {length}"]  # fmt: skip
         head += [f"{k}: {v}" for k, v in headers.items()]
         request = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
         try:
@@ -107,9 +111,8 @@ class Http1Pool:
                         connection, reused = await self._connect(*key, connect_timeout_s)
                     reader, writer = connection
                     try:
-                        writer.write(request + body if len(body) < 65536 else request)
-                        if len(body) >= 65536:
-                            writer.write(body)
+                        # One write: the server wakes once, to a whole request.
+                        writer.writelines([request, *parts])
                         await writer.drain()
                         response, keep = await _read_response(reader)
                     except (ConnectionError, asyncio.IncompleteReadError) as exc:

@@ -9,6 +9,7 @@ the tensor's parameters so the receiving stage decodes it.
 from __future__ import annotations
 
 import math
+from array import array as typed_array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,7 @@ __all__ = [
     "decode_response",
     "decompress",
     "encode_request",
+    "encode_request_parts",
     "encode_response",
 ]
 
@@ -124,8 +126,11 @@ def _header(body: bytes, header_length: int | None, limits: Limits) -> tuple[Any
             f"{limits.max_json_bytes}-byte limit for JSON; send tensors in binary"
         )
     # Every JSON number but the last of an array is followed by a comma: bound the Python
-    # objects orjson would create before it creates them.
-    if body.count(b",", 0, header_length) > limits.max_elements + 4096:
+    # objects orjson would create before it creates them (a header shorter than the bound
+    # cannot hold that many commas, and counting a large one costs a millisecond).
+    if header_length > limits.max_elements + 4096 and (
+        body.count(b",", 0, header_length) > limits.max_elements + 4096
+    ):
         raise PayloadTooLarge(
             f"the JSON request holds more than the server's {limits.max_elements} elements"
         )
@@ -167,6 +172,17 @@ def _dtype(value: Any, where: str) -> np.dtype[Any]:
 def _json_data(data: Any, dtype: np.dtype[Any], count: int, where: str) -> np.ndarray:
     """JSON numbers (flat or nested lists) as an array of `dtype`, refusing what would not
     survive the conversion: strings, ragged lists, integers out of the type's range."""
+    if dtype.kind == "f" and type(data) is list:
+        # A flat list of numbers straight into a C array: no float64 array in between, and
+        # `array` refuses anything but numbers (nested lists, strings) as the path below does.
+        try:
+            flat = typed_array("d" if dtype.itemsize == 8 else "f", data)
+        except (TypeError, OverflowError):
+            pass  # nested, or not numbers: the general path says which
+        else:
+            if len(flat) == count:
+                native = np.float64 if dtype.itemsize == 8 else np.float32
+                return np.frombuffer(flat, native).astype(dtype, copy=False)
     try:
         array = np.asarray(data)
     except (ValueError, TypeError, OverflowError) as exc:
@@ -208,6 +224,8 @@ def _tensor(
     shape = _shape(entry.get("shape"), where)
     params = _mapping(entry.get("parameters"), f"{where}: parameters")
     count = math.prod(shape)
+    if math.prod(d or 1 for d in shape) * dtype.itemsize >= 2**62:  # numpy cannot shape it
+        raise InvalidInput(f"{where}: shape {list(shape)} is too large, even if empty")
     if count > budget:
         raise PayloadTooLarge(
             f"{where}: shape {list(shape)} has {count} elements, over the {budget} the request "
@@ -318,7 +336,8 @@ def _assemble(
     tensors: Mapping[str, np.ndarray],
     binary: Mapping[str, bool],
     params: Mapping[str, Mapping[str, Any]],
-) -> tuple[bytes, int | None]:
+) -> tuple[list[bytes | memoryview], int | None]:
+    """The JSON header and the tensors' bytes as they lie in memory (no copy)."""
     entries = []
     blobs: list[memoryview] = []
     for name, array in tensors.items():
@@ -333,9 +352,7 @@ def _assemble(
         entries.append(entry)
     header[key] = entries
     head = orjson.dumps(header, option=orjson.OPT_SERIALIZE_NUMPY)
-    if not blobs:
-        return head, None
-    return b"".join([head, *blobs]), len(head)
+    return [head, *blobs], len(head) if blobs else None
 
 
 def encode_response(
@@ -349,7 +366,10 @@ def encode_response(
         header["id"] = response.id
     if response.parameters:
         header["parameters"] = response.parameters
-    return _assemble(header, "outputs", response.outputs, binary, response.output_parameters)
+    parts, header_length = _assemble(
+        header, "outputs", response.outputs, binary, response.output_parameters
+    )
+    return b"".join(parts), header_length
 
 
 def encode_request(
@@ -360,6 +380,21 @@ def encode_request(
     outputs: Sequence[str] | None = None,
 ) -> tuple[bytes, int | None]:
     """Encode a binary request for the next stage, asking for binary outputs."""
+    parts, header_length = encode_request_parts(
+        inputs, input_parameters=input_parameters, parameters=parameters, outputs=outputs
+    )
+    return b"".join(parts), header_length
+
+
+def encode_request_parts(
+    inputs: Mapping[str, np.ndarray],
+    *,
+    input_parameters: Mapping[str, Mapping[str, Any]] | None = None,
+    parameters: Mapping[str, Any] | None = None,
+    outputs: Sequence[str] | None = None,
+) -> tuple[list[bytes | memoryview], int | None]:
+    """`encode_request` as its JSON header and views of the tensors' bytes, to be written
+    to a socket as they are (a hop's tensor is not copied into one body first)."""
     header: dict[str, Any] = {"parameters": {**(parameters or {}), "binary_data_output": True}}
     if outputs is not None:
         header["outputs"] = [{"name": n, "parameters": {"binary_data": True}} for n in outputs]

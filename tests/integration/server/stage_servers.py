@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import uvicorn
 
+from partita_server.http_server import HttpProtocol
 from partita_server.spec import StageSpec
 
 SITE = Path(pytest.__file__).resolve().parents[1]
@@ -35,7 +36,7 @@ def running(app: Any, port: int | None = None) -> Iterator[str]:
     """Serve `app` until the block ends; yields its base URL."""
     port = port or free_port()
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", log_level="warning"
+        app, host="127.0.0.1", port=port, loop="uvloop", http=HttpProtocol, log_level="warning"
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name=f"uvicorn-{port}", daemon=True)

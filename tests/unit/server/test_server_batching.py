@@ -5,13 +5,14 @@ to the request that sent them."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from partita_server.batching import RunQueue
+from partita_server.batching import MergePolicy, RunQueue
 from partita_server.metrics import ServerMetrics
 
 
@@ -169,7 +170,7 @@ def _learning_queue(cost: Callable[[int], float], runs: int) -> tuple[list[int],
 
 def test_batches_stop_growing_when_they_cost_more_per_row() -> None:
     """Rows cost 1.5x in a batch (a busy core, a cache-bound model): after the first runs
-    the queue runs requests alone, but for a probe of large batches every 10 runs."""
+    the queue runs requests alone, but for probes of large batches (10 runs apart at first)."""
     sizes, _ = _learning_queue(lambda rows: 1.0 if rows == 1 else 1.5 * rows, 60)
     late = sizes[20:]
     assert sum(1 for s in late if s > 1) <= len(late) // 10 + 1  # the probes only
@@ -178,3 +179,64 @@ def test_batches_stop_growing_when_they_cost_more_per_row() -> None:
 def test_batches_stay_large_when_they_pay() -> None:
     sizes, cap = _learning_queue(lambda rows: 1.0 + 0.25 * rows, 60)
     assert cap == 4 and sum(1 for s in sizes[10:] if s == 4) >= 0.8 * len(sizes[10:])
+
+
+def _saturate(policy: MergePolicy, cost: Callable[[int], float], runs: int) -> list[int]:
+    """Feed the policy `runs` saturated runs (every run takes as many rows as its cap)
+    that cost `cost(rows)` seconds; returns each run's rows."""
+    sizes = []
+    for _ in range(runs):
+        rows = policy.cap()
+        sizes.append(rows)
+        policy.observe(rows, cost(rows))
+    return sizes
+
+
+def test_a_policy_that_loses_every_probe_probes_ever_less_often() -> None:
+    policy = MergePolicy(4, probe_every=8, max_probe_every=256)
+    policy.observe(1, 1.0)
+    sizes = _saturate(policy, lambda rows: 1.3 * rows, 2000)
+    assert policy.best == 1
+    probes = [i for i, s in enumerate(sizes) if s > 1]
+    gaps = [b - a for a, b in itertools.pairwise(probes)]
+    assert gaps == sorted(gaps) and gaps[-1] > 4 * gaps[0]  # backed off
+    assert len(probes) <= 12  # 2000 runs: 8, 16, ..., 256, 256, ...
+
+
+def test_merging_within_the_margin_of_single_runs_is_not_worth_it() -> None:
+    policy = MergePolicy(4, probe_every=8, margin=0.05)
+    policy.observe(1, 1.0)
+    sizes = _saturate(policy, lambda rows: 0.98 * rows if rows > 1 else 1.0, 200)
+    assert policy.best == 1 and sizes[-50:].count(1) >= 49
+
+
+def test_merging_that_pays_is_kept_and_single_runs_are_re_measured() -> None:
+    policy = MergePolicy(4, probe_every=8, max_probe_every=64)
+    policy.observe(1, 1.0)
+    sizes = _saturate(policy, lambda rows: 0.5 + 0.3 * rows, 500)
+    assert policy.best == 4
+    assert sizes[10:].count(4) >= 0.95 * len(sizes[10:])
+    assert 1 in sizes[100:]  # single runs are tried again, so a stale figure cannot stick
+
+
+def test_a_stale_single_run_figure_does_not_keep_batches_that_stopped_paying() -> None:
+    """Single runs measured during a load spike look dear; once merging stops paying,
+    the next probe of single runs brings the queue back to them."""
+    policy = MergePolicy(4, probe_every=8, max_probe_every=64)
+    policy.observe(1, 3.0)  # measured while the core was busy with other work
+    _saturate(policy, lambda rows: 1.2 * rows if rows > 1 else 1.0, 300)
+    assert policy.best == 1
+
+
+def test_the_policy_follows_a_model_whose_batches_start_to_pay() -> None:
+    policy = MergePolicy(4, probe_every=8, max_probe_every=64)
+    policy.observe(1, 1.0)
+    _saturate(policy, lambda rows: 1.3 * rows if rows > 1 else 1.0, 300)
+    assert policy.best == 1
+    _saturate(policy, lambda rows: 0.6 * rows if rows > 1 else 1.0, 300)
+    assert policy.best == 4
+
+
+def test_batching_off_never_merges() -> None:
+    policy = MergePolicy(1)
+    assert _saturate(policy, lambda rows: 0.1 * rows, 100) == [1] * 100

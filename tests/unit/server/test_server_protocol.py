@@ -247,3 +247,27 @@ def test_grpc_requests_decode_to_their_shapes_or_a_4xx(
     for name, datatype, shape, *_ in entries:
         assert list(decoded.inputs[name].shape) == shape
         assert decoded.inputs[name].dtype == DATATYPES[datatype]
+
+
+def test_json_floats_decode_flat_or_nested_and_anything_else_is_refused_by_name() -> None:
+    def body(data: object, datatype: str = "FP32", shape: list[int] | None = None) -> bytes:
+        tensor = {"name": "x", "datatype": datatype, "shape": shape or [2, 2], "data": data}
+        return orjson.dumps({"inputs": [tensor]})
+
+    values = [0.5, -1, 3.25, True]
+    flat = decode_request(body(values)).inputs["x"]
+    nested = decode_request(body([[0.5, -1], [3.25, True]])).inputs["x"]
+    for array in (flat, nested):
+        assert array.dtype == np.float32 and array.shape == (2, 2)
+        np.testing.assert_array_equal(array, np.array([[0.5, -1], [3.25, 1]], np.float32))
+    half = decode_request(body(values, "FP16")).inputs["x"]
+    assert half.dtype == np.float16 and half.tolist() == [[0.5, -1], [3.25, 1]]
+    for bad in ([0.5, "1", 2.0, 3.0], [0.5, None, 2.0, 3.0], [1.0, 2.0, 3.0], [[1.0], 2.0, 3, 4]):
+        with pytest.raises(InvalidInput, match="'x'"):
+            decode_request(body(bad))
+
+
+def test_a_shape_numpy_cannot_hold_is_refused_even_when_empty() -> None:
+    entry = {"name": "x", "datatype": "FP32", "shape": [0, 2**31 - 1, 2**31 - 1], "data": []}
+    with pytest.raises(InvalidInput, match="too large"):
+        decode_request(orjson.dumps({"inputs": [entry]}))
