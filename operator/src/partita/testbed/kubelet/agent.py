@@ -50,7 +50,7 @@ from partita.testbed.netshape import Endpoint, Target
 log = logging.getLogger(__name__)
 
 SYNC_INTERVAL_S = 0.25
-DEFAULT_POD_CIDR = "10.244.255.0/24"
+DEFAULT_POD_CIDR = "10.248.0.0/24"  # a node without a podCIDR: outside the nodes' block
 HOST_IPS = frozenset({cluster.NODE_IP})
 
 
