@@ -373,25 +373,11 @@ class _Upstream:
         self.writer.close()
 
 
-class ShapingProxy:
-    """One listener: a forward proxy for a simulated node (`service` None: route by the request's
-    host) or an entry reverse proxy for one Service (clients call it directly). Connections are
-    kept alive; each stays on its endpoint while that endpoint is ready (as kube-proxy keeps a
-    TCP connection on one backend), and a new endpoint is picked round-robin otherwise."""
+class _Listener:
+    """A loopback listener that keeps its connections' tasks, so closing it ends them; each
+    connection goes to `_serve` and is closed when that returns."""
 
-    def __init__(
-        self,
-        name: str,
-        source_pool: str,
-        resolver: Resolver,
-        links: LinkTable,
-        *,
-        service: tuple[str, str, int] | None = None,
-        clock: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.name, self.source_pool, self.service = name, source_pool, service
-        self._resolver, self._links, self._clock = resolver, links, clock
-        self._rr: dict[tuple[str, str, int], int] = {}
+    def __init__(self) -> None:
         self._server: asyncio.Server | None = None
         self._conns: set[asyncio.Task[None]] = set()
         self.port = 0
@@ -416,6 +402,38 @@ class ShapingProxy:
         task = asyncio.current_task()
         assert task is not None
         self._conns.add(task)
+        try:
+            await self._serve(reader, writer)
+        finally:
+            writer.close()
+            self._conns.discard(task)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
+
+
+class ShapingProxy(_Listener):
+    """One listener: a forward proxy for a simulated node (`service` None: route by the request's
+    host) or an entry reverse proxy for one Service (clients call it directly). Connections are
+    kept alive; each stays on its endpoint while that endpoint is ready (as kube-proxy keeps a
+    TCP connection on one backend), and a new endpoint is picked round-robin otherwise."""
+
+    def __init__(
+        self,
+        name: str,
+        source_pool: str,
+        resolver: Resolver,
+        links: LinkTable,
+        *,
+        service: tuple[str, str, int] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name, self.source_pool, self.service = name, source_pool, service
+        self._resolver, self._links, self._clock = resolver, links, clock
+        self._rr: dict[tuple[str, str, int], int] = {}
+        super().__init__()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         upstream: _Upstream | None = None
         try:
             while True:
@@ -439,8 +457,6 @@ class ShapingProxy:
         finally:
             if upstream is not None:
                 upstream.close()
-            writer.close()
-            self._conns.discard(task)
 
     def _target(self, head: Head) -> tuple[str, Target]:
         parts = head.start.split(" ")
@@ -542,7 +558,7 @@ class ShapingProxy:
         await _paced_write(writer, data, shaping, self._clock)
 
 
-class ShapingForwarder:
+class ShapingForwarder(_Listener):
     """One entry listener for a Service port that is not HTTP/1 (gRPC's cleartext HTTP/2,
     `appProtocol: kubernetes.io/h2c`): bytes, not messages. Each connection goes to one ready
     endpoint, picked round-robin when it opens (kube-proxy balances per connection, so a gRPC
@@ -565,30 +581,9 @@ class ShapingForwarder:
         self.name, self.source_pool, self.service = name, source_pool, service
         self._resolver, self._links, self._clock = resolver, links, clock
         self._rr = 0
-        self._server: asyncio.Server | None = None
-        self._conns: set[asyncio.Task[None]] = set()
-        self.port = 0
+        super().__init__()
 
-    async def start(self, port: int = 0, host: str = "127.0.0.1") -> int:
-        self._server = await asyncio.start_server(self._on_client, host, port)
-        self.port = int(self._server.sockets[0].getsockname()[1])
-        return self.port
-
-    async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._conns):
-            task.cancel()
-        if self._conns:
-            await asyncio.gather(*self._conns, return_exceptions=True)
-        if self._server is not None:
-            with contextlib.suppress(Exception):
-                await self._server.wait_closed()
-
-    async def _on_client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._conns.add(task)
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         upstream: asyncio.StreamWriter | None = None
         try:
             ep, up_reader, upstream = await self._connect()
@@ -603,8 +598,6 @@ class ShapingForwarder:
         finally:
             if upstream is not None:
                 upstream.close()
-            writer.close()
-            self._conns.discard(task)
 
     async def _connect(self) -> tuple[Endpoint, asyncio.StreamReader, asyncio.StreamWriter]:
         ns, svc, port = self.service
