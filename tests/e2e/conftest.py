@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_loop import NAMESPACE, ROOT, store_models
+from e2e_loop import DEFAULT_LINK, E2E_LINK, NAMESPACE, ROOT, set_links, store_models
 
 from cluster_helpers import eventually
 
@@ -44,7 +44,8 @@ def model_store_files() -> dict[str, Path]:
 def loop(
     cluster: Any, tmp_path_factory: pytest.TempPathFactory, model_store_files: dict[str, Path]
 ) -> Iterator[Any]:
-    """The chart's operator watching NAMESPACE, the test bed's pools, a namespace."""
+    """The chart's operator watching NAMESPACE, the test bed's pools, a namespace, and the
+    edge-a <-> cloud link at E2E_LINK."""
     from partita.testbed.release import Release
 
     store = tmp_path_factory.mktemp("model-store")
@@ -64,6 +65,7 @@ def loop(
         model_store=store,
     )
     cluster.kubectl("apply", "-f", str(ROOT / "examples/testbed/devicepools.yaml"))
+    set_links(cluster, *E2E_LINK)
     RELEASES.append(release)
     try:
         yield cluster
@@ -77,6 +79,7 @@ def loop(
         cluster.kubectl(
             "delete", "-f", str(ROOT / "examples/testbed/devicepools.yaml"), check=False
         )
+        set_links(cluster, *DEFAULT_LINK)
 
 
 @pytest.fixture(scope="module")

@@ -66,6 +66,15 @@ def edge_model(name: str, **spec: Any) -> str:
     return _document(name, {**body, **spec})
 
 
+# The edge-a <-> cloud link the e2e modules start from and return to. Whether a plan crosses
+# a link is a race between the link and this machine's CPU (the cloud's cores are four times
+# an edge board's, whatever this machine's speed): at the test bed's default 100 Mbit/s,
+# 20 ms, a fast machine runs open-nsfw whole at the edge sooner than its 600 KB input crosses.
+# At 1 Gbit/s, 2 ms the cloud wins on any machine, so every module sees cut and cloud plans.
+E2E_LINK = ("1Gbit", "2ms")
+DEFAULT_LINK = ("100Mbit", "20ms")  # the test bed's own, restored after each module
+
+
 def set_links(cluster: Any, bandwidth: str, rtt: str) -> None:
     """Shape both directions of the link between the data source's pool and the cloud."""
     for link in ("link=edge-a:cloud", "link=cloud:edge-a"):

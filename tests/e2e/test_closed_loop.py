@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 from e2e_loop import (
+    E2E_LINK,
     NAMESPACE,
     Clients,
     edge_model,
@@ -176,6 +177,7 @@ def _settled_after(cluster: Any, moved: dict[str, Any]) -> int:
 
 def test_bandwidth_collapse_moves_the_plan_without_failed_requests(served: Any) -> None:
     before = _settled_plan(served)
+    assert "cloud" in str(before["pools"]), f"a plan that crosses the link to collapse: {before}"
     try:
         with Clients(entry_url(served, MODEL), MODEL) as clients:
             eventually(lambda: clients.ok >= 4, 60, "answers before the change")
@@ -186,8 +188,8 @@ def test_bandwidth_collapse_moves_the_plan_without_failed_requests(served: Any) 
             # The clients run on through the drain and deletion of the old revision.
             final = _settled_after(served, moved)
     finally:
-        set_links(served, "100Mbit", "20ms")
-    _report("bandwidth 100 -> 2 Mbit/s", took, clients)
+        set_links(served, *E2E_LINK)
+    _report(f"bandwidth {E2E_LINK[0]} -> 2Mbit", took, clients)
     print(f"revisions {before['revision']} -> {moved['revision']} (first move) -> {final}")
     assert clients.ok > 0
     assert clients.failed == [], clients.failed[:3]
@@ -234,7 +236,7 @@ def test_prometheus_down_keeps_the_plan_and_says_metrics_are_stale(served: Any) 
             f"revision {before} serving while Prometheus is down",
         )
     finally:
-        set_links(served, "100Mbit", "20ms")
+        set_links(served, *E2E_LINK)
         served.partita("testbed", "prometheus", "--start")
     eventually(
         lambda: _condition(_status(served), "MetricsFresh") == "True", 90, "MetricsFresh=True again"

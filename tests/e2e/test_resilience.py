@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import yaml
 from e2e_loop import (
+    E2E_LINK,
     NAMESPACE,
     STORE,
     Clients,
@@ -275,7 +276,7 @@ def test_operator_sigkilled_during_rollouts_loses_nothing(steady: Any, release: 
             for kill in range(KILLS):
                 if kill % 4 == 0:  # the link flips: the kills fall into replans and rollouts
                     slow = kill % 8 == 0
-                    set_links(steady, *(("2Mbit", "40ms") if slow else ("100Mbit", "20ms")))
+                    set_links(steady, *(("2Mbit", "40ms") if slow else E2E_LINK))
                 pid = eventually(
                     partial(_operator_process, release, pid), 60, "the operator's process again"
                 )
@@ -291,7 +292,7 @@ def test_operator_sigkilled_during_rollouts_loses_nothing(steady: Any, release: 
             took, since_restart = time.monotonic() - last_kill, time.monotonic() - restarted
             note_plan()
     finally:
-        set_links(steady, "100Mbit", "20ms")  # the next tests start from a healthy link
+        set_links(steady, *E2E_LINK)  # the next tests start from a healthy link
     print(
         f"{KILLS} SIGKILLs: converged {took:.1f} s after the last ({since_restart:.1f} s after "
         f"the operator's process was started again, {restarted - last_kill:.1f} s of crash-loop "
