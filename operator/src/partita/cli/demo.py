@@ -35,6 +35,12 @@ MODEL = "open-nsfw"
 MODEL_FILE = "open_nsfw.onnx"
 STORE_PATH = "/var/lib/partita/models"  # the chart's modelStore.mountPath
 SCENARIO = ROOT / "examples" / "scenarios" / "demo.yaml"
+# The edge-a site's uplink to the cloud before the scenario collapses it. Whether a plan crosses
+# it is a race between the link and this machine's CPU (cloud cores are four edge boards,
+# whatever this machine's speed): at 100 Mbit/s, 20 ms a fast machine runs open-nsfw whole on
+# an edge board before its 600 KB input would reach the cloud, and the demo would show no cut.
+# At 1 Gbit/s, 2 ms the cloud wins on any machine the suite has run on.
+UPLINK_BPS, UPLINK_RTT_S = 1e9, 0.002
 
 
 def _say(msg: str) -> None:
@@ -195,7 +201,7 @@ def run_demo(run_dir: Path, out_dir: Path, keep: bool) -> int:
     from partita.cli.plugin import print_status
     from partita.cli.status import StatusError, fetch_model, node_for_role
     from partita.testbed import binaries, cluster, scenario
-    from partita.testbed.layout import parse_nodes
+    from partita.testbed.layout import parse_nodes, with_link
     from partita.testbed.release import Release
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -204,7 +210,10 @@ def run_demo(run_dir: Path, out_dir: Path, keep: bool) -> int:
         "Prometheus, agent"
     )
     cluster.down(run_dir)
-    info = cluster.up(run_dir, parse_nodes("edge-a=2,edge-b=2,cloud=2"), log=_say)
+    layout = with_link(
+        parse_nodes("edge-a=2,edge-b=2,cloud=2"), "edge-a", "cloud", UPLINK_BPS, UPLINK_RTT_S
+    )
+    info = cluster.up(run_dir, layout, log=_say)
     env = {
         **os.environ,
         "KUBECONFIG": str(info.kubeconfig),

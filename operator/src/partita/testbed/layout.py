@@ -119,6 +119,18 @@ def default_links(nodes: list[NodeSpec]) -> tuple[LinkSpec, ...]:
     return tuple(links)
 
 
+def with_link(layout: Layout, a: str, b: str, bandwidth_bps: float, rtt_s: float) -> Layout:
+    """`layout` with both directions of the link between pools `a` and `b` set as given."""
+    ends = {(a, b), (b, a)}
+    links = tuple(
+        LinkSpec(lk.source, lk.target, bandwidth_bps, rtt_s)
+        if (lk.source, lk.target) in ends
+        else lk
+        for lk in layout.links
+    )
+    return Layout(layout.nodes, links)
+
+
 def load_layout(path: Path) -> Layout:
     """A YAML file: `pools: [{name, tier, nodes, cpu?, memory?, speed?, zone?}]`, `links: [{source,
     target, bandwidth: 100Mbit, rtt: 20ms}]` (links not given default as in `default_links`)."""
