@@ -12,9 +12,12 @@ enters the cache only once its sha256 matched.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import socket
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urljoin, urlsplit
 
@@ -24,6 +27,8 @@ from partita.api import sources
 from partita_server.errors import StageSpecError
 
 __all__ = ["download", "from_operator"]
+
+log = logging.getLogger(__name__)
 
 TOKEN_ENV = "PARTITA_MODEL_TOKEN"  # the model's token for the operator's distribution
 
@@ -57,6 +62,15 @@ def _check_peer(uri: str, original: str, response: httpx.Response, allow: bool) 
             raise StageSpecError(f"source.uri {original} (at {uri}): {exc}") from exc
 
 
+# Answers of a distribution endpoint that is restarting or not yet behind its Service.
+UNAVAILABLE = frozenset({429, 502, 503, 504})
+RETRY_FIRST_S, RETRY_MAX_S = 0.5, 5.0
+
+
+class _Unavailable(Exception):
+    """The operator could not answer this time (down, restarting, no ready endpoint)."""
+
+
 def from_operator(
     uri: str,
     sha256: str,
@@ -65,8 +79,16 @@ def from_operator(
     timeout_s: float = 300.0,
     max_bytes: int = DEFAULT_MAX_BYTES,
     token: str | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
 ) -> Path:
-    """The model with digest `sha256` from the operator's distribution endpoint `uri`."""
+    """The model with digest `sha256` from the operator's distribution endpoint `uri`.
+
+    While the operator is unavailable (connection refused or reset, 429/502/503/504) the
+    download is tried again, waiting 0.5 s and doubling up to 5 s, until `timeout_s` has
+    passed: the server stays up and unready meanwhile, instead of exiting into the kubelet's
+    crash-loop back-off, and loads within seconds of the operator's return. Any other answer
+    (a refused token, an unknown digest, a wrong digest) fails at once."""
     token = token if token is not None else os.environ.get(TOKEN_ENV, "")
     if not token:
         raise StageSpecError(
@@ -74,12 +96,38 @@ def from_operator(
             "revision's Secret holds it)"
         )
     headers = {"Authorization": f"Bearer {token}"}
+    deadline, wait = clock() + timeout_s, RETRY_FIRST_S
+    while True:
+        try:
+            return _from_operator_once(uri, sha256, target, headers, timeout_s, max_bytes)
+        except _Unavailable as exc:
+            if clock() + wait > deadline:
+                raise StageSpecError(
+                    f"source.uri {uri}: the operator was unavailable for {timeout_s:.0f} s "
+                    f"(last: {exc})"
+                ) from exc
+            log.warning("source.uri %s: %s; trying again in %.1f s", uri, exc, wait)
+            sleep(wait)
+            wait = min(2 * wait, RETRY_MAX_S)
+
+
+def _from_operator_once(
+    uri: str,
+    sha256: str,
+    target: Path,
+    headers: dict[str, str],
+    timeout_s: float,
+    max_bytes: int,
+) -> Path:
     with _Download(target, sha256, uri, max_bytes) as out:
         try:
             with (
                 httpx.Client(timeout=timeout_s, headers=headers) as client,
                 client.stream("GET", uri) as reply,
             ):
+                if reply.status_code in UNAVAILABLE:
+                    body = reply.read()[:300].decode(errors="replace")
+                    raise _Unavailable(f"HTTP {reply.status_code}: {body}")
                 if reply.status_code != 200:
                     raise StageSpecError(
                         f"source.uri {uri}: the operator answered HTTP {reply.status_code}: "
@@ -87,6 +135,8 @@ def from_operator(
                     )
                 for chunk in reply.iter_bytes(1 << 20):
                     out.write(chunk)
+        except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError) as exc:
+            raise _Unavailable(f"{type(exc).__name__}: {exc}") from exc
         except httpx.HTTPError as exc:
             raise StageSpecError(f"source.uri {uri}: download failed ({exc})") from exc
     return target

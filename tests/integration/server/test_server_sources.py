@@ -1,6 +1,7 @@
 """Model sources confined, by the operator's fetch and by the stage servers' own:
 file paths inside the model store, external data inside the model's directory, http(s) never
-to metadata or link-local addresses (also not by a redirect), sizes limited while streaming.
+to metadata or link-local addresses (also not by a redirect), sizes limited while streaming;
+the operator's distribution waited for while it restarts.
 
 Only loopback is contacted: a refused address is refused before any connection."""
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +22,7 @@ from stage_servers import CLS, spec_for
 
 from partita.kube.fetch import FetchError, FetchReason, ModelFetcher
 from partita_server.errors import StageSpecError
-from partita_server.fetch import download
+from partita_server.fetch import download, from_operator
 from partita_server.spec import ModelSource, OrtSizing
 from partita_server.stage import load_stage
 
@@ -169,3 +171,102 @@ def test_external_data_outside_the_model_directory_is_refused(tmp_path: Path) ->
     onnx.save(escaping, str(models / "escaping.onnx"))
     with pytest.raises(StageSpecError, match=r"'w'.*inside the model's directory"):
         load_stage(spec_for(models / "escaping.onnx", "ext", tmp_path), sizing=ONE)
+
+
+class _Restarting(http.server.BaseHTTPRequestHandler):
+    """The operator's distribution endpoint coming back: the first GET a 503 (no ready
+    endpoint yet), then the model for a good token, 403 for any other."""
+
+    answered = 0
+
+    def do_GET(self) -> None:  # the handler's method name
+        type(self).answered += 1
+        blob = CLS.read_bytes()
+        if self.headers.get("authorization") != "Bearer good":
+            status, body = 403, b"token refused"
+        elif type(self).answered == 1:
+            status, body = 503, b"no ready endpoints"
+        else:
+            status, body = 200, blob
+        self.send_response(status)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_a_restarting_operator_delays_the_stage_download_instead_of_failing_it(
+    tmp_path: Path,
+) -> None:
+    """Connection refused while the operator is down, a 503 while its Service has no ready
+    endpoint, then the model: the server waits (0.5 s, doubling) instead of exiting."""
+    port = _free_port()
+    _Restarting.answered = 0
+    servers: list[http.server.ThreadingHTTPServer] = []
+    waits: list[float] = []
+
+    def sleep(seconds: float) -> None:  # the operator comes back after the first attempt
+        waits.append(seconds)
+        if not servers:
+            servers.append(http.server.ThreadingHTTPServer(("127.0.0.1", port), _Restarting))
+            threading.Thread(target=servers[0].serve_forever, daemon=True).start()
+
+    try:
+        got = from_operator(
+            f"http://127.0.0.1:{port}/v1/models/{DIGEST}",
+            DIGEST,
+            tmp_path / "m.onnx",
+            token="good",
+            sleep=sleep,
+        )
+    finally:
+        for server in servers:
+            server.shutdown()
+    assert hashlib.sha256(got.read_bytes()).hexdigest() == DIGEST
+    assert waits == [0.5, 1.0]  # refused, then 503, then the model
+    assert _Restarting.answered == 2
+
+
+def test_a_refused_token_fails_the_download_at_once(tmp_path: Path) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Restarting)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    waits: list[float] = []
+    try:
+        with pytest.raises(StageSpecError, match="HTTP 403: token refused"):
+            from_operator(
+                f"http://127.0.0.1:{server.server_address[1]}/v1/models/{DIGEST}",
+                DIGEST,
+                tmp_path / "m.onnx",
+                token="stale",
+                sleep=waits.append,
+            )
+    finally:
+        server.shutdown()
+    assert waits == [] and not (tmp_path / "m.onnx").exists()
+
+
+def test_an_operator_away_past_the_timeout_fails_the_download_saying_so(tmp_path: Path) -> None:
+    now = [0.0]
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    with pytest.raises(StageSpecError, match="operator was unavailable for 20 s"):
+        from_operator(
+            f"http://127.0.0.1:{_free_port()}/v1/models/{DIGEST}",
+            DIGEST,
+            tmp_path / "m.onnx",
+            token="good",
+            timeout_s=20,
+            sleep=sleep,
+            clock=lambda: now[0],
+        )
+    assert 15 <= now[0] <= 20  # it kept trying until the timeout, not past it
