@@ -98,3 +98,41 @@ def test_frontier_keeps_cheapest_of_equal_compute_cuts() -> None:
     assert 50 <= len(positions) <= 1 / FRONTIER_TOLERANCE + 1
     # ...and block boundaries (one tensor, 64 B) beat mid-block ones (two tensors).
     assert sum(c.nbytes == 64 for c in prof.cut_points) >= 90
+
+
+def test_models_of_one_file_profiled_at_once_are_analysed_once(tmp_path, monkeypatch) -> None:
+    """Three EdgeModels of one file reach the operator's profiling at the same moment: one
+    analysis, one set of cache files, every caller the same profile (two analyses used to
+    write one temporary file, and the second rename failed)."""
+    import threading
+
+    from partita.model import profile as profiling
+
+    clear_cache()
+    analyses = []
+    real = profiling.load_model_with_report
+
+    def counted(*args, **kwargs):
+        analyses.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(profiling, "load_model_with_report", counted)
+    start = threading.Barrier(3)
+    got, errors = [], []
+
+    def profile() -> None:
+        start.wait()
+        try:
+            got.append(profile_model(conv_stack(24, 20), cache_dir=tmp_path))
+        except Exception as exc:  # what the test reports
+            errors.append(exc)
+
+    threads = [threading.Thread(target=profile) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == [] and len(got) == 3
+    assert len(analyses) == 1
+    assert all(p is got[0] for p in got)
+    assert [p.suffix for p in sorted(tmp_path.iterdir())] == [".json", ".npz"]  # no leftovers

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -38,6 +39,7 @@ FRONTIER_TOLERANCE = 0.002
 
 _cache: OrderedDict[str, ModelProfile] = OrderedDict()
 _cache_lock = threading.Lock()
+_key_locks: dict[str, threading.Lock] = {}  # the keys being profiled now
 
 
 def cache_key(
@@ -65,6 +67,28 @@ def profile_model(
         if hit is not None:
             _cache.move_to_end(key)
             return hit
+        key_lock = _key_locks.setdefault(key, threading.Lock())
+    # One profiling per key at a time: EdgeModels of one file profiled at once wait for the
+    # first instead of analysing it again and writing the same cache files.
+    with key_lock:
+        try:
+            return _profile_once(source, input_shapes, key, cache_dir, shard_counts)
+        finally:
+            with _cache_lock:
+                _key_locks.pop(key, None)
+
+
+def _profile_once(
+    source: ModelSource,
+    input_shapes: Mapping[str, Sequence[int]] | None,
+    key: str,
+    cache_dir: Path | None,
+    shard_counts: Sequence[int],
+) -> ModelProfile:
+    with _cache_lock:
+        hit = _cache.get(key)
+        if hit is not None:
+            return hit
     disk = cache_dir / f"{key}.json" if cache_dir is not None else None
     arrays = disk.with_suffix(".npz") if disk is not None else None
     if disk is not None and arrays is not None and disk.is_file() and arrays.is_file():
@@ -77,10 +101,11 @@ def profile_model(
         profile = with_shard_tables(profile, loaded.model, shard_counts)
         if disk is not None and arrays is not None:
             disk.parent.mkdir(parents=True, exist_ok=True)
-            tmp = disk.with_suffix(".tmp.npz")
+            # Names of this process alone: another operator may write the same cache.
+            tmp = disk.with_name(f".{key}.{os.getpid()}.tmp.npz")
             np.savez(tmp, **tables_to_arrays(profile.shard_tables))  # type: ignore[arg-type]
             tmp.replace(arrays)
-            tmp = disk.with_suffix(".tmp")
+            tmp = disk.with_name(f".{key}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps(profile_to_dict(profile)))
             tmp.replace(disk)
     with _cache_lock:
