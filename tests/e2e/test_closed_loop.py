@@ -218,6 +218,46 @@ def test_node_loss_moves_its_stages_without_failed_requests(served: Any) -> None
     assert clients.failed == [], clients.failed[:3]
 
 
+def _operator_on(release: Any, node: str) -> bool:
+    """Whether the Ready operator pod runs on `node`; if another one does, it is deleted, so
+    that the scheduler places its replacement again (on one of the chart's two cloud nodes)."""
+    pod = release.operator_pod()
+    if pod is None:
+        return False
+    if pod["spec"].get("nodeName") == node:
+        return True
+    release.kubectl("delete", "pod", pod["metadata"]["name"], "-n", release.namespace)
+    return False
+
+
+def test_losing_the_operators_node_with_a_stage_moves_the_stage_without_failed_requests(
+    served: Any, release: Any
+) -> None:
+    """The chart's operator and a stage on one cloud node, as the scheduler may place them,
+    and that node lost: the operator is replaced on another node (it tolerates a lost node
+    for 10 s, not Kubernetes' 300) and moves the stage while the routers hold the requests."""
+    plan = _settled_plan(served)
+    node = next(n for st in plan["stages"] for n in st["nodes"] if n.startswith("cloud"))
+    eventually(lambda: _operator_on(release, node), 180, f"the operator on {node}", interval=3)
+    plan = _settled_plan(served)
+    assert node in [n for st in plan["stages"] for n in st["nodes"]], plan
+    with Clients(entry_url(served, MODEL), MODEL) as clients:
+        eventually(lambda: clients.ok >= 4, 60, "answers before the node loss")
+        try:
+            served.partita("testbed", "node", node, "--down")
+            lost = time.monotonic()
+            moved = _serving_after(served, plan, f"stages moved off {node}", off=node)
+            took = time.monotonic() - lost
+            operator = release.operator_pod()
+            assert operator is not None and operator["spec"]["nodeName"] != node
+        finally:
+            served.partita("testbed", "node", node, "--up")
+    _report(f"node {node} with the operator NotReady", took, clients)
+    assert moved["revision"] > plan["revision"]
+    assert clients.ok > 0
+    assert clients.failed == [], clients.failed[:3]
+
+
 def test_prometheus_down_keeps_the_plan_and_says_metrics_are_stale(served: Any) -> None:
     _settled_plan(served)
     served.partita("testbed", "prometheus", "--stop")

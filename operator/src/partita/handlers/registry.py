@@ -53,6 +53,7 @@ ANNOTATION_PREFIX = "kopf.partita.dev"
 MODEL_MANAGER = "partita-models"
 POOL_MANAGER = "partita-pools"
 LOOP_MANAGER = "partita-control"
+PEERING_LIFETIME_S = 20  # kopf touches its record 5-10 s before it would expire
 
 log = logging.getLogger("partita.handlers")
 
@@ -221,6 +222,9 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
         settings.posting.level = logging.INFO
         settings.watching.server_timeout = 300
         settings.execution.max_workers = 4
+        # A replacement pod (a new identity) pauses until the peering record of the one it
+        # replaces expires: after at most this long when that one died with its node.
+        settings.peering.lifetime = PEERING_LIFETIME_S
 
     @kopf.on.login(registry=registry)
     def login(**kwargs: Any) -> kopf.ConnectionInfo | None:

@@ -481,7 +481,11 @@ def _toleration(t: tuple[str, str, str | None, str | None]) -> dict[str, str]:
     return out
 
 
-ENTRY_DEADLINE_S = 30.0  # how long a router keeps retrying a request on the serving revision
+# How long a router keeps retrying a request on the serving revision: long enough to wait out
+# the loss of the node that runs both a stage and the operator (the operator's eviction after
+# 10 s, its peering record's expiry within 20 s, then the replacement stage's start), and as
+# long as tritonclient's own default network timeout.
+ENTRY_DEADLINE_S = 60.0
 
 
 def serving_name(model: str) -> str:
