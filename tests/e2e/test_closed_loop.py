@@ -6,6 +6,7 @@ failing requests."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -197,65 +198,59 @@ def test_bandwidth_collapse_moves_the_plan_without_failed_requests(served: Any) 
     assert moved["predictedP95Ms"] > 0
 
 
-def test_node_loss_moves_its_stages_without_failed_requests(served: Any) -> None:
-    plan = _settled_plan(served)
-    node = plan["stages"][0]["nodes"][0]
-    with Clients(entry_url(served, MODEL), MODEL) as clients:
+def _lose_node(
+    cluster: Any, plan: dict[str, Any], node: str, check: Callable[[dict[str, Any]], None]
+) -> None:
+    """Down `node` under steady clients until the plan has moved off it and `check(moved)`
+    passed, bring it back, and assert that no request failed meanwhile."""
+    with Clients(entry_url(cluster, MODEL), MODEL) as clients:
         eventually(lambda: clients.ok >= 4, 60, "answers before the node loss")
         try:
-            served.partita("testbed", "node", node, "--down")
+            cluster.partita("testbed", "node", node, "--down")
             lost = time.monotonic()
-            moved = _serving_after(served, plan, f"stages moved off {node}", off=node)
+            moved = _serving_after(cluster, plan, f"stages moved off {node}", off=node)
             took = time.monotonic() - lost
-            eventually(
-                lambda: _only_revision(served, moved["revision"]), 90, "old revision deleted"
-            )
+            check(moved)
         finally:
-            served.partita("testbed", "node", node, "--up")
+            cluster.partita("testbed", "node", node, "--up")
     _report(f"node {node} NotReady", took, clients)
     assert moved["revision"] > plan["revision"]
     assert clients.ok > 0
     assert clients.failed == [], clients.failed[:3]
 
 
-def _operator_on(release: Any, node: str) -> bool:
-    """Whether the Ready operator pod runs on `node`; if another one does, it is deleted, so
-    that the scheduler places its replacement again (on one of the chart's two cloud nodes)."""
-    pod = release.operator_pod()
-    if pod is None:
-        return False
-    if pod["spec"].get("nodeName") == node:
-        return True
-    release.kubectl("delete", "pod", pod["metadata"]["name"], "-n", release.namespace)
-    return False
+def test_node_loss_moves_its_stages_without_failed_requests(served: Any) -> None:
+    plan = _settled_plan(served)
+
+    def old_revision_deleted(moved: dict[str, Any]) -> None:
+        eventually(lambda: _only_revision(served, moved["revision"]), 90, "old revision deleted")
+
+    _lose_node(served, plan, plan["stages"][0]["nodes"][0], old_revision_deleted)
 
 
 def test_losing_the_operators_node_with_a_stage_moves_the_stage_without_failed_requests(
     served: Any, release: Any
 ) -> None:
-    """The chart's operator and a stage on one cloud node, as the scheduler may place them,
-    and that node lost: the operator is replaced on another node (it tolerates a lost node
-    for 10 s, not Kubernetes' 300) and moves the stage while the routers hold the requests."""
+    """The chart's operator and a stage on one cloud node, as the scheduler may place them
+    (here the chart's `affinity` value prefers that node), and that node lost: the operator is
+    replaced on another node (it tolerates a lost node for 10 s, not Kubernetes' 300) and
+    moves the stage while the routers hold the requests."""
     plan = _settled_plan(served)
     node = next(n for st in plan["stages"] for n in st["nodes"] if n.startswith("cloud"))
-    eventually(lambda: _operator_on(release, node), 180, f"the operator on {node}", interval=3)
+    prefer = {"weight": 100, "preference": {"matchExpressions": [
+        {"key": "kubernetes.io/hostname", "operator": "In", "values": [node]}]}}  # fmt: skip
+    release.upgrade({"affinity": {"nodeAffinity": {
+        "preferredDuringSchedulingIgnoredDuringExecution": [prefer]}}})  # fmt: skip
+    operator = release.operator_pod()
+    assert operator is not None and operator["spec"]["nodeName"] == node, operator
     plan = _settled_plan(served)
     assert node in [n for st in plan["stages"] for n in st["nodes"]], plan
-    with Clients(entry_url(served, MODEL), MODEL) as clients:
-        eventually(lambda: clients.ok >= 4, 60, "answers before the node loss")
-        try:
-            served.partita("testbed", "node", node, "--down")
-            lost = time.monotonic()
-            moved = _serving_after(served, plan, f"stages moved off {node}", off=node)
-            took = time.monotonic() - lost
-            operator = release.operator_pod()
-            assert operator is not None and operator["spec"]["nodeName"] != node
-        finally:
-            served.partita("testbed", "node", node, "--up")
-    _report(f"node {node} with the operator NotReady", took, clients)
-    assert moved["revision"] > plan["revision"]
-    assert clients.ok > 0
-    assert clients.failed == [], clients.failed[:3]
+
+    def operator_replaced(_: dict[str, Any]) -> None:
+        operator = release.operator_pod()
+        assert operator is not None and operator["spec"]["nodeName"] != node
+
+    _lose_node(served, plan, node, operator_replaced)
 
 
 def test_prometheus_down_keeps_the_plan_and_says_metrics_are_stale(served: Any) -> None:

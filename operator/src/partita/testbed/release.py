@@ -76,6 +76,15 @@ class Release:
             *args, "--wait", "--timeout", f"{wait_s}s", timeout=wait_s + 60,
         )  # fmt: skip
 
+    def upgrade(self, values: Mapping[str, Any], *, wait_s: int = 180) -> None:
+        """`helm upgrade --reuse-values` setting each of `values` (a value of the chart's
+        values.yaml by its dotted path) to the JSON of the given object."""
+        args = [f"--set-json={k}={json.dumps(v)}" for k, v in values.items()]
+        self._run(
+            "helm", "upgrade", self.name, str(CHART), "-n", self.namespace, "--reuse-values",
+            *args, "--wait", "--timeout", f"{wait_s}s", timeout=wait_s + 60,
+        )  # fmt: skip
+
     def uninstall(self) -> None:
         self._run("helm", "uninstall", self.name, "-n", self.namespace, "--wait", check=False)
         self.kubectl("delete", "pvc", STORE_CLAIM, "-n", self.namespace, check=False)
