@@ -199,10 +199,15 @@ def test_bandwidth_collapse_moves_the_plan_without_failed_requests(served: Any) 
 
 
 def _lose_node(
-    cluster: Any, plan: dict[str, Any], node: str, check: Callable[[dict[str, Any]], None]
+    cluster: Any,
+    plan: dict[str, Any],
+    node: str,
+    check: Callable[[dict[str, Any]], None],
+    what: str = "",
 ) -> None:
-    """Down `node` under steady clients until the plan has moved off it and `check(moved)`
-    passed, bring it back, and assert that no request failed meanwhile."""
+    """Down `node` (`what` says more of it in the report) under steady clients until the plan
+    has moved off it and `check(moved)` passed, bring it back, and assert that no request
+    failed meanwhile."""
     with Clients(entry_url(cluster, MODEL), MODEL) as clients:
         eventually(lambda: clients.ok >= 4, 60, "answers before the node loss")
         try:
@@ -213,7 +218,7 @@ def _lose_node(
             check(moved)
         finally:
             cluster.partita("testbed", "node", node, "--up")
-    _report(f"node {node} NotReady", took, clients)
+    _report(f"node {node}{what} NotReady", took, clients)
     assert moved["revision"] > plan["revision"]
     assert clients.ok > 0
     assert clients.failed == [], clients.failed[:3]
@@ -250,7 +255,7 @@ def test_losing_the_operators_node_with_a_stage_moves_the_stage_without_failed_r
         operator = release.operator_pod()
         assert operator is not None and operator["spec"]["nodeName"] != node
 
-    _lose_node(served, plan, node, operator_replaced)
+    _lose_node(served, plan, node, operator_replaced, " with the operator")
 
 
 def test_prometheus_down_keeps_the_plan_and_says_metrics_are_stale(served: Any) -> None:
