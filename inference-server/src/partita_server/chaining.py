@@ -3,8 +3,10 @@ measured, every call bounded by the request's deadline.
 
 A chain hop hands tensors to the next stage and its answer becomes ours; it tries the next
 endpoint when one is down and reports 503 when all are, 504 (naming the stage) on a timeout.
-A fan-out hop sends the same tensors to every shard of the next stage at once and gathers
-their parts with the layout the shards report.
+A fan-out hop drives the shards of the next stage through the layout they report
+(`partita.model.exchange.ShardedRun`): each shard is sent its piece of the tensors, the
+shards run each segment at once, the hop does the exchanges between segments (every tensor
+a shard reads again goes through it) and gathers the stage outputs from their parts.
 
 The wire is a `Transport` per endpoint scheme (`http://`: REST with binary tensors,
 `grpc://`: the v2 gRPC service). A transport makes one call and reports what happened as a
@@ -29,7 +31,8 @@ import numpy as np
 import orjson
 
 from partita.model.errors import ModelError
-from partita.model.shard import gather
+from partita.model.exchange import ShardedRun
+from partita.model.types import ShardLayout, layout_from_json
 from partita_server.errors import (
     BadGateway,
     InvalidInput,
@@ -47,8 +50,11 @@ from partita_server.http1 import Http1Error, Http1Pool, Http1Response
 from partita_server.metrics import ServerMetrics
 from partita_server.proto import open_inference_pb2 as pb
 from partita_server.protocol import (
+    DESCRIBE_PARAMETER,
     HEADER_LENGTH,
+    LAYOUT_ID_PARAMETER,
     LAYOUT_PARAMETER,
+    SEGMENT_PARAMETER,
     SERVER_SECONDS_HEADER,
     TIMEOUT_HEADER,
     InferResponse,
@@ -58,22 +64,13 @@ from partita_server.protocol import (
     encode_request_parts,
 )
 from partita_server.spec import Hop, StageTokens
-from partita_server.stage import layout_from_json
 
-__all__ = ["HopClient", "Reply", "Transport", "gather_parts"]
+__all__ = ["HopClient", "Reply", "Transport"]
 
 CONNECT_TIMEOUT_S = 2.0
 # Back-off between tries of a retrying hop: from the first to the largest, doubling.
 RETRY_FIRST_S = 0.05
 RETRY_MAX_S = 1.0
-
-
-def gather_parts(layout_raw: object, parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Rebuild the stage outputs from the shards' parts with `partita.model.shard.gather`."""
-    if isinstance(layout_raw, str):  # gRPC carries structured parameters as JSON text
-        layout_raw = orjson.loads(layout_raw)
-    layout = layout_from_json(layout_raw)
-    return dict(gather(layout, parts))
 
 
 @dataclass(frozen=True)
@@ -97,6 +94,7 @@ class Transport(Protocol):
         tensors: Mapping[str, np.ndarray],
         parameters: Mapping[str, Mapping[str, Any]],
         timeout_s: float,
+        request_parameters: Mapping[str, Any] | None = None,
     ) -> Reply: ...
 
     async def metadata(
@@ -146,8 +144,11 @@ class HttpTransport:
         tensors: Mapping[str, np.ndarray],
         parameters: Mapping[str, Mapping[str, Any]],
         timeout_s: float,
+        request_parameters: Mapping[str, Any] | None = None,
     ) -> Reply:
-        body, header_length = encode_request_parts(tensors, input_parameters=parameters)
+        body, header_length = encode_request_parts(
+            tensors, input_parameters=parameters, parameters=request_parameters
+        )
         headers = {"content-type": "application/octet-stream", TIMEOUT_HEADER: f"{timeout_s:.6f}"}
         if header_length is not None:
             headers[HEADER_LENGTH] = str(header_length)
@@ -235,8 +236,9 @@ class GrpcTransport:
         tensors: Mapping[str, np.ndarray],
         parameters: Mapping[str, Mapping[str, Any]],
         timeout_s: float,
+        request_parameters: Mapping[str, Any] | None = None,
     ) -> Reply:
-        request = encode_infer_request(model, tensors, parameters)
+        request = encode_infer_request(model, tensors, parameters, request_parameters)
         call = self._stub(endpoint).infer(request, timeout=timeout_s, metadata=self._metadata())
         try:
             message = await call
@@ -299,6 +301,8 @@ class HopClient:
         self._tokens = tokens
         self._transports: dict[str, Transport] = {}
         self._turn = itertools.count()
+        # The layout (and its id) the shards behind each fan-out hop reported, by stage.
+        self._layouts: dict[str, tuple[ShardLayout, str]] = {}
 
     async def start(self) -> None:
         schemes = {urlsplit(e).scheme for hop in self._hops for e in hop.endpoints}
@@ -370,14 +374,16 @@ class HopClient:
         wire: Mapping[str, np.ndarray],
         params: Mapping[str, Mapping[str, Any]],
         deadline: float,
+        request_parameters: Mapping[str, Any] | None = None,
     ) -> InferResponse:
         """One call, measured; raises StageUnavailable (try another endpoint) or a final error."""
         timeout = self._timeout(hop, deadline)
         started = self._clock()
         try:
             reply = await self._transport(endpoint).infer(
-                hop, endpoint, hop.model or self._model, wire, params, timeout
-            )
+                hop, endpoint, hop.model or self._model, wire, params, timeout,
+                request_parameters,
+            )  # fmt: skip
         except StageTimeout:
             self._metrics.observe_hop_error(hop.stage, endpoint, "timeout")
             raise
@@ -436,29 +442,71 @@ class HopClient:
             + "; ".join(failures)
         )
 
-    async def _fan_out(
-        self, hop: Hop, tensors: Mapping[str, np.ndarray], deadline: float
-    ) -> InferResponse:
-        wire, params = self._wire(hop, tensors)
-        replies = await asyncio.gather(
-            *(self._call(hop, e, wire, params, deadline) for e in hop.endpoints),
-            return_exceptions=True,
+    async def _layout(self, hop: Hop, deadline: float) -> tuple[ShardLayout, str]:
+        """The layout the shards of `hop` cut, as its first shard describes it (once per
+        hop: a revision's shard Services keep their layout for the revision's life)."""
+        known = self._layouts.get(hop.stage)
+        if known is not None:
+            return known
+        response = await self._call(
+            hop, hop.endpoints[0], {}, {}, deadline, {DESCRIBE_PARAMETER: True}
         )
-        for reply in replies:
-            if isinstance(reply, BaseException):
-                raise reply
-        responses = [r for r in replies if isinstance(r, InferResponse)]
-        layout = responses[0].parameters.get(LAYOUT_PARAMETER)
-        if layout is None:
+        raw = response.parameters.get(LAYOUT_PARAMETER)
+        if isinstance(raw, str):  # gRPC carries structured parameters as JSON text
+            raw = orjson.loads(raw)
+        if raw is None:
             raise BadGateway(
                 f"next stage {hop.stage!r} is fan_out but its servers report no shard layout; "
                 "give each of them spec.shard"
             )
         try:
-            gathered = gather_parts(layout, [r.outputs for r in responses])
-        except (KeyError, ValueError, TypeError, ModelError) as exc:
-            raise BadGateway(f"cannot gather the shards of stage {hop.stage!r}: {exc}") from exc
-        return InferResponse(gathered)
+            layout = layout_from_json(raw)
+        except (KeyError, ValueError, TypeError) as exc:
+            raise BadGateway(f"stage {hop.stage!r} sent an unusable shard layout: {exc}") from exc
+        if layout.shards != len(hop.endpoints):
+            raise BadGateway(
+                f"next stage {hop.stage!r} is split into {layout.shards} shards but the hop "
+                f"lists {len(hop.endpoints)} endpoints"
+            )
+        known = (layout, str(response.parameters.get(LAYOUT_ID_PARAMETER, "")))
+        self._layouts[hop.stage] = known
+        return known
+
+    async def _fan_out(
+        self, hop: Hop, tensors: Mapping[str, np.ndarray], deadline: float
+    ) -> InferResponse:
+        """Drive the shards of `hop` through their layout: the first segment's tensors go
+        over the hop's compression, the exchanges between segments as they are."""
+        layout, layout_id = await self._layout(hop, deadline)
+        try:
+            steps = ShardedRun(layout, tensors)
+            for segment in range(len(layout.segments)):
+                feeds = steps.feeds(segment)
+                asked = {SEGMENT_PARAMETER: segment}
+                calls = []
+                for shard, shard_feeds in feeds.items():
+                    if segment == 0:
+                        wire, params = self._wire(hop, shard_feeds)
+                    else:
+                        wire, params = shard_feeds, {}
+                    endpoint = hop.endpoints[shard]
+                    calls.append(self._call(hop, endpoint, wire, params, deadline, asked))
+                replies = await asyncio.gather(*calls, return_exceptions=True)
+                for reply in replies:
+                    if isinstance(reply, BaseException):
+                        raise reply
+                answers = [r for r in replies if isinstance(r, InferResponse)]
+                for answer in answers:
+                    if answer.parameters.get(LAYOUT_ID_PARAMETER) != layout_id:
+                        self._layouts.pop(hop.stage, None)
+                        raise BadGateway(
+                            f"the shards of stage {hop.stage!r} no longer cut the layout this "
+                            "server drives them with; it asks them again on the next request"
+                        )
+                steps.take(segment, {i: a.outputs for i, a in zip(feeds, answers, strict=True)})
+            return InferResponse(steps.result())
+        except ModelError as exc:
+            raise BadGateway(f"cannot run the shards of stage {hop.stage!r}: {exc}") from exc
 
 
 def _error_text(body: bytes) -> str:

@@ -7,6 +7,7 @@ asked for. The HTTP app only adapts requests and errors to this.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -14,9 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from partita.runtime import RunError, TensorSpec, run_checked
+from partita.model.types import layout_id, layout_to_json
+from partita.runtime import RunError, Session, TensorSpec, run_checked
 from partita_server.batching import RunQueue
-from partita_server.chaining import LAYOUT_PARAMETER, HopClient
+from partita_server.chaining import HopClient
 from partita_server.errors import (
     BadGateway,
     InvalidInput,
@@ -28,9 +30,18 @@ from partita_server.errors import (
     Unauthorized,
 )
 from partita_server.metrics import ServerMetrics
-from partita_server.protocol import InferRequest, InferResponse, datatype_of, decompress
+from partita_server.protocol import (
+    LAYOUT_ID_PARAMETER,
+    LAYOUT_PARAMETER,
+    SEGMENT_PARAMETER,
+    InferRequest,
+    InferResponse,
+    datatype_of,
+    decompress,
+    describes,
+)
 from partita_server.spec import OrtSizing, StageSpec, StageTokens
-from partita_server.stage import LoadedStage, layout_to_json
+from partita_server.stage import LoadedStage
 
 __all__ = ["SERVER_NAME", "DataPlane"]
 
@@ -49,7 +60,8 @@ def _tensor_metadata(spec: TensorSpec) -> dict[str, Any]:
 class DataPlane:
     """One stage (or shard) of one model, behind the v2 protocol's operations.
 
-    ORT runs go through one `RunQueue` on `sizing.workers` threads; `clock` is the one
+    ORT runs go through a `RunQueue` per session on `sizing.workers` threads (a shard has
+    one session per segment it runs; a request names its segment); `clock` is the one
     the request deadlines are on.
     """
 
@@ -66,37 +78,49 @@ class DataPlane:
         self.spec, self.stage, self.metrics, self._clock = spec, stage, metrics, clock
         self.sizing = sizing
         self._tokens = tokens
-        # A router (no stage) relays what it is given; the stage it relays to checks it.
-        self._inputs = {t.name: t for t in stage.session.inputs} if stage is not None else {}
         self._executor = ThreadPoolExecutor(max_workers=sizing.workers, thread_name_prefix="ort")
         self._hops = (
             HopClient(spec.next, model=spec.model, tokens=tokens, metrics=metrics, clock=clock)
             if spec.next
             else None
         )
-        self._queue = RunQueue(
-            self._run,
-            workers=sizing.workers,
-            max_rows=spec.batching.max_batch_size if spec.batching is not None else 1,
-            executor=self._executor,
-            metrics=metrics,
-            clock=clock,
-        )
-        self._layout = (
-            layout_to_json(stage.layout) if stage is not None and stage.layout is not None else None
-        )
+        # A router (no stage) relays what it is given; the stage it relays to checks it.
+        sessions: tuple[Session | None, ...] = ()
+        if stage is not None:
+            sessions = stage.segments if stage.layout is not None else (stage.session,)
+        self._sessions = sessions
+        self._queues = [
+            None
+            if session is None
+            else RunQueue(
+                functools.partial(self._run, session),
+                workers=sizing.workers,
+                max_rows=spec.batching.max_batch_size if spec.batching is not None else 1,
+                executor=self._executor,
+                metrics=metrics,
+                clock=clock,
+            )
+            for session in sessions
+        ]
+        layout = stage.layout if stage is not None else None
+        self._layout = layout_to_json(layout) if layout is not None else None
+        self._layout_id = layout_id(layout) if layout is not None else None
         self._final_metadata: dict[str, Any] | None = None
         self._ready = False
 
     async def start(self) -> None:
         if self._hops is not None:
             await self._hops.start()
-        self._queue.start()
+        for queue in self._queues:
+            if queue is not None:
+                queue.start()
         self._ready = True
 
     async def stop(self) -> None:
         self._ready = False
-        await self._queue.stop()
+        for queue in self._queues:
+            if queue is not None:
+                await queue.stop()
         if self._hops is not None:
             await self._hops.stop()
         self._executor.shutdown(wait=True)
@@ -159,7 +183,11 @@ class DataPlane:
             "platform": "onnxruntime_onnx",
             "inputs": [_tensor_metadata(t) for t in self.stage.session.inputs],
             "outputs": outputs,
-            "parameters": {"stage": self.spec.stage, "entry": self.spec.entry},
+            "parameters": {
+                "stage": self.spec.stage,
+                "entry": self.spec.entry,
+                **({LAYOUT_PARAMETER: self._layout} if self._layout is not None else {}),
+            },
         }
 
     async def _relayed_metadata(self) -> dict[str, Any]:
@@ -175,14 +203,34 @@ class DataPlane:
 
     # -- inference -------------------------------------------------------------------------
 
-    def _validate(self, request: InferRequest) -> dict[str, np.ndarray]:
+    def _segment(self, request: InferRequest) -> int:
+        """The segment a request runs: a shard's request names it, anything else runs 0."""
+        raw = request.parameters.get(SEGMENT_PARAMETER, 0)
+        count = len(self._sessions)
+        if isinstance(raw, bool) or not isinstance(raw, int) or not 0 <= raw < count:
+            raise InvalidInput(
+                f"parameter {SEGMENT_PARAMETER!r} is {raw!r}; stage {self.spec.stage!r} has "
+                f"segments 0..{count - 1}"
+            )
+        if self._sessions[raw] is None:
+            assert self.spec.shard is not None
+            raise InvalidInput(
+                f"shard {self.spec.shard.index} of stage {self.spec.stage!r} has nothing to do "
+                f"in segment {raw}"
+            )
+        return raw
+
+    def _validate(self, request: InferRequest, segment: int) -> dict[str, np.ndarray]:
+        session = self._sessions[segment]
+        assert session is not None
+        inputs = {t.name: t for t in session.inputs}
         feeds: dict[str, np.ndarray] = {}
         for name, raw in request.inputs.items():
-            spec = self._inputs.get(name)
+            spec = inputs.get(name)
             if spec is None:
                 raise InvalidInput(
-                    f"tensor {name!r} is not an input of {self.spec.model}; "
-                    f"inputs are {sorted(self._inputs)}"
+                    f"tensor {name!r} is not an input of {self.spec.model}{self._where(segment)}; "
+                    f"inputs are {sorted(inputs)}"
                 )
             array = decompress(raw, request.input_parameters.get(name, {}), name=name)
             if array.dtype.name != spec.dtype:
@@ -205,7 +253,7 @@ class DataPlane:
                     f"limit of {limit} (limits.max_batch); send smaller batches"
                 )
             feeds[name] = array
-        missing = sorted(set(self._inputs) - set(feeds))
+        missing = sorted(set(inputs) - set(feeds))
         if missing:
             raise InvalidInput(f"tensor {missing[0]!r} is missing; the model needs {missing}")
         if self.spec.batching is not None:
@@ -216,20 +264,26 @@ class DataPlane:
                 )
         return feeds
 
-    def _run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _where(self, segment: int) -> str:
+        if self.spec.shard is None or len(self._sessions) == 1:
+            return ""
+        return f" (segment {segment} of shard {self.spec.shard.index})"
+
+    def _run(self, session: Session, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Runs on the ORT thread; the only place time is spent in onnxruntime."""
-        assert self.stage is not None
         started = self._clock()
         try:
-            outputs = run_checked(self.stage.session, feeds)
+            outputs = run_checked(session, feeds)
         finally:
             self.metrics.compute.observe(self._clock() - started)
         self.metrics.batch.observe(next(iter(feeds.values())).shape[0] if feeds else 0)
         return outputs
 
-    async def _compute(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    async def _compute(self, segment: int, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        queue = self._queues[segment]
+        assert queue is not None
         try:
-            return await self._queue.submit(feeds)
+            return await queue.submit(feeds)
         except RunError as exc:
             raise InvalidInput(f"the model cannot run on these inputs: {exc}") from exc
 
@@ -260,9 +314,18 @@ class DataPlane:
         deadline = self.deadline() if deadline is None else deadline
         if self.stage is None:
             return await self._relay(request, deadline)
-        feeds = self._validate(request)
-        outputs = await self._compute(feeds)
         parameters: dict[str, Any] = {}
+        if self._layout_id is not None:
+            parameters[LAYOUT_ID_PARAMETER] = self._layout_id
+            if describes(request.parameters):
+                parameters[LAYOUT_PARAMETER] = self._layout
+                return InferResponse(
+                    {}, parameters=parameters, model_name=self.spec.model,
+                    model_version=self.spec.version, id=request.id,
+                )  # fmt: skip
+        segment = self._segment(request)
+        feeds = self._validate(request, segment)
+        outputs = await self._compute(segment, feeds)
         if self._hops is not None:
             if self._clock() >= deadline:
                 raise StageTimeout(
@@ -277,8 +340,6 @@ class DataPlane:
                 if forwarded:
                     outputs = (await self._hops.forward(feeds, deadline)).outputs
                 parameters["partita_cascade"] = "forwarded" if forwarded else "local"
-        if self._layout is not None:
-            parameters[LAYOUT_PARAMETER] = self._layout
         return self._answer(request, outputs, parameters)
 
     async def _relay(self, request: InferRequest, deadline: float) -> InferResponse:

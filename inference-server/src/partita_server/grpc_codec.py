@@ -23,6 +23,7 @@ from partita_server.protocol import (
     InferResponse,
     RequestedOutput,
     datatype_of,
+    describes,
 )
 from partita_server.spec import Limits
 
@@ -146,7 +147,7 @@ def _tensor(
 
 def decode_infer_request(request: pb.ModelInferRequest, limits: Limits) -> InferRequest:
     """A `ModelInferRequest` as the data plane's `InferRequest`; 4xx naming the tensor."""
-    if not request.inputs:
+    if not request.inputs and not describes(parameter_map(request.parameters)):
         raise InvalidInput("request 'inputs' must be a non-empty list of tensors")
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
@@ -209,9 +210,11 @@ def encode_infer_request(
     model: str,
     inputs: Mapping[str, np.ndarray],
     input_parameters: Mapping[str, Mapping[str, Any]],
+    parameters: Mapping[str, Any] | None = None,
 ) -> pb.ModelInferRequest:
     """What a stage sends the next one over gRPC: raw tensors, all outputs wanted."""
     message = pb.ModelInferRequest(model_name=model)
+    _set_parameters(message.parameters, parameters or {})
     for name, array in inputs.items():
         tensor = message.inputs.add(name=name, datatype=datatype_of(array.dtype))
         tensor.shape.extend(array.shape)

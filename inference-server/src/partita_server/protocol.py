@@ -22,8 +22,11 @@ from partita_server.spec import Compression, Limits
 
 __all__ = [
     "DATATYPES",
+    "DESCRIBE_PARAMETER",
     "HEADER_LENGTH",
+    "LAYOUT_ID_PARAMETER",
     "LAYOUT_PARAMETER",
+    "SEGMENT_PARAMETER",
     "SERVER_SECONDS_HEADER",
     "TIMEOUT_HEADER",
     "InferRequest",
@@ -34,6 +37,7 @@ __all__ = [
     "decode_request",
     "decode_response",
     "decompress",
+    "describes",
     "encode_request",
     "encode_request_parts",
     "encode_response",
@@ -45,8 +49,16 @@ HEADER_LENGTH = "inference-header-content-length"
 SERVER_SECONDS_HEADER = "partita-server-seconds"
 # The time left for a request, in seconds, as a stage tells the next one (REST header).
 TIMEOUT_HEADER = "partita-timeout"
-# A shard server's layout, in its response parameters, so the stage before it can gather.
+# A shard server's layout of its stage (all of it, as `partita.model.types.layout_to_json`
+# writes it), in its answer to a request with DESCRIBE_PARAMETER set: what the fan-out hop
+# before it scatters, exchanges and gathers with.
 LAYOUT_PARAMETER = "partita_layout"
+DESCRIBE_PARAMETER = "partita_describe"
+# In every answer of a shard server: the id of its layout (`layout_id`), which the fan-out
+# hop checks against the layout it drives the shards with.
+LAYOUT_ID_PARAMETER = "partita_layout_id"
+# Which segment of the layout a request to a shard server runs (default 0).
+SEGMENT_PARAMETER = "partita_segment"
 CODEC = "partita_codec"
 SCALE = "partita_scale"
 ZERO_POINT = "partita_zero_point"
@@ -256,6 +268,11 @@ def _tensor(
     return name, _json_data(entry["data"], dtype, count, where).reshape(shape), params, offset
 
 
+def describes(parameters: object) -> bool:
+    """Whether request `parameters` ask a shard server for its layout (no tensors needed)."""
+    return isinstance(parameters, Mapping) and parameters.get(DESCRIBE_PARAMETER) is True
+
+
 def decode_request(
     body: bytes, header_length: int | None = None, limits: Limits | None = None
 ) -> InferRequest:
@@ -272,8 +289,8 @@ def decode_request(
     header, offset = _header(body, header_length, limits)
     if not isinstance(header, dict):
         raise InvalidInput("request must be a JSON object with 'inputs'")
-    entries = header.get("inputs")
-    if not isinstance(entries, list) or not entries:
+    entries = header.get("inputs", [] if describes(header.get("parameters")) else None)
+    if not isinstance(entries, list) or not (entries or describes(header.get("parameters"))):
         raise InvalidInput("request 'inputs' must be a non-empty list of tensors")
     if len(entries) > 256:
         raise InvalidInput(f"request has {len(entries)} inputs; at most 256 are accepted")

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 import yaml
@@ -86,6 +86,11 @@ class ModelSource(_Frozen):
 class ShardSpec(_Frozen):
     index: int = Field(ge=0, description="which shard of the stage this server runs")
     proportions: tuple[Annotated[float, Field(gt=0)], ...] = Field(min_length=2)
+    strategy: Literal["tile", "width", "branch"] | None = Field(
+        default=None,
+        description="how the stage splits, as the plan priced it: spatial tiles, "
+        "channel/column/head splits, or branches (default: the cheapest on reference costs)",
+    )
 
     @model_validator(mode="after")
     def _index_in_range(self) -> ShardSpec:

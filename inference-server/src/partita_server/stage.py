@@ -32,9 +32,9 @@ from onnx import external_data_helper, numpy_helper
 from partita.api import sources
 from partita.model.errors import ModelError
 from partita.model.load import load_model
-from partita.model.shard import shard_stage
+from partita.model.shard import stage_layout
 from partita.model.slice import extract_stage
-from partita.model.types import GatherMode, GatherSpec, ShardLayout
+from partita.model.types import ShardLayout, layout_from_json, layout_to_json
 from partita.runtime import RunError, Session, TensorSpec, run_checked
 from partita_server.errors import StageSpecError
 from partita_server.fetch import download, from_operator
@@ -48,21 +48,22 @@ __all__ = [
     "batched_piece",
     "check_external_data",
     "fetch_model",
-    "layout_from_json",
-    "layout_to_json",
     "load_stage",
 ]
 
 
 @dataclass(frozen=True)
 class LoadedStage:
-    """A ready-to-run stage: its session and, for a shard, how the shards' parts gather."""
+    """A ready-to-run stage: its session and, for a shard, the layout of the stage's shards
+    and one session per segment of the layout (None where this shard has nothing to do);
+    `session` is then the first segment's this shard runs."""
 
     path: Path
     session: Session
     layout: ShardLayout | None
     batchable: bool
     digest: str
+    segments: tuple[Session | None, ...] = ()
 
 
 def _sha256_file(path: Path) -> str:
@@ -117,31 +118,6 @@ def check_external_data(path: Path) -> None:
                 raise StageSpecError(f"model {path}: {exc}") from exc
 
 
-def layout_to_json(layout: ShardLayout) -> dict[str, object]:
-    return {
-        "proportions": list(layout.proportions),
-        "strategy": layout.strategy,
-        "gathers": [
-            {"output": g.output, "mode": g.mode.value, "axis": g.axis, "shard": g.shard}
-            for g in layout.gathers
-        ],
-    }
-
-
-def layout_from_json(raw: object) -> ShardLayout:
-    """Rebuild a layout sent by a shard server; raises ValueError/KeyError/TypeError if bad."""
-    if not isinstance(raw, dict):
-        raise TypeError("layout must be an object")
-    return ShardLayout(
-        proportions=tuple(float(p) for p in raw["proportions"]),
-        strategy=str(raw["strategy"]),
-        gathers=tuple(
-            GatherSpec(str(g["output"]), GatherMode(g["mode"]), int(g["axis"]), int(g["shard"]))
-            for g in raw["gathers"]
-        ),
-    )
-
-
 def _piece_key(spec: StageSpec, digest: str) -> str:
     shaping = {
         "digest": digest,
@@ -181,23 +157,50 @@ def _save(model: onnx.ModelProto, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _cut(spec: StageSpec, model: onnx.ModelProto, target: Path) -> ShardLayout | None:
+def _cut(spec: StageSpec, model: onnx.ModelProto, target: Path) -> None:
+    """The stage's piece of the loaded model, saved at `target`."""
     if spec.inputs is not None and spec.outputs is not None:
         try:
             model = extract_stage(model, list(spec.inputs), list(spec.outputs))
         except ModelError as exc:
             raise StageSpecError(f"cannot cut stage {spec.stage}: {exc}") from exc
-    layout = None
-    if spec.shard is not None:
-        try:
-            parts, layout = shard_stage(model, list(spec.shard.proportions))
-        except ModelError as exc:
-            raise StageSpecError(f"cannot shard stage {spec.stage}: {exc}") from exc
-        model = parts[spec.shard.index]
     _save(model, target)
-    if layout is not None:
-        target.with_suffix(".layout.json").write_text(json.dumps(layout_to_json(layout)))
+
+
+def _segment_path(target: Path, segment: int) -> Path:
+    return target.with_suffix(f".seg{segment}.onnx")
+
+
+def _cut_shard(spec: StageSpec, model: onnx.ModelProto, target: Path) -> ShardLayout:
+    """This shard's segment models of the stage's layout, saved beside `target`, and the
+    layout written last (its file says the cut is complete)."""
+    assert spec.shard is not None
+    shard = spec.shard
+    try:
+        analysis, layout = stage_layout(
+            model, spec.inputs, spec.outputs, list(shard.proportions), shard.strategy
+        )
+        pieces = analysis.build(layout, shard=shard.index)
+    except ModelError as exc:
+        raise StageSpecError(f"cannot shard stage {spec.stage}: {exc}") from exc
+    mine = [per_shard[shard.index] for per_shard in pieces]
+    if all(m is None for m in mine):
+        raise StageSpecError(
+            f"cannot shard stage {spec.stage}: shard {shard.index} would have nothing to do; "
+            "use fewer shards"
+        )
+    for j, piece in enumerate(mine):
+        if piece is not None:
+            _save(piece, _segment_path(target, j))
+    done = _layout_path(target)
+    tmp = done.with_suffix(f".{os.getpid()}.part")
+    tmp.write_text(json.dumps(layout_to_json(layout)))
+    os.replace(tmp, done)
     return layout
+
+
+def _layout_path(target: Path) -> Path:
+    return target.with_suffix(".layout.json")
 
 
 def _free_batch(shape: tuple[int | str | None, ...]) -> bool:
@@ -318,17 +321,15 @@ def load_stage(spec: StageSpec, *, sizing: OrtSizing) -> LoadedStage:
     source = fetch_model(spec.source, cache_dir)
     check_external_data(source)
     digest = spec.source.sha256 or _sha256_file(source)
-    whole = spec.inputs is None and spec.shard is None
-    layout: ShardLayout | None = None
+    if spec.shard is not None:
+        return _load_shard(spec, source, cache_dir, digest, sizing)
+    whole = spec.inputs is None
     if whole:
         path = source
     else:
         path = cache_dir / "pieces" / f"{digest[:16]}-{_piece_key(spec, digest)}.onnx"
-        if path.is_file():
-            sidecar = path.with_suffix(".layout.json")
-            layout = layout_from_json(json.loads(sidecar.read_text())) if sidecar.exists() else None
-        else:
-            layout = _cut(spec, _loaded(spec, source, cache_dir, digest), path)
+        if not path.is_file():
+            _cut(spec, _loaded(spec, source, cache_dir, digest), path)
     session = _session(path, sizing)
     if whole:
         batchable = all(_free_batch(t.shape) for t in (*session.inputs, *session.outputs))
@@ -339,4 +340,28 @@ def load_stage(spec: StageSpec, *, sizing: OrtSizing) -> LoadedStage:
             )
     else:
         session, batchable = _batchable_session(spec, path, session, sizing)
-    return LoadedStage(path, session, layout, batchable, digest)
+    return LoadedStage(path, session, None, batchable, digest)
+
+
+def _load_shard(
+    spec: StageSpec, source: Path, cache_dir: Path, digest: str, sizing: OrtSizing
+) -> LoadedStage:
+    """A shard: the stage's layout and a session on each segment model this shard runs."""
+    assert spec.shard is not None
+    target = cache_dir / "pieces" / f"{digest[:16]}-{_piece_key(spec, digest)}.onnx"
+    if _layout_path(target).is_file():
+        layout = layout_from_json(json.loads(_layout_path(target).read_text()))
+    else:
+        layout = _cut_shard(spec, _loaded(spec, source, cache_dir, digest), target)
+    sessions: list[Session | None] = []
+    batchable = True
+    for j, segment in enumerate(layout.segments):
+        if not segment.active[spec.shard.index]:
+            sessions.append(None)
+            continue
+        path = _segment_path(target, j)
+        session, ok = _batchable_session(spec, path, _session(path, sizing), sizing)
+        sessions.append(session)
+        batchable = batchable and ok
+    first = next(s for s in sessions if s is not None)
+    return LoadedStage(target, first, layout, batchable, digest, tuple(sessions))

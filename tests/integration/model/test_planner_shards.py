@@ -2,7 +2,8 @@
 a zoo model's stage runs and holds, and the exchanges it waits for, are the figures of the
 shard models `ShardAnalysis` cuts for that stage, profiled on their own (`profile_loaded` of
 each built model, not the tables the planner read); a stage the planner refuses names why;
-every sharded stage of a plan the planner returns can be cut.
+every sharded stage of a plan the planner returns can be cut, by the shard servers and by
+the operator's deploy-time check alike.
 
 FLOPs, exchange points and exchange bytes are equal. Weights plus peak activations may
 differ a little: the tables read peaks off the whole model's segment models (where a
@@ -22,7 +23,8 @@ from hypothesis import strategies as st
 from partita.model import zoo
 from partita.model.load import load_model
 from partita.model.profile import profile_loaded, with_shard_tables
-from partita.model.shard import ShardAnalysis
+from partita.control.catalog import cut_refusal
+from partita.model.shard import ShardAnalysis, stage_layout
 from partita.model.types import ModelProfile, OpClass
 from partita.planner import (
     ClusterSnapshot,
@@ -141,7 +143,7 @@ def test_the_planners_shard_figures_are_the_cut_shards(name: str, data: st.DataO
 
 @pytest.mark.parametrize("name", MODELS)
 def test_every_sharded_plan_the_planner_returns_can_be_cut(name: str) -> None:
-    _model, profile, analysis = _zoo(name)
+    model, profile, analysis = _zoo(name)
     horizontal = _request(partitioning=Partitioning(mode=PartitioningMode.HORIZONTAL, max_shards=4))
     sharded = 0
     for speeds in ([1e9] * 4, [1e9, 1e9, 2e9, 5e8], [1e9] * 3):
@@ -151,8 +153,18 @@ def test_every_sharded_plan_the_planner_returns_can_be_cut(name: str) -> None:
             if len(stage.shards) < 2:
                 continue
             sharded += 1
-            figures, _layout = _built(
+            figures, layout = _built(
                 analysis, stage.start, stage.end, list(stage.proportions), pred.strategy
             )
             assert len(figures) == len(stage.shards)
+            # What a shard server cuts from its spec (the stage's tensors, the plan's
+            # strategy) is the layout the planner priced.
+            _a, served = stage_layout(
+                model, stage.inputs, stage.outputs, stage.proportions, pred.strategy
+            )
+            assert (served.start, served.end) == (stage.start, stage.end)
+            assert served.shard_flops == layout.shard_flops
+            assert len(served.segments) == len(layout.segments) == pred.exchanges + 1
+        # The operator's deploy-time check, on the model file, has nothing to refuse.
+        assert cut_refusal(zoo.model_path(name), zoo.default_input_shapes(name), plan) is None
     assert sharded  # every zoo model here splits on equal weak devices

@@ -75,6 +75,14 @@ def _hop_bytes(url: str) -> float:
     return 0.0
 
 
+def _calls(url: str) -> float:
+    """Inference runs a server made (partita_compute_seconds' count)."""
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line.startswith("partita_compute_seconds_count"):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def test_sharded_stage_equals_the_whole_model(serve: Serve) -> None:
     """Shards and cut stages with batching on (their batch dimension freed and checked row
     for row at start-up); concurrent requests come back each with its own answer."""
@@ -105,6 +113,13 @@ def test_sharded_stage_equals_the_whole_model(serve: Serve) -> None:
         answers = list(pool.map(lambda x: _infer(s0, "nsfw", "input_0", x).as_numpy("4195"), xs))
     for x, answer in zip(xs, answers, strict=True):
         np.testing.assert_allclose(answer, _whole(x), rtol=1e-4, atol=1e-5)
+    # The stage splits in tiles that swap halo rows between two segments: s0 drove the
+    # shards segment by segment, not one whole-input call each.
+    meta = httpx.get(f"{shards[0]}/v2/models/nsfw", headers={"authorization": f"Bearer {TOKEN}"})
+    layout = meta.json()["parameters"]["partita_layout"]
+    assert layout["strategy"] == "tile" and len(layout["segments"]) == 2
+    assert layout["segments"][0]["exchanges"] and not layout["whole_inputs"]
+    assert _calls(shards[1]) >= 2 * len(xs)
 
 
 def _cls_call(url: str) -> triton.InferResult:
@@ -188,7 +203,8 @@ def _grpc(url: str) -> str:
 
 
 def test_hops_over_grpc_chain_and_fan_out_like_rest(serve: Serve) -> None:
-    """The same three stages, the hops over gRPC: a chain, then a fan-out to two shards."""
+    """The same three stages, the hops over gRPC: a chain, then a fan-out to two shards
+    that split the stage's channels (two segments, a sum exchanged between them)."""
     s2 = serve(NSFW, "nsfw", stage="s2", inputs=[CUT_B], outputs=["4195"], **INTERNAL)
     s1 = serve(NSFW, "nsfw", stage="s1", inputs=[CUT_A], outputs=[CUT_B],
                next=[_hop("s2", _grpc(s2))], **INTERNAL)  # fmt: skip
@@ -197,7 +213,7 @@ def test_hops_over_grpc_chain_and_fan_out_like_rest(serve: Serve) -> None:
                **entry)  # fmt: skip
     shards = [
         serve(NSFW, "nsfw", stage="s1", inputs=[CUT_A], outputs=[CUT_B],
-              shard={"index": i, "proportions": [0.6, 0.4]}, **INTERNAL)
+              shard={"index": i, "proportions": [0.6, 0.4], "strategy": "width"}, **INTERNAL)
         for i in range(2)
     ]  # fmt: skip
     fan = serve(NSFW, "nsfw", stage="s0", next=[

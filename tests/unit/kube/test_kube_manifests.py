@@ -57,7 +57,7 @@ def _stage(
     )
 
 
-def _plan(*stages: Stage, revision: int = 3) -> Plan:
+def _plan(*stages: Stage, revision: int = 3, strategy: str = "tile") -> Plan:
     return Plan(
         request=ModelRequest(name="cam", data_source="edge-a", namespace="vision"),
         stages=stages,
@@ -69,7 +69,12 @@ def _plan(*stages: Stage, revision: int = 3) -> Plan:
             cost=0.1,
             stages=tuple(
                 StagePrediction(
-                    0.01, 0.0, 0.0, 0.01, tuple(ShardPrediction(n, 0.01, 2**20) for n in s.nodes)
+                    0.01,
+                    0.0,
+                    0.0,
+                    0.01,
+                    tuple(ShardPrediction(n, 0.01, 2**20) for n in s.nodes),
+                    strategy=strategy if len(s.nodes) > 1 else "",
                 )
                 for s in stages
             ),
@@ -96,6 +101,10 @@ def test_chain_with_sharded_middle_stage_fans_out_then_chains() -> None:
     assert first.next[1].endpoints == ("http://cam-r3-s2.vision.svc:8000",)
     shard = StageSpec.model_validate(specs["cam-r3-s1-k1"])
     assert shard.shard is not None and shard.shard.index == 1 and not shard.next
+    # The shards cut the split the planner priced for the stage.
+    assert shard.shard.strategy == "tile"
+    width = stage_specs(REF, _plan(*plan.stages, strategy="width"))["cam-r3-s1-k0"]
+    assert width["shard"]["strategy"] == "width"
     assert not shard.entry
     last = StageSpec.model_validate(specs["cam-r3-s2"])
     assert last.next == () and last.outputs == ("y",)

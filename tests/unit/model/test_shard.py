@@ -7,6 +7,7 @@ The cut shards are profiled on their own (`profile_loaded` of each segment model
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from itertools import pairwise
 
@@ -17,12 +18,20 @@ import pytest
 from model_builders import attention_block, conv_stack, embedding_block, upsampler
 from partita.model import synthetic
 from partita.model.errors import ShardingError
-from partita.model.exchange import exchange_receive, exchange_sends, gather
+from partita.model.exchange import ShardedRun, exchange_receive, exchange_sends, gather, scatter
 from partita.model.load import load_model
 from partita.model.placement import ReferenceCosts
 from partita.model.profile import profile_loaded
 from partita.model.shard import ShardAnalysis
-from partita.model.types import Exchange, GatherMode, GatherSpec, ShardLayout
+from partita.model.types import (
+    Exchange,
+    GatherMode,
+    GatherSpec,
+    ShardLayout,
+    layout_from_json,
+    layout_id,
+    layout_to_json,
+)
 
 # Exchanges cost nothing: the tiny graphs here are split wherever a rule allows.
 FREE = ReferenceCosts(exchange_s=0.0, lan_bytes_per_s=1e18)
@@ -273,3 +282,52 @@ def test_gather_rebuilds_outputs_and_names_a_missing_part() -> None:
     assert out["t"].tolist() == [0, 1]
     with pytest.raises(ShardingError, match="'s'"):
         gather(layout, [{part("c", 0): a}, {part("c", 1): b}])
+
+
+@pytest.mark.parametrize(
+    ("builder", "strategy"),
+    [(lambda: conv_stack(24, 20), "tile"), (attention_block, "width"), (embedding_block, "width")],
+)
+def test_a_layout_travels_as_json_whole(builder, strategy: str) -> None:  # type: ignore[no-untyped-def]
+    """What a shard server tells the fan-out hop before it is the layout itself."""
+    model = load_model(builder())
+    layout = ShardAnalysis(model, FREE).layout(0, len(model.graph.node), [2, 1], strategy)
+    sent = json.loads(json.dumps(layout_to_json(layout)))
+    assert layout_from_json(sent) == layout
+    assert layout_id(layout_from_json(sent)) == layout_id(layout)
+    other = ShardAnalysis(model, FREE).layout(0, len(model.graph.node), [1, 2], strategy)
+    assert layout_id(other) != layout_id(layout)
+
+
+def test_a_bad_layout_document_is_refused() -> None:
+    model = load_model(conv_stack(16, 16))
+    raw = layout_to_json(ShardAnalysis(model, FREE).layout(0, 6, [1, 1], "tile"))
+    for broken in ({**raw, "segments": "x"}, {**raw, "gathers": [{"output": "y"}]}, []):
+        with pytest.raises((KeyError, ValueError, TypeError)):
+            layout_from_json(broken)
+
+
+def test_a_sharded_run_stepped_by_hand_names_the_shard_that_did_not_answer() -> None:
+    model = load_model(attention_block())
+    layout = ShardAnalysis(model, FREE).layout(0, len(model.graph.node), [1, 1], "width")
+    x = layout.scatter[0]
+    steps = ShardedRun(layout, {x.tensor: np.zeros(x.shape, dtype=x.dtype)})
+    assert sorted(steps.feeds(0)) == [0, 1]
+    with pytest.raises(ShardingError, match="shard 1 did not answer"):
+        steps.take(0, {0: {}})
+
+
+def test_tiles_of_a_batch_are_cut_row_for_row() -> None:
+    """A batch of requests is scattered like one: the tile rows of every request."""
+    model = load_model(conv_stack(16, 16))
+    layout = ShardAnalysis(model, FREE).layout(0, 6, [1, 1], "tile")
+    x = layout.scatter[0]
+    one = np.random.default_rng(0).random(x.shape).astype(x.dtype)
+    batch = np.concatenate([one, 2 * one])
+    for shard in range(2):
+        piece = scatter(layout, shard, {x.tensor: batch})[x.tensor]
+        alone = scatter(layout, shard, {x.tensor: one})[x.tensor]
+        np.testing.assert_array_equal(piece[:1], alone)
+        np.testing.assert_array_equal(piece[1:], 2 * alone)
+    with pytest.raises(ShardingError, match="has shape"):
+        scatter(layout, 0, {x.tensor: batch[..., :3]})

@@ -60,7 +60,9 @@ class Catalog:
         self._cut = cut or cut_refusal
         self._loaded: dict[tuple[str, ...], Profiled] = {}
         self._accuracy: dict[tuple[str, str, str], AccuracyDrop] = {}
-        self._cuts: dict[tuple[str, str, tuple[tuple[str, int, int, int], ...]], str | None] = {}
+        self._cuts: dict[
+            tuple[str, str, tuple[tuple[str, int, int, int, str], ...]], str | None
+        ] = {}
 
     def get(self, model: EdgeModel) -> Profiled | None:
         """The model's file, profile and reference speed (with its cascade's small model and
@@ -154,11 +156,15 @@ class Catalog:
 
     def cut_check(self, profiled: Profiled, plan: Plan) -> str | None:
         """Cut every sharded stage of `plan` as its servers will; the first refusal, or None."""
+        predicted = plan.prediction.stages
         shards = tuple(
-            (",".join(s.inputs) + ">" + ",".join(s.outputs), s.start, s.end, len(s.shards))
+            (
+                ",".join(s.inputs) + ">" + ",".join(s.outputs), s.start, s.end, len(s.shards),
+                predicted[s.index].strategy if s.index < len(predicted) else "",
+            )
             for s in plan.stages
             if len(s.shards) > 1
-        )
+        )  # fmt: skip
         key = (profiled.profile.digest, repr(sorted(profiled.input_shapes.items())), shards)
         if key not in self._cuts:
             self._cuts[key] = self._cut(profiled.path, profiled.input_shapes, plan)
@@ -166,19 +172,23 @@ class Catalog:
 
 
 def cut_refusal(path: Path, shapes: Mapping[str, Sequence[int]], plan: Plan) -> str | None:
-    """The first sharded stage of `plan` that `partita.model.shard` refuses to cut."""
+    """The first sharded stage of `plan` that `partita.model.shard` refuses to cut, cut as
+    its shard servers will (`stage_layout` with the plan's strategy)."""
     from partita.model.load import load_model
-    from partita.model.shard import shard_stage
-    from partita.model.slice import extract_stage
+    from partita.model.shard import stage_layout
 
     model = None
+    predicted = plan.prediction.stages
     for stage in plan.stages:
         if len(stage.shards) < 2:
             continue
+        strategy = predicted[stage.index].strategy if stage.index < len(predicted) else ""
         try:
             model = model or load_model(path, shapes or None)
-            piece = extract_stage(model, stage.inputs, stage.outputs)
-            shard_stage(piece, [s.proportion for s in stage.shards])
+            analysis, layout = stage_layout(
+                model, stage.inputs, stage.outputs, stage.proportions, strategy
+            )
+            analysis.build(layout)
         except ModelError as exc:
             return f"stage {stage.index}: {exc}"
     return None

@@ -250,11 +250,22 @@ def stage_specs(ref: ModelRef, plan: Plan) -> dict[str, dict[str, Any]]:
                 spec["inputs"] = list(stage.inputs)
                 spec["outputs"] = list(stage.outputs)
             if len(names) > 1:
-                spec["shard"] = {"index": k, "proportions": [s.proportion for s in stage.shards]}
+                spec["shard"] = {
+                    "index": k,
+                    "proportions": [s.proportion for s in stage.shards],
+                    **_strategy(plan, stage.index),
+                }
             else:
                 spec["next"] = _hops_after(ref, plan, stage.index)
             specs[name] = spec
     return specs
+
+
+def _strategy(plan: Plan, index: int) -> dict[str, str]:
+    """The split the planner priced for stage `index`, for its shards to cut the same."""
+    predicted = plan.prediction.stages
+    strategy = predicted[index].strategy if index < len(predicted) else ""
+    return {"strategy": strategy} if strategy else {}
 
 
 def _source(ref: ModelRef, uri: str, sha256: str | None) -> dict[str, Any]:

@@ -34,13 +34,17 @@ def scatter(layout: ShardLayout, shard: int, tensors: Tensors) -> dict[str, np.n
         if spec.tensor not in tensors:
             raise ShardingError(f"stage input {spec.tensor!r} is missing")
         value = np.asarray(tensors[spec.tensor])
-        if tuple(value.shape) != spec.shape:
+        if span == (0, spec.shape[spec.axis] if spec.shape else 1):
+            out[spec.tensor] = value  # whole, as it came (the shard checks its shape)
+            continue
+        # Rows along a later axis than the batch's: a batch of requests splits alike.
+        batch = 1 if spec.axis > 0 and value.ndim == len(spec.shape) else 0
+        if tuple(value.shape[batch:]) != spec.shape[batch:]:
             raise ShardingError(
                 f"stage input {spec.tensor!r} has shape {list(value.shape)}, the layout was "
                 f"made for {list(spec.shape)}"
             )
-        full = (0, spec.shape[spec.axis] if spec.shape else 1)
-        out[spec.tensor] = value if span == full else _rows(value, spec.axis, *span)
+        out[spec.tensor] = _rows(value, spec.axis, *span)
     return out
 
 
@@ -149,6 +153,65 @@ def gather(layout: ShardLayout, parts: Sequence[Tensors]) -> dict[str, np.ndarra
     return out
 
 
+class ShardedRun:
+    """One request through a sharded stage, segment by segment: what each shard is fed,
+    what its answer leads to (the exchanges), and the gathered stage outputs.
+
+    Whoever drives it holds every tensor a shard will read again (kept tensors, received
+    rows), so the shards themselves keep nothing between segments: `run_sharded` drives it
+    in one process, the fan-out hop of a stage server over the network.
+    """
+
+    def __init__(self, layout: ShardLayout, inputs: Tensors) -> None:
+        self.layout = layout
+        k = layout.shards
+        self._held: list[dict[str, np.ndarray]] = [scatter(layout, i, inputs) for i in range(k)]
+        self._last: list[dict[str, np.ndarray]] = [{} for _ in range(k)]
+        self.received_bytes = [0] * k
+
+    def feeds(self, segment: int) -> dict[int, dict[str, np.ndarray]]:
+        """The inputs of segment `segment` for each shard active in it."""
+        seg = self.layout.segments[segment]
+        out: dict[int, dict[str, np.ndarray]] = {}
+        for i, active in enumerate(seg.active):
+            if not active:
+                continue
+            missing = [n for n in seg.inputs[i] if n not in self._held[i]]
+            if missing:
+                raise ShardingError(f"segment {segment}: shard {i} lacks {missing}")
+            out[i] = {n: self._held[i][n] for n in seg.inputs[i]}
+        return out
+
+    def take(self, segment: int, outputs: Mapping[int, Mapping[str, np.ndarray]]) -> None:
+        """Record what each active shard answered for `segment`, then do its exchanges."""
+        k = self.layout.shards
+        seg = self.layout.segments[segment]
+        for i in range(k):
+            got = dict(outputs.get(i, {})) if seg.active[i] else {}
+            if seg.active[i] and i not in outputs:
+                raise ShardingError(f"segment {segment}: shard {i} did not answer")
+            self._held[i].update(got)
+            self._last[i] = got
+        for x in seg.exchanges:
+            sends: list[dict[int, np.ndarray]] = []
+            for i in range(k):
+                part = self._held[i].get(GatherSpec.part_name(x.tensor, i)) if x.parts[i] else None
+                if x.parts[i] and part is None:
+                    raise ShardingError(f"shard {i} did not return its part of {x.tensor!r}")
+                sends.append(exchange_sends(x, i, part) if part is not None else {})
+            for j in range(k):
+                got_rows = {i: sends[i][j] for i in range(k) if j in sends[i]}
+                self.received_bytes[j] += sum(int(a.nbytes) for a in got_rows.values())
+                own = self._held[j].get(GatherSpec.part_name(x.tensor, j)) if x.parts[j] else None
+                value = exchange_receive(x, j, own, got_rows)
+                if value is not None:
+                    self._held[j][x.tensor] = value
+
+    def result(self) -> dict[str, np.ndarray]:
+        """The stage outputs, gathered from the shards' answers to the last segment."""
+        return gather(self.layout, self._last)
+
+
 SegmentRunner = Callable[[int, int, dict[str, np.ndarray]], Mapping[str, np.ndarray]]
 
 
@@ -158,34 +221,7 @@ def run_sharded(
     """Run a sharded stage in one process: `run(segment, shard, feeds)` runs one segment
     model. Returns the stage outputs and the bytes each shard received in exchanges
     (measured from the arrays moved, to set beside the layout's figures)."""
-    k = layout.shards
-    held: list[dict[str, np.ndarray]] = [scatter(layout, i, inputs) for i in range(k)]
-    received_bytes = [0] * k
-    last: list[dict[str, np.ndarray]] = [{} for _ in range(k)]
-    for s, segment in enumerate(layout.segments):
-        for i in range(k):
-            if not segment.active[i]:
-                last[i] = {}
-                continue
-            names = segment.inputs[i]
-            missing = [n for n in names if n not in held[i]]
-            if missing:
-                raise ShardingError(f"segment {s}: shard {i} lacks {missing}")
-            outputs = dict(run(s, i, {n: held[i][n] for n in names}))
-            held[i].update(outputs)
-            last[i] = outputs
-        for x in segment.exchanges:
-            sends = [
-                exchange_sends(x, i, held[i][GatherSpec.part_name(x.tensor, i)])
-                if x.parts[i]
-                else {}
-                for i in range(k)
-            ]
-            for j in range(k):
-                got = {i: sends[i][j] for i in range(k) if j in sends[i]}
-                received_bytes[j] += sum(int(a.nbytes) for a in got.values())
-                own = held[j].get(GatherSpec.part_name(x.tensor, j)) if x.parts[j] else None
-                value = exchange_receive(x, j, own, got)
-                if value is not None:
-                    held[j][x.tensor] = value
-    return gather(layout, last), tuple(received_bytes)
+    steps = ShardedRun(layout, inputs)
+    for s in range(len(layout.segments)):
+        steps.take(s, {i: run(s, i, feeds) for i, feeds in steps.feeds(s).items()})
+    return steps.result(), tuple(steps.received_bytes)

@@ -56,7 +56,7 @@ from partita.model.types import (
 )
 from partita.model.width import WidthRefusal, width_range
 
-__all__ = ["STRATEGIES", "ShardAnalysis", "gather", "shard_stage"]
+__all__ = ["STRATEGIES", "ShardAnalysis", "gather", "shard_stage", "stage_layout"]
 
 STRATEGIES = ("tile", "width", "branch")
 OP_CLASSES = tuple(OpClass)
@@ -1187,3 +1187,26 @@ def shard_stage(
     if len(models) != layout.shards:
         raise ShardingError("a shard would have nothing to do; use fewer shards")
     return models, layout
+
+
+def stage_layout(
+    model: onnx.ModelProto,
+    inputs: Sequence[str] | None,
+    outputs: Sequence[str] | None,
+    proportions: Sequence[float],
+    strategy: str | None = None,
+    *,
+    costs: ReferenceCosts = REFERENCE,
+) -> tuple[ShardAnalysis, ShardLayout]:
+    """The layout of the stage `inputs -> outputs` of a loaded model (None: the whole model)
+    over len(proportions) shards, on the node range the planner priced: several segments
+    with exchanges between them where the strategy needs them. `strategy` is the plan's
+    (None or "": the cheapest on the reference costs). Shard servers cut their models
+    from this layout and the operator checks a plan with it, so the two cannot differ.
+    """
+    analysis = ShardAnalysis(model, costs)
+    if inputs is None or outputs is None:
+        start, end = 0, len(analysis.nodes)
+    else:
+        start, end = analysis.range_of(inputs, outputs)
+    return analysis, analysis.layout(start, end, proportions, strategy or None)

@@ -7,6 +7,8 @@ changing both sides.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -254,6 +256,159 @@ class ShardLayout:
     def scatter_bytes(self) -> tuple[int, ...]:
         """Bytes of the stage inputs each shard must be sent."""
         return tuple(sum(x.shard_bytes[i] for x in self.scatter) for i in range(self.shards))
+
+
+def _span(raw: object) -> Span | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, list | tuple) or len(raw) != 2:
+        raise ValueError(f"a span is [start, stop] or null, got {raw!r}")
+    return (int(raw[0]), int(raw[1]))
+
+
+def _ints(raw: object) -> tuple[int, ...]:
+    if not isinstance(raw, list | tuple):
+        raise TypeError(f"expected a list of integers, got {raw!r}")
+    return tuple(int(x) for x in raw)
+
+
+def _obj(raw: object, what: str) -> dict[str, object]:
+    if not isinstance(raw, dict):
+        raise TypeError(f"{what} must be an object, got {type(raw).__name__}")
+    return raw
+
+
+def _items(raw: object, what: str) -> list[object]:
+    if not isinstance(raw, list | tuple):
+        raise TypeError(f"{what} must be a list, got {type(raw).__name__}")
+    return list(raw)
+
+
+def layout_to_json(layout: ShardLayout) -> dict[str, object]:
+    """All of `layout` as plain JSON values (`layout_from_json` reads it back equal)."""
+
+    def spans(values: tuple[Span | None, ...]) -> list[list[int] | None]:
+        return [None if s is None else [s[0], s[1]] for s in values]
+
+    return {
+        "proportions": list(layout.proportions),
+        "strategy": layout.strategy,
+        "start": layout.start,
+        "end": layout.end,
+        "whole_inputs": layout.whole_inputs,
+        "gathers": [
+            {"output": g.output, "mode": g.mode.value, "axis": g.axis, "shard": g.shard}
+            for g in layout.gathers
+        ],
+        "scatter": [
+            {
+                "tensor": x.tensor,
+                "axis": x.axis,
+                "shape": list(x.shape),
+                "dtype": x.dtype,
+                "spans": spans(x.spans),
+            }
+            for x in layout.scatter
+        ],
+        "segments": [
+            {
+                "start": s.start,
+                "end": s.end,
+                "active": list(s.active),
+                "inputs": [list(names) for names in s.inputs],
+                "exchanges": [
+                    {
+                        "tensor": x.tensor,
+                        "mode": x.mode.value,
+                        "axis": x.axis,
+                        "shape": list(x.shape),
+                        "dtype": x.dtype,
+                        "parts": spans(x.parts),
+                        "needs": spans(x.needs),
+                    }
+                    for x in s.exchanges
+                ],
+                "shard_flops": list(s.shard_flops),
+                "shard_param_bytes": list(s.shard_param_bytes),
+                "shard_peak_bytes": list(s.shard_peak_bytes),
+            }
+            for s in layout.segments
+        ],
+        "shard_flops": list(layout.shard_flops),
+        "shard_param_bytes": list(layout.shard_param_bytes),
+        "shard_peak_bytes": list(layout.shard_peak_bytes),
+        "shard_class_flops": [list(c) for c in layout.shard_class_flops],
+        "gather_bytes": list(layout.gather_bytes),
+    }
+
+
+def layout_from_json(raw: object) -> ShardLayout:
+    """The layout `layout_to_json` wrote; raises ValueError, KeyError or TypeError if `raw`
+    is not one."""
+    doc = _obj(raw, "layout")
+
+    def spans(value: object) -> tuple[Span | None, ...]:
+        return tuple(_span(s) for s in _items(value, "spans"))
+
+    def exchange(value: object) -> Exchange:
+        x = _obj(value, "exchange")
+        return Exchange(
+            str(x["tensor"]), GatherMode(str(x["mode"])), int(str(x["axis"])), _ints(x["shape"]),
+            str(x["dtype"]), spans(x["parts"]), spans(x["needs"]),
+        )  # fmt: skip
+
+    def segment(value: object) -> Segment:
+        s = _obj(value, "segment")
+        return Segment(
+            start=int(str(s["start"])),
+            end=int(str(s["end"])),
+            active=tuple(bool(a) for a in _items(s["active"], "active")),
+            inputs=tuple(
+                tuple(str(n) for n in _items(names, "inputs"))
+                for names in _items(s["inputs"], "inputs")
+            ),
+            exchanges=tuple(exchange(x) for x in _items(s["exchanges"], "exchanges")),
+            shard_flops=_ints(s["shard_flops"]),
+            shard_param_bytes=_ints(s["shard_param_bytes"]),
+            shard_peak_bytes=_ints(s["shard_peak_bytes"]),
+        )
+
+    def gather(value: object) -> GatherSpec:
+        g = _obj(value, "gather")
+        return GatherSpec(
+            str(g["output"]), GatherMode(str(g["mode"])), int(str(g["axis"])), int(str(g["shard"]))
+        )
+
+    def scatter(value: object) -> Scatter:
+        x = _obj(value, "scatter")
+        return Scatter(
+            str(x["tensor"]), int(str(x["axis"])), _ints(x["shape"]), str(x["dtype"]),
+            spans(x["spans"]),
+        )  # fmt: skip
+
+    return ShardLayout(
+        proportions=tuple(float(str(p)) for p in _items(doc["proportions"], "proportions")),
+        gathers=tuple(gather(g) for g in _items(doc["gathers"], "gathers")),
+        strategy=str(doc["strategy"]),
+        shard_flops=_ints(doc.get("shard_flops", [])),
+        start=int(str(doc.get("start", 0))),
+        end=int(str(doc.get("end", 0))),
+        segments=tuple(segment(s) for s in _items(doc.get("segments", []), "segments")),
+        scatter=tuple(scatter(x) for x in _items(doc.get("scatter", []), "scatter")),
+        shard_param_bytes=_ints(doc.get("shard_param_bytes", [])),
+        shard_peak_bytes=_ints(doc.get("shard_peak_bytes", [])),
+        shard_class_flops=tuple(
+            _ints(c) for c in _items(doc.get("shard_class_flops", []), "shard_class_flops")
+        ),
+        gather_bytes=_ints(doc.get("gather_bytes", [])),
+        whole_inputs=bool(doc.get("whole_inputs", False)),
+    )
+
+
+def layout_id(layout: ShardLayout) -> str:
+    """A short name of `layout`'s content: servers that agree on it cut the same shards."""
+    text = json.dumps(layout_to_json(layout), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 # The planner proposes a sharded range only when its busiest shard runs less than this
