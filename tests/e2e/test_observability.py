@@ -262,30 +262,42 @@ def test_kubectl_partita_status_prints_the_plan_of_the_status(watched: Any) -> N
     assert missing.returncode == 1 and "EdgeModel partita-e2e/nope not found" in missing.stderr
 
 
-def test_the_sharded_stage_answers_what_the_whole_model_answers(watched: Any) -> None:
-    """The operator rendered the shards' specs with the split its plan priced; the shard
-    servers cut their segments from it and the server before them drove the exchanges
-    between the segments: a client gets the whole model's answer."""
+def test_a_sharded_plan_answers_what_the_whole_model_answers(loop: Any) -> None:
+    """An EdgeModel split across the two devices of its data source's pool: the operator
+    rendered the shards' specs with the split its plan priced, the shard servers cut their
+    segments from it and the gateway drove the exchanges between the segments; a client
+    gets the whole model's answer."""
     import tritonclient.http as http
 
     from partita.runtime import Session
 
-    plan = _status(watched)["plan"]
-    assert any(len(st["shards"]) > 1 for st in plan["stages"]), f"no sharded stage: {plan}"
-    maps = get_json(
-        watched, "configmap", "-n", NAMESPACE,
-        "-l", f"partita.dev/model={MODEL},partita.dev/revision={plan['revision']}",
-    )  # fmt: skip
-    specs = [json.loads(m["data"]["stage.json"]) for m in maps["items"]]
-    shards = [s["shard"] for s in specs if "shard" in s]
-    assert shards and all(s.get("strategy") in ("tile", "width", "branch") for s in shards)
+    name = "split"
+    spec = {"pools": ["edge-a"], "partitioning": {"mode": "horizontal", "maxShards": 2}}
+    loop.kubectl("apply", "-f", "-", input=edge_model(name, **spec))
+    try:
 
-    image = np.random.default_rng(11).random((1, 224, 224, 3), dtype=np.float32)
-    whole = Session(open_nsfw()[0], intra_op_threads=1).run({"input_0": image})
-    url = entry_url(watched, MODEL)
-    client = http.InferenceServerClient(url.removeprefix("http://"), network_timeout=60)
-    tensor = http.InferInput("input_0", list(image.shape), "FP32")
-    tensor.set_data_from_numpy(image, binary_data=True)
-    answer = client.infer(MODEL, [tensor])
-    for name, expected in whole.items():
-        np.testing.assert_allclose(answer.as_numpy(name), expected, rtol=1e-4, atol=1e-5)
+        def ready() -> dict[str, Any] | None:
+            st = get_json(loop, "edgemodel", name, "-n", NAMESPACE).get("status") or {}
+            return st if st.get("phase") == "Ready" else None
+
+        plan = eventually(ready, 240, "the sharded EdgeModel Ready", interval=1)["plan"]
+        assert [len(st["shards"]) for st in plan["stages"]] == [2], plan
+        maps = get_json(
+            loop, "configmap", "-n", NAMESPACE,
+            "-l", f"partita.dev/model={name},partita.dev/revision={plan['revision']}",
+        )  # fmt: skip
+        specs = [json.loads(m["data"]["stage.json"]) for m in maps["items"]]
+        shards = [s["shard"] for s in specs if "shard" in s]
+        assert len(shards) == 2 and all(s.get("strategy") in ("tile", "width") for s in shards)
+
+        image = np.random.default_rng(11).random((1, 224, 224, 3), dtype=np.float32)
+        whole = Session(open_nsfw()[0], intra_op_threads=1).run({"input_0": image})
+        url = entry_url(loop, name)
+        client = http.InferenceServerClient(url.removeprefix("http://"), network_timeout=60)
+        tensor = http.InferInput("input_0", list(image.shape), "FP32")
+        tensor.set_data_from_numpy(image, binary_data=True)
+        answer = client.infer(name, [tensor])
+        for output, expected in whole.items():
+            np.testing.assert_allclose(answer.as_numpy(output), expected, rtol=1e-4, atol=1e-5)
+    finally:
+        loop.kubectl("delete", "edgemodel", name, "-n", NAMESPACE, "--wait=false", check=False)

@@ -2,9 +2,10 @@
 
 A stage server serves one piece of one model: the whole model, a vertical stage (given by its
 boundary tensor names) or one shard of a stage. It may forward its outputs to next hops: a
-list processed in order, where a fan-out hop sends the same tensors to every shard of the next
-stage and gathers their parts, and a chain hop (always last) hands the tensors to the next
-stage, whose answer becomes this stage's answer.
+list processed in order, where a fan-out hop drives the shards of the next stage through the
+layout they cut (each shard's piece of the tensors, then segment by segment with the exchanges
+between them done by the hop) and gathers their parts, and a chain hop (always last) hands
+the tensors to the next stage, whose answer becomes this stage's answer.
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ class Hop(_Frozen):
     )
     fan_out: bool = Field(
         default=False,
-        description="endpoints are the shards of one stage: send to all, gather their parts",
+        description="endpoints are the shards of one stage, in shard order: send each its "
+        "piece, run their segments and exchanges, gather their parts",
     )
     compression: Compression = Compression.NONE
     timeout_s: float = Field(
