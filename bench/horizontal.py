@@ -271,8 +271,8 @@ def main() -> None:
         f"{ROUNDS} interleaved rounds of one request per configuration, every answer checked "
         "against the whole model (1e-4 of its largest output).",
         "",
-        "| model | maxShards | shards | strategy, segments | predicted (ms) | median (ms) | p99 (ms) | "
-        "speedup (of medians / median of ratios) | measured / predicted | load avg |",
+        "| model | maxShards | shards | strategy, segments | predicted (ms) | median (ms) | "
+        "p99 (ms) | speedup (of medians / median of ratios) | measured / predicted | load avg |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [

@@ -20,10 +20,10 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from partita.control.catalog import cut_refusal
 from partita.model import zoo
 from partita.model.load import load_model
 from partita.model.profile import profile_loaded, with_shard_tables
-from partita.control.catalog import cut_refusal
 from partita.model.shard import ShardAnalysis, stage_layout
 from partita.model.types import ModelProfile, OpClass
 from partita.planner import (
