@@ -76,7 +76,8 @@ def test_ready_with_a_plan_and_answers_like_the_whole_model(served: Any) -> None
     path, _ = open_nsfw()
     want = Session(path).run({"input_0": image})[OUTPUT]
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
-    # One Deployment per stage server, pinned to the planned node, owned by the EdgeModel.
+    # One Deployment per stage server (and the gateway in front of a sharded first stage),
+    # pinned to the planned node, owned by the EdgeModel.
     deps = get_json(
         served,
         "deployments",
@@ -85,7 +86,8 @@ def test_ready_with_a_plan_and_answers_like_the_whole_model(served: Any) -> None
         "-l",
         f"partita.dev/model={MODEL},partita.dev/revision={plan['revision']}",
     )
-    assert len(deps["items"]) == sum(len(s["shards"]) for s in plan["stages"])
+    gateway = len(plan["stages"][0]["shards"]) > 1
+    assert len(deps["items"]) == sum(len(s["shards"]) for s in plan["stages"]) + gateway
     for d in deps["items"]:
         assert d["metadata"]["ownerReferences"][0]["kind"] == "EdgeModel"
 

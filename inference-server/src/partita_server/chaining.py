@@ -335,9 +335,10 @@ class HopClient:
         return response
 
     async def metadata(self, deadline: float) -> dict[str, Any] | None:
-        """The model metadata of the last chain hop, to tell clients the final outputs."""
+        """The model metadata of the last hop (a fan-out's shards speak for their stage),
+        to tell clients the final outputs."""
         hop = self._hops[-1]
-        if hop.fan_out or not self._transports:
+        if not self._transports:
             return None
         for endpoint in hop.endpoints:
             timeout = min(hop.timeout_s, max(deadline - self._clock(), 0.001))

@@ -171,7 +171,19 @@ class DataPlane:
         self.check_model(name, version)
         if self.stage is None:
             return await self._relayed_metadata()
+        inputs = [_tensor_metadata(t) for t in self.stage.session.inputs]
         outputs = [_tensor_metadata(t) for t in self.stage.session.outputs]
+        layout = self.stage.layout
+        if layout is not None:
+            # A shard speaks for its stage: what the fan-out sends it whole and gathers.
+            inputs = [
+                {"name": x.tensor, "datatype": datatype_of(x.dtype), "shape": list(x.shape)}
+                for x in layout.scatter
+            ]
+            outputs = [
+                {"name": t.name, "datatype": datatype_of(t.dtype), "shape": list(t.shape)}
+                for t in layout.outputs
+            ]
         if self._hops is not None and self.spec.cascade is None:
             if self._final_metadata is None:
                 self._final_metadata = await self._hops.metadata(self.deadline())
@@ -181,7 +193,7 @@ class DataPlane:
             "name": self.spec.model,
             "versions": [self.spec.version],
             "platform": "onnxruntime_onnx",
-            "inputs": [_tensor_metadata(t) for t in self.stage.session.inputs],
+            "inputs": inputs,
             "outputs": outputs,
             "parameters": {
                 "stage": self.spec.stage,

@@ -118,8 +118,14 @@ def check_external_data(path: Path) -> None:
                 raise StageSpecError(f"model {path}: {exc}") from exc
 
 
+# Raised whenever what a cut writes changes (the layout file's fields), so that a newer
+# server cuts again rather than reading pieces an older one left in the cache.
+CUT_FORMAT = 2
+
+
 def _piece_key(spec: StageSpec, digest: str) -> str:
     shaping = {
+        "cut": CUT_FORMAT,
         "digest": digest,
         "input_shapes": {k: list(v) for k, v in sorted(spec.input_shapes.items())},
         "inputs": spec.inputs,

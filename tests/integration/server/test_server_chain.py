@@ -120,6 +120,18 @@ def test_sharded_stage_equals_the_whole_model(serve: Serve) -> None:
     assert layout["strategy"] == "tile" and len(layout["segments"]) == 2
     assert layout["segments"][0]["exchanges"] and not layout["whole_inputs"]
     assert _calls(shards[1]) >= 2 * len(xs)
+    # A server in front of shards that end the chain (as the operator's gateway is when the
+    # plan is one sharded stage) tells clients the stage's outputs, shaped as answered.
+    [stage_in] = meta.json()["inputs"]
+    assert stage_in["name"] == CUT_A
+    gw = serve(NSFW, "nsfw", stage="gw", token=TOKEN, inputs=[CUT_A], outputs=[CUT_A],
+               input_shapes=SHAPES, next=[_hop("s1", *shards, fan_out=True)])  # fmt: skip
+    told = triton.InferenceServerClient(host_of(gw)).get_model_metadata("nsfw")
+    [out] = told["outputs"]
+    cut_a = np.random.default_rng(3).random(stage_in["shape"], dtype=np.float32)
+    answer = _infer(gw, "nsfw", CUT_A, cut_a).as_numpy(CUT_B)
+    assert out["name"] == CUT_B and answer is not None
+    assert (out["datatype"], out["shape"]) == ("FP32", list(answer.shape))
 
 
 def _cls_call(url: str) -> triton.InferResult:

@@ -53,6 +53,7 @@ from partita.model.types import (
     Segment,
     ShardLayout,
     ShardTable,
+    TensorInfo,
 )
 from partita.model.width import WidthRefusal, width_range
 
@@ -1107,7 +1108,12 @@ class ShardAnalysis:
             shard_peak_bytes=tuple(peaks),
             shard_class_flops=tuple(tuple(int(x) for x in row) for row in totals),
             gather_bytes=tuple(gather_bytes),
+            outputs=tuple(self._info(name) for name in placement.outputs),
         )
+
+    def _info(self, name: str) -> TensorInfo:
+        shape, dtype = self.shape(name), self.dtype(name)
+        return TensorInfo(name, dtype.name, shape, math.prod(shape) * dtype.itemsize)
 
     def _exchange(self, name: str, ts: TensorShards, k: int) -> Exchange:
         shape = self.shape(name)

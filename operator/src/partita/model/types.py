@@ -243,6 +243,9 @@ class ShardLayout:
     gather_bytes: tuple[int, ...] = ()
     # The shard models read the stage inputs whole (one segment, served by a plain fan-out).
     whole_inputs: bool = False
+    # The stage outputs the gathers rebuild, typed and shaped as the whole model has them
+    # (what a server in front of the shards tells clients it answers).
+    outputs: tuple[TensorInfo, ...] = ()
 
     @property
     def shards(self) -> int:
@@ -339,6 +342,9 @@ def layout_to_json(layout: ShardLayout) -> dict[str, object]:
         "shard_peak_bytes": list(layout.shard_peak_bytes),
         "shard_class_flops": [list(c) for c in layout.shard_class_flops],
         "gather_bytes": list(layout.gather_bytes),
+        "outputs": [
+            {"name": t.name, "dtype": t.dtype, "shape": list(t.shape)} for t in layout.outputs
+        ],
     }
 
 
@@ -379,6 +385,12 @@ def layout_from_json(raw: object) -> ShardLayout:
             str(g["output"]), GatherMode(str(g["mode"])), int(str(g["axis"])), int(str(g["shard"]))
         )
 
+    def output(value: object) -> TensorInfo:
+        t = _obj(value, "output")
+        dtype, shape = str(t["dtype"]), _ints(t["shape"])
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        return TensorInfo(str(t["name"]), dtype, shape, nbytes)
+
     def scatter(value: object) -> Scatter:
         x = _obj(value, "scatter")
         return Scatter(
@@ -402,6 +414,7 @@ def layout_from_json(raw: object) -> ShardLayout:
         ),
         gather_bytes=_ints(doc.get("gather_bytes", [])),
         whole_inputs=bool(doc.get("whole_inputs", False)),
+        outputs=tuple(output(t) for t in _items(doc.get("outputs", []), "outputs")),
     )
 
 
