@@ -44,6 +44,7 @@ from partita.planner.cost import boundary_tensors, predict_stages
 
 MiB = 2**20
 MODELS = ["open-nsfw", "minilm", "ocr-rec", "ocr-cls"]
+RELAY_SLACK = 0.05
 MEMORY_SLACK = 0.002  # under by at most this share (a part tensor the range end adds)
 MEMORY_OVER = 1.05  # and at most this many times it
 
@@ -112,6 +113,10 @@ def _check(profile, analysis, a, b, k) -> bool:  # type: ignore[no-untyped-def]
     assert pred.exchange_bytes == max(
         (sum(x.received_bytes[j] for x in layout.exchanges) for j in range(k)), default=0
     )
+    # The table's relay at each exchange point is the whole model's placement's; a range
+    # starting or ending inside a segment cuts those segments, and their kept tensors, a
+    # little differently.
+    assert abs(pred.relayed_bytes - layout.relayed_bytes) <= RELAY_SLACK * layout.relayed_bytes
     return True
 
 
@@ -146,7 +151,9 @@ def test_every_sharded_plan_the_planner_returns_can_be_cut(name: str) -> None:
     model, profile, analysis = _zoo(name)
     horizontal = _request(partitioning=Partitioning(mode=PartitioningMode.HORIZONTAL, max_shards=4))
     sharded = 0
-    for speeds in ([1e9] * 4, [1e9, 1e9, 2e9, 5e8], [1e9] * 3):
+    # Devices weak enough that splitting even ocr-cls's small model pays for what the
+    # driving server relays between the segments.
+    for speeds in ([3e8] * 4, [3e8, 3e8, 6e8, 1.5e8], [3e8] * 3):
         plan = plan_model(profile, horizontal, _edge(speeds))
         assert isinstance(plan, Plan), plan.reasons
         for stage, pred in zip(plan.stages, plan.prediction.stages, strict=True):

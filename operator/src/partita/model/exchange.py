@@ -168,6 +168,8 @@ class ShardedRun:
         self._held: list[dict[str, np.ndarray]] = [scatter(layout, i, inputs) for i in range(k)]
         self._last: list[dict[str, np.ndarray]] = [{} for _ in range(k)]
         self.received_bytes = [0] * k
+        # What the driver relays at the exchange points: answers before them, feeds after.
+        self.relayed_bytes = 0
 
     def feeds(self, segment: int) -> dict[int, dict[str, np.ndarray]]:
         """The inputs of segment `segment` for each shard active in it."""
@@ -180,6 +182,8 @@ class ShardedRun:
             if missing:
                 raise ShardingError(f"segment {segment}: shard {i} lacks {missing}")
             out[i] = {n: self._held[i][n] for n in seg.inputs[i]}
+        if segment > 0:
+            self.relayed_bytes += sum(int(a.nbytes) for f in out.values() for a in f.values())
         return out
 
     def take(self, segment: int, outputs: Mapping[int, Mapping[str, np.ndarray]]) -> None:
@@ -192,6 +196,8 @@ class ShardedRun:
                 raise ShardingError(f"segment {segment}: shard {i} did not answer")
             self._held[i].update(got)
             self._last[i] = got
+            if segment < len(self.layout.segments) - 1:
+                self.relayed_bytes += sum(int(a.nbytes) for a in got.values())
         for x in seg.exchanges:
             sends: list[dict[int, np.ndarray]] = []
             for i in range(k):
@@ -215,13 +221,12 @@ class ShardedRun:
 SegmentRunner = Callable[[int, int, dict[str, np.ndarray]], Mapping[str, np.ndarray]]
 
 
-def run_sharded(
-    layout: ShardLayout, run: SegmentRunner, inputs: Tensors
-) -> tuple[dict[str, np.ndarray], tuple[int, ...]]:
+def run_sharded(layout: ShardLayout, run: SegmentRunner, inputs: Tensors) -> ShardedRun:
     """Run a sharded stage in one process: `run(segment, shard, feeds)` runs one segment
-    model. Returns the stage outputs and the bytes each shard received in exchanges
-    (measured from the arrays moved, to set beside the layout's figures)."""
+    model. Returns the finished run: its `result()`, and the bytes each shard received in
+    exchanges and the driver relayed (measured from the arrays moved, to set beside the
+    layout's figures)."""
     steps = ShardedRun(layout, inputs)
     for s in range(len(layout.segments)):
         steps.take(s, {i: run(s, i, feeds) for i, feeds in steps.feeds(s).items()})
-    return steps.result(), tuple(steps.received_bytes)
+    return steps

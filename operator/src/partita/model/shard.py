@@ -19,6 +19,7 @@ work whole, never answered with a silently wrong shard.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -475,7 +476,8 @@ class ShardAnalysis:
         node_params = np.zeros((n, k), dtype=np.int64)
         node_live = np.zeros((n, k), dtype=np.int64)
         node_ops = np.zeros((n, k), dtype=np.int64)
-        for per_shard in self._programs(placement):
+        programs = self._programs(placement)
+        for per_shard in programs:
             for i, seg in enumerate(per_shard):
                 if not seg.nodes:
                     continue
@@ -535,6 +537,12 @@ class ShardAnalysis:
         at = np.asarray(sorted(points), dtype=np.int64)
         recv = np.stack([points[p] for p in sorted(points)]) if points else np.zeros((0, k))
         cum_recv = np.concatenate([zero, np.cumsum(recv, 0)]).astype(np.int64)
+        relay = np.array(
+            [self._relayed(before, after) for before, after in itertools.pairwise(programs)],
+            dtype=np.int64,
+        )
+        assert len(relay) == len(at)
+        cum_relay = np.concatenate([[0], np.cumsum(relay)]).astype(np.int64)
         before = np.searchsorted(at, pos, side="left")
         upto = np.searchsorted(at, pos, side="right")
         scatter = np.zeros((len(pos), k), dtype=np.int64)
@@ -590,6 +598,8 @@ class ShardAnalysis:
             points_upto=upto.astype(np.int64),
             bytes_before=cum_recv[before],
             bytes_upto=cum_recv[upto],
+            relay_before=cum_relay[before],
+            relay_upto=cum_relay[upto],
             scatter_bytes=scatter,
             gather_bytes=gather_b,
             starts=starts,
@@ -1108,12 +1118,25 @@ class ShardAnalysis:
             shard_peak_bytes=tuple(peaks),
             shard_class_flops=tuple(tuple(int(x) for x in row) for row in totals),
             gather_bytes=tuple(gather_bytes),
+            relayed_bytes=sum(self._relayed(b, a) for b, a in itertools.pairwise(programs)),
             outputs=tuple(self._info(name) for name in placement.outputs),
         )
 
     def _info(self, name: str) -> TensorInfo:
         shape, dtype = self.shape(name), self.dtype(name)
         return TensorInfo(name, dtype.name, shape, math.prod(shape) * dtype.itemsize)
+
+    @staticmethod
+    def _relayed(before: Sequence[_SegmentModel], after: Sequence[_SegmentModel]) -> int:
+        """Bytes through the server driving the shards between two segments: each shard's
+        answer to the first and its feeds for the second."""
+
+        def size(seg: _SegmentModel, names: Sequence[str]) -> int:
+            return sum(math.prod(seg.shapes[n]) * seg.dtypes[n].itemsize for n in names)
+
+        return sum(
+            size(b, b.outputs) + size(a, a.inputs) for b, a in zip(before, after, strict=True)
+        )
 
     def _exchange(self, name: str, ts: TensorShards, k: int) -> Exchange:
         shape = self.shape(name)

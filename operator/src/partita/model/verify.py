@@ -138,9 +138,9 @@ def run_pieces(
             session = runtime.Session(piece.stage.SerializeToString(), intra_op_threads=1)
             values.update(session.run({i.name: values[i.name] for i in session.inputs}))
             continue
-        outputs, received = run_sharded(piece.layout, _runner(piece.segments), values)
-        values.update(outputs)
-        moved.append(received)
+        done = run_sharded(piece.layout, _runner(piece.segments), values)
+        values.update(done.result())
+        moved.append(tuple(done.received_bytes))
     return values, moved
 
 

@@ -4,8 +4,9 @@ Per request: stage compute = Σ FLOPs / device speed of the op's class (+ a fixe
 per graph node); a shard runs what the shard model model analysis cuts for it runs
 (`ranges.ShardedRanges`), the strategy being the one whose busiest shard finishes first;
 transfers = bytes after cut compression / bandwidth + RTT; shards add the stage inputs
-sent to them, the exchanges between their segments and the gather of their output parts
-over the pool's LAN, one round trip each. With a cascade, everything after the first
+sent to them, what the server driving them relays between their segments (each shard's
+answer and its next feeds) and the gather of their output parts over the pool's LAN, one
+round trip each. With a cascade, everything after the first
 stage is weighted by the observed offload rate, and the cascade's small model (ahead of
 the stages) runs for every request. Throughput = 1 / the busiest stage or link. Energy =
 (active - idle watts) × busy time of every shard (what a request adds to the idle draw) +
@@ -56,6 +57,7 @@ class ShardFigures:
     exchange_s: float  # stage inputs to the shards, exchanges, output parts: on the LAN
     exchanges: int
     exchange_bytes: int
+    relayed_bytes: int
 
 
 def shard_figures(
@@ -116,8 +118,9 @@ def _shard_figures(
     exchange_s = float(nbytes) * 8.0 / lan.bandwidth_bps + float(trips) * lan.rtt_s
     count = int(sr.points_before[b] - sr.points_upto[a])
     received = int((sr.bytes_before[b] - sr.bytes_upto[a]).max())
+    relayed = int(sr.relay_before[b] - sr.relay_upto[a])
     busy = max(p.compute_s for p in preds) + exchange_s
-    return busy, ShardFigures(sr.strategy, tuple(preds), exchange_s, count, received)
+    return busy, ShardFigures(sr.strategy, tuple(preds), exchange_s, count, received, relayed)
 
 
 def carries_raw_input(profile: ModelProfile, position: int) -> bool:
@@ -298,7 +301,12 @@ def predict_stages(
                 tuple(shard_preds),
                 float(table.wire[stage.input_compression][a]),
                 *(
-                    (sharded.strategy, sharded.exchanges, sharded.exchange_bytes)
+                    (
+                        sharded.strategy,
+                        sharded.exchanges,
+                        sharded.exchange_bytes,
+                        sharded.relayed_bytes,
+                    )
                     if isinstance(sharded, ShardFigures)
                     else ()
                 ),

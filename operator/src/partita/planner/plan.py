@@ -77,6 +77,7 @@ class StagePrediction:
     strategy: str = ""  # how a sharded stage splits ("tile", "width"), "" when run whole
     exchanges: int = 0  # exchange points between the stage's segments
     exchange_bytes: int = 0  # bytes the busiest shard receives in them
+    relayed_bytes: int = 0  # bytes the server driving the shards relays between segments
 
 
 @dataclass(frozen=True)

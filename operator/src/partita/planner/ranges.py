@@ -210,6 +210,8 @@ class ShardedRanges:
     points_upto: Array
     bytes_before: Array  # (P, shards)
     bytes_upto: Array
+    relay_before: Array  # (P,)
+    relay_upto: Array
     scatter: Array  # (P,) stage-input bytes sent to all shards, range from here
     gather: Array  # (P,) output-part bytes all shards send, range to here
     starts: npt.NDArray[np.bool_]  # (P,)
@@ -251,6 +253,8 @@ class ShardedRanges:
             points_upto=f(t.points_upto, dtype=np.float64)[idx],
             bytes_before=f(t.bytes_before, dtype=np.float64)[idx],
             bytes_upto=f(t.bytes_upto, dtype=np.float64)[idx],
+            relay_before=f(t.relay_before, dtype=np.float64)[idx],
+            relay_upto=f(t.relay_upto, dtype=np.float64)[idx],
             scatter=f(t.scatter_bytes, dtype=np.float64)[idx].sum(axis=-1),
             gather=f(t.gather_bytes, dtype=np.float64)[idx].sum(axis=-1),
             starts=f(t.starts, dtype=np.bool_)[idx],
@@ -329,11 +333,13 @@ class ShardedRanges:
         return self._peaks[shard]
 
     def exchange(self, a: IndexLike, b: IndexLike) -> tuple[Array, Array]:
-        """(bytes on the LAN that the stage waits for, round trips) of [a, b) as shards: the
-        stage inputs sent to the shards, the busiest receiver's exchanges, the output parts."""
+        """(bytes on the LAN that the stage waits for, round trips) of [a, b) as shards, all
+        through the server that drives them (the shards keep nothing between calls): the
+        stage inputs sent to the shards, what it relays at each exchange point, the output
+        parts."""
         count = self.points_before[b] - self.points_upto[a]
-        received = (self.bytes_before[b] - self.bytes_upto[a]).max(axis=-1)
-        return np.asarray(self.scatter[a] + received + self.gather[b]), np.asarray(2.0 + count)
+        relayed = self.relay_before[b] - self.relay_upto[a]
+        return np.asarray(self.scatter[a] + relayed + self.gather[b]), np.asarray(2.0 + count)
 
     def refusal(self, profile: ModelProfile, a: int, b: int) -> str:
         """Why [a, b) is not proposed as these shards, naming the node that keeps it whole."""
