@@ -9,7 +9,9 @@ from partita.kube.manifests import (
     EntryPlacement,
     ModelRef,
     entry_objects,
+    gateway_stage,
     render_revision,
+    server_names,
     serving_service,
     stage_specs,
 )
@@ -83,22 +85,37 @@ def _plan(*stages: Stage, revision: int = 3, strategy: str = "tile") -> Plan:
     )
 
 
-def test_chain_with_sharded_middle_stage_fans_out_then_chains() -> None:
+def test_chain_with_sharded_middle_stage_goes_through_its_gateway() -> None:
+    """The stage before sends the sharded stage's inputs once over the inter-pool link (with
+    the stage's compression) to its gateway, which drives the shards over their own pool's
+    LAN and chains on."""
     plan = _plan(
         _stage(0, "edge-a", ["e1"], ["x"], ["h1"]),
         _stage(1, "edge-b", ["b1", "b2"], ["h1"], ["h2"], Compression.FP16),
         _stage(2, "cloud", ["c1"], ["h2"], ["y"], Compression.INT8),
     )
     specs = stage_specs(REF, plan)
-    assert set(specs) == {"cam-r3-s0", "cam-r3-s1-k0", "cam-r3-s1-k1", "cam-r3-s2"}
+    assert set(specs) == {"cam-r3-s0", "cam-r3-s1-gw", "cam-r3-s1-k0", "cam-r3-s1-k1", "cam-r3-s2"}
+    assert sorted(server_names("cam", plan)) == sorted(specs)
     first = StageSpec.model_validate(specs["cam-r3-s0"])  # the server accepts what we write
-    assert first.entry and [h.fan_out for h in first.next] == [True, False]
-    assert first.next[0].endpoints == (
-        "http://cam-r3-s1-k0.vision.svc:8000",
-        "http://cam-r3-s1-k1.vision.svc:8000",
-    )
-    assert first.next[0].compression == "fp16" and first.next[1].compression == "int8"
-    assert first.next[1].endpoints == ("http://cam-r3-s2.vision.svc:8000",)
+    assert first.entry and [(h.endpoints, h.compression, h.fan_out) for h in first.next] == [
+        (("http://cam-r3-s1-gw.vision.svc:8000",), "fp16", False)
+    ]
+    gw = StageSpec.model_validate(specs["cam-r3-s1-gw"])
+    assert not gw.entry and gw.inputs == gw.outputs == ("h1",)
+    assert [(h.endpoints, h.compression, h.fan_out) for h in gw.next] == [
+        (("http://cam-r3-s1-k0.vision.svc:8000", "http://cam-r3-s1-k1.vision.svc:8000"),
+         "none", True),
+        (("http://cam-r3-s2.vision.svc:8000",), "int8", False),
+    ]  # fmt: skip
+    objects = render_revision(REF, plan)
+    gw_deployment = next(o for o in objects if o["kind"] == "Deployment"
+                         and o["metadata"]["name"] == "cam-r3-s1-gw")  # fmt: skip
+    term = gw_deployment["spec"]["template"]["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"]  # fmt: skip
+    assert term["nodeSelectorTerms"][0]["matchExpressions"][0]["values"] == ["b1"]
+    label = gw_deployment["spec"]["template"]["metadata"]["labels"][labels.STAGE]
+    assert gateway_stage(label) == 1 and gateway_stage("gw") == 0 and gateway_stage("1") is None
     shard = StageSpec.model_validate(specs["cam-r3-s1-k1"])
     assert shard.shard is not None and shard.shard.index == 1 and not shard.next
     # The shards cut the split the planner priced for the stage.

@@ -65,6 +65,7 @@ from partita.kube.manifests import (
     ModelRef,
     cascade_name,
     gateway_name,
+    gateway_stage,
     object_name,
     server_names,
 )
@@ -144,8 +145,9 @@ def pod_info(body: Mapping[str, Any]) -> PodInfo | None:
         return None
     model = str(tags.get(labels.MODEL, ""))
     shard = str(tags.get(labels.SHARD, ""))
-    if stage == "gw":
-        server = gateway_name(model, int(revision))
+    gateway = gateway_stage(stage)
+    if gateway is not None:
+        server = gateway_name(model, int(revision), gateway)
     elif stage == CASCADE_STAGE:
         server = cascade_name(model, int(revision))
     else:

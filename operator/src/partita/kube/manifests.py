@@ -121,8 +121,23 @@ def _shard_names(ref: ModelRef, plan: Plan, stage: Stage) -> list[str]:
     return [object_name(ref.name, plan.revision, stage.index, j) for j in range(len(stage.shards))]
 
 
-def gateway_name(model: str, revision: int) -> str:
-    return f"{model}-r{revision}-gw"
+def gateway_name(model: str, revision: int, stage: int = 0) -> str:
+    """The server in front of sharded stage `stage`: it takes the stage's inputs and drives
+    the shards (scatter, segment calls, exchanges, gather) from inside their pool."""
+    return f"{model}-r{revision}-gw" if stage == 0 else f"{model}-r{revision}-s{stage}-gw"
+
+
+def gateway_label(stage: int) -> str:
+    """The stage label of stage `stage`'s gateway (`gateway_stage` reads it back)."""
+    return "gw" if stage == 0 else f"gw-{stage}"
+
+
+def gateway_stage(label: str) -> int | None:
+    """The stage whose gateway carries stage label `label`, None for any other label."""
+    if label == "gw":
+        return 0
+    rest = label.removeprefix("gw-")
+    return int(rest) if rest != label and rest.isdigit() else None
 
 
 def cascade_name(model: str, revision: int) -> str:
@@ -133,64 +148,68 @@ CASCADE_STAGE = "cascade"  # the stage label and name of a cascade's small model
 
 
 def needs_gateway(plan: Plan) -> bool:
-    """A sharded first stage needs one server in front that clients call and that fans out
-    to the shards: the data source's scatter, run on the first shard's node."""
+    """A sharded first stage has a gateway in front that clients call."""
     return len(plan.stages[0].shards) > 1
+
+
+def _gateways(plan: Plan) -> list[int]:
+    """The stages that have a gateway: every sharded stage, so that the shards are driven
+    over their own pool's LAN whatever pool the stage before them runs in."""
+    return [stage.index for stage in plan.stages if len(stage.shards) > 1]
 
 
 def server_names(model: str, plan: Plan) -> list[str]:
     """The name of every stage server of `plan`'s revision (its Deployment, Service and
-    ConfigMap share it): the gateway first when there is one, then stage by stage."""
+    ConfigMap share it): stage by stage, a sharded stage's gateway before its shards."""
     names = [cascade_name(model, plan.revision)] if plan.cascade is not None else []
-    if needs_gateway(plan):
-        names.append(gateway_name(model, plan.revision))
     for stage in plan.stages:
         if len(stage.shards) == 1:
             names.append(object_name(model, plan.revision, stage.index))
         else:
+            names.append(gateway_name(model, plan.revision, stage.index))
             names += [
                 object_name(model, plan.revision, stage.index, j) for j in range(len(stage.shards))
             ]
     return names
 
 
+def _entry_of(ref: ModelRef, plan: Plan, index: int) -> str:
+    """The server that takes stage `index`'s inputs: its gateway when it is sharded."""
+    stage = plan.stages[index]
+    if len(stage.shards) > 1:
+        return gateway_name(ref.name, plan.revision, index)
+    return object_name(ref.name, plan.revision, index)
+
+
 def _hops_after(ref: ModelRef, plan: Plan, index: int) -> list[dict[str, Any]]:
-    """What the single server at stage `index` (-1: the gateway) sends its outputs to: a
-    fan-out hop for every directly following sharded stage (it gathers their parts), then a
-    chain hop to the next single-server stage, whose answer becomes its own."""
-    stages = plan.stages
-    hops: list[dict[str, Any]] = []
-    j = index + 1
-    while j < len(stages) and len(stages[j].shards) > 1:
-        nxt = stages[j]
-        endpoints = [service_url(n, ref.namespace) for n in _shard_names(ref, plan, nxt)]
-        hops.append(
-            {
-                "stage": f"stage-{nxt.index}",
-                "endpoints": endpoints,
-                "fan_out": True,
-                "compression": _compression(nxt.input_compression),
-            }
-        )
-        j += 1
-    if j < len(stages):
-        nxt = stages[j]
-        endpoints = [service_url(_shard_names(ref, plan, nxt)[0], ref.namespace)]
-        hops.append(
-            {
-                "stage": f"stage-{nxt.index}",
-                "endpoints": endpoints,
-                "compression": _compression(nxt.input_compression),
-            }
-        )
-    return hops
+    """What the server that ends stage `index` sends its outputs to: a chain hop to the
+    next stage's server (or gateway), whose answer becomes its own; none after the last."""
+    if index + 1 >= len(plan.stages):
+        return []
+    nxt = plan.stages[index + 1]
+    return [
+        {
+            "stage": f"stage-{nxt.index}",
+            "endpoints": [service_url(_entry_of(ref, plan, nxt.index), ref.namespace)],
+            "compression": _compression(nxt.input_compression),
+        }
+    ]
+
+
+def _gateway_hops(ref: ModelRef, plan: Plan, index: int) -> list[dict[str, Any]]:
+    """A gateway's hops: the fan-out to its stage's shards over their pool's LAN (which
+    gathers their parts), then on to the next stage."""
+    stage = plan.stages[index]
+    endpoints = [service_url(n, ref.namespace) for n in _shard_names(ref, plan, stage)]
+    fan_out = {"stage": f"stage-{index}", "endpoints": endpoints, "fan_out": True}
+    return [fan_out, *_hops_after(ref, plan, index)]
 
 
 def stage_specs(ref: ModelRef, plan: Plan) -> dict[str, dict[str, Any]]:
     """The inference server's stage spec for every server of the revision, by object name.
 
-    A sharded stage's shards are fanned out to by the single server before them (a stage,
-    or the gateway when the first stage is sharded), which gathers the parts and carries on.
+    A sharded stage's shards are driven by its gateway, on the first shard's node: the
+    stage before chains to the gateway, which fans out, gathers the parts and carries on.
     """
     stages = plan.stages
     if not stages:
@@ -207,11 +226,7 @@ def stage_specs(ref: ModelRef, plan: Plan) -> dict[str, dict[str, Any]]:
     if small:
         if ref.cascade_source is None or ref.cascade_output is None:
             raise RenderError("the plan has a cascade but the model names no small model")
-        first = (
-            gateway_name(ref.name, plan.revision)
-            if gateway
-            else _shard_names(ref, plan, stages[0])[0]
-        )
+        first = _entry_of(ref, plan, 0)
         uri, sha = ref.cascade_source
         specs[cascade_name(ref.name, plan.revision)] = dict(
             base,
@@ -222,15 +237,15 @@ def stage_specs(ref: ModelRef, plan: Plan) -> dict[str, dict[str, Any]]:
             # The raw input, as it came, to the main model's first server.
             next=[{"stage": "stage-0", "endpoints": [service_url(first, ref.namespace)]}],
         )
-    if gateway:
-        first_inputs = list(stages[0].inputs)
-        specs[gateway_name(ref.name, plan.revision)] = dict(
+    for index in _gateways(plan):
+        stage_inputs = list(stages[index].inputs)
+        specs[gateway_name(ref.name, plan.revision, index)] = dict(
             base,
-            stage="gateway",
-            entry=not small,
-            inputs=first_inputs,
-            outputs=first_inputs,
-            next=_hops_after(ref, plan, -1),
+            stage="gateway" if index == 0 else f"stage-{index}-gateway",
+            entry=index == 0 and not small,
+            inputs=stage_inputs,
+            outputs=stage_inputs,
+            next=_gateway_hops(ref, plan, index),
         )
     whole = len(stages) == 1 and not gateway
     for stage in stages:
@@ -300,16 +315,16 @@ def render_revision(
         objects += _server_objects(
             ref, name, object_labels, plan.cascade.node, cpu, memory, specs[name]
         )
-    if needs_gateway(plan):
-        name = gateway_name(ref.name, plan.revision)
+    for index in _gateways(plan):
+        name = gateway_name(ref.name, plan.revision, index)
         object_labels = {
             **_labels(ref, plan.revision),
             labels.COMPONENT: labels.STAGE_SERVER,
-            labels.STAGE: "gw",
+            labels.STAGE: gateway_label(index),
         }
         if specs[name]["entry"]:
             object_labels[labels.ENTRY] = "true"
-        node = plan.stages[0].shards[0].node
+        node = plan.stages[index].shards[0].node  # where the first shard runs
         objects += _server_objects(
             ref, name, object_labels, node, min(cpu, 0.5), 256 * 2**20, specs[name]
         )
