@@ -3,7 +3,10 @@
 
 On the local cluster: one edge pool of four nodes, each computing at a quarter of one core
 of this machine (the test bed's agent enforces it with CPU quotas on the stage processes),
-a 1 Gbit/s, 1 ms LAN as the pool declares it. For each model three EdgeModels are applied
+with a LAN the pool declares and the test bed shapes alike (one pacer for all of the pool's
+traffic, 1 ms RTT), at each bandwidth of `PARTITA_BENCH_LAN_MBPS` (default 1000 and 10000:
+the gateway of a sharded stage relays every shard's answers and feeds between segments, so
+the LAN decides whether splitting pays). For each LAN and model three EdgeModels are applied
 at once, as a user writes them: `partitioning.mode: none` (one device) and `horizontal`
 with `maxShards` 2 and 4, all restricted to that pool. Once all are Ready and their plans
 settled, requests go from this process to each model's entry Service in interleaved rounds
@@ -16,6 +19,7 @@ Run: `.venv/bin/python bench/horizontal.py` (or `make bench`); needs `make insta
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -38,6 +42,10 @@ STORE = "/var/lib/partita/models"  # the chart's modelStore.mountPath
 MODELS = ("open-nsfw", "minilm")
 SHARDS = (1, 2, 4)
 ROUNDS = int(os.environ.get("PARTITA_BENCH_ROUNDS", "25"))
+LANS_MBPS = tuple(
+    int(x) for x in os.environ.get("PARTITA_BENCH_LAN_MBPS", "1000,10000").split(",") if x
+)
+LAN_RTT_MS = 1
 POOL = {
     "apiVersion": "partita.dev/v1alpha1",
     "kind": "DevicePool",
@@ -49,8 +57,8 @@ POOL = {
         "network": {
             "uplinkBandwidthMbps": 1000,
             "uplinkRttMs": 1,
-            "lanBandwidthMbps": 1000,
-            "lanRttMs": 1,
+            "lanBandwidthMbps": LANS_MBPS[0],
+            "lanRttMs": LAN_RTT_MS,
         },
     },
 }
@@ -169,7 +177,24 @@ def _p99(values: list[float]) -> float:
     return sorted(values)[min(len(values) - 1, int(0.99 * len(values)))]
 
 
-def _bench_model(env: dict[str, str], run_dir: Path, model: str, store: Path) -> list[dict]:
+def _set_lan(env: dict[str, str], run_dir: Path, mbps: int) -> None:
+    """The pool's LAN at `mbps`: as the DevicePool declares it to the planner and as the test
+    bed shapes the pool's own traffic."""
+    from partita.testbed import cluster, simstate
+
+    info = cluster.load_info(run_dir)
+    pairs = {"bandwidth": f"{mbps}Mbit", "rtt": f"{LAN_RTT_MS}ms"}
+    simstate.update(
+        info.state_file, lambda state: simstate.apply_assignment(state, "link=edge-a:edge-a", pairs)
+    )
+    pool = json.loads(json.dumps(POOL))
+    pool["spec"]["network"]["lanBandwidthMbps"] = mbps
+    kubectl(env, "apply", "-f", "-", input=json.dumps(pool))
+
+
+def _bench_model(
+    env: dict[str, str], run_dir: Path, model: str, store: Path, lan_mbps: int
+) -> list[dict]:
     from partita.model import zoo
 
     source = zoo.model_path(model)
@@ -212,6 +237,7 @@ def _bench_model(env: dict[str, str], run_dir: Path, model: str, store: Path) ->
         rows.append(
             {
                 "model": model,
+                "lan_mbps": lan_mbps,
                 "max_shards": k,
                 "shards": shards,
                 "strategy": strategy,
@@ -236,14 +262,17 @@ def _bench_model(env: dict[str, str], run_dir: Path, model: str, store: Path) ->
 
 def main() -> None:
     from partita.testbed import binaries, cluster
-    from partita.testbed.layout import parse_nodes
+    from partita.testbed.layout import LinkSpec, parse_nodes
     from partita.testbed.release import Release
 
     models = sys.argv[1:] or list(MODELS)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="partita-horizontal-") as tmp:
         run_dir = Path(tmp) / "cluster"
-        info = cluster.up(run_dir, parse_nodes("edge-a=4,cloud=1"), log=print)
+        layout = parse_nodes("edge-a=4,cloud=1")
+        lan = LinkSpec("edge-a", "edge-a", LANS_MBPS[0] * 1e6, LAN_RTT_MS / 1000)
+        layout = dataclasses.replace(layout, links=(*layout.links, lan))
+        info = cluster.up(run_dir, layout, log=print)
         env = {
             **os.environ,
             "KUBECONFIG": str(info.kubeconfig),
@@ -258,8 +287,10 @@ def main() -> None:
             )
             kubectl(env, "apply", "-f", "-", input=json.dumps(POOL))
             kubectl(env, "create", "namespace", NAMESPACE)
-            for model in models:
-                rows += _bench_model(env, run_dir, model, store)
+            for mbps in LANS_MBPS:
+                _set_lan(env, run_dir, mbps)
+                for model in models:
+                    rows += _bench_model(env, run_dir, model, store, mbps)
         finally:
             cluster.down(run_dir)
     RESULTS.mkdir(exist_ok=True)
@@ -267,16 +298,19 @@ def main() -> None:
     lines = [
         "# Horizontal partitioning: measured latency on 1, 2 and 4 edge devices",
         "",
-        "Deployed by the chart's operator from EdgeModels; edge nodes at 0.25 core each, "
+        "Deployed by the chart's operator from EdgeModels; edge nodes at 0.25 core each, the "
+        f"pool's LAN declared and shaped alike ({LAN_RTT_MS} ms RTT), "
         f"{ROUNDS} interleaved rounds of one request per configuration, every answer checked "
         "against the whole model (1e-4 of its largest output).",
         "",
-        "| model | maxShards | shards | strategy, segments | predicted (ms) | median (ms) | "
-        "p99 (ms) | speedup (of medians / median of ratios) | measured / predicted | load avg |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| LAN (Mbit/s) | model | maxShards | shards | strategy, segments | predicted (ms) | "
+        "median (ms) | p99 (ms) | speedup (of medians / median of ratios) | "
+        "measured / predicted | load avg |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['model']} | {r['max_shards']} | {r['shards']} | {r['strategy'] or '-'}, "
+        f"| {r['lan_mbps']} | {r['model']} | {r['max_shards']} | {r['shards']} | "
+        f"{r['strategy'] or '-'}, "
         f"{r['segments']} | "
         f"{r['predicted_s'] * 1000:.0f} | {r['median_s'] * 1000:.0f} | {r['p99_s'] * 1000:.0f} | "
         f"{r['speedup_of_medians']:.2f} / {r['median_of_speedups']:.2f} | "
