@@ -537,11 +537,14 @@ class ShardAnalysis:
         at = np.asarray(sorted(points), dtype=np.int64)
         recv = np.stack([points[p] for p in sorted(points)]) if points else np.zeros((0, k))
         cum_recv = np.concatenate([zero, np.cumsum(recv, 0)]).astype(np.int64)
-        relay = np.array(
-            [self._relayed(before, after) for before, after in itertools.pairwise(programs)],
-            dtype=np.int64,
-        )
-        assert len(relay) == len(at)
+        # The segments' boundaries are the exchange points inside the placement.
+        relayed = {
+            p: self._relayed(before, after)
+            for p, (before, after) in zip(
+                placement.exchange_points(), itertools.pairwise(programs), strict=True
+            )
+        }
+        relay = np.array([relayed.get(int(p), 0) for p in at], dtype=np.int64)
         cum_relay = np.concatenate([[0], np.cumsum(relay)]).astype(np.int64)
         before = np.searchsorted(at, pos, side="left")
         upto = np.searchsorted(at, pos, side="right")
