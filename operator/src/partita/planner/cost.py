@@ -6,9 +6,9 @@ per graph node); a shard runs what the shard model model analysis cuts for it ru
 transfers = bytes after cut compression / bandwidth + RTT; shards add the stage inputs
 sent to them, what the server driving them relays between their segments (each shard's
 answer and its next feeds) and the gather of their output parts over the pool's LAN, one
-round trip each. With a cascade, everything after the first
-stage is weighted by the observed offload rate, and the cascade's small model (ahead of
-the stages) runs for every request. Throughput = 1 / the busiest stage or link. Energy =
+round trip each. With a cascade, everything after the first stage is weighted by the
+observed offload rate, and the cascade's small model (ahead of the stages) runs for every
+request. Throughput = 1 / the busiest stage or link. Energy =
 (active - idle watts) × busy time of every shard (what a request adds to the idle draw) +
 radio watts × sending time on inter-pool links. Memory per node = parameters (int8 ones
 scaled by the measured weight factor) + peak live activations + runtime overhead.
@@ -54,7 +54,7 @@ class ShardFigures:
 
     strategy: str
     shards: tuple[ShardPrediction, ...]
-    exchange_s: float  # stage inputs to the shards, exchanges, output parts: on the LAN
+    exchange_s: float  # stage inputs to the shards, relays, output parts: on the LAN
     exchanges: int
     exchange_bytes: int
     relayed_bytes: int
