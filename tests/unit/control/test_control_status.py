@@ -3,7 +3,9 @@ speeds) and what a restarted loop reads back (the same placements, revision and 
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any
 
 from test_control_step import FAST, PROFILE, REQUEST, SLOW, inputs, run, serving
 
@@ -12,6 +14,7 @@ from partita.api.meta import Condition, ConditionStatus
 from partita.control.loop import deployment_info, pod_info, pre_plan_report, readiness
 from partita.control.status import loop_status, node_speeds, state_from_status, status_fields
 from partita.control.step import ModelState
+from partita.planner import Plan
 
 NOW = "2026-12-01T10:00:00Z"
 
@@ -165,3 +168,43 @@ def test_a_pod_that_cannot_run_says_why_in_the_readiness() -> None:
     waiting = {"containerStatuses": [{"state": {"waiting": image}}]}
     pulled = pod_info({"metadata": {"labels": tags}, "status": waiting})
     assert pulled is not None and pulled.problem == "ErrImagePull: no such image"
+    # A gateway's pod is named for its server: the first stage's and a later stage's.
+    for label, server in (("gw", "m-r1-gw"), ("gw-2", "m-r1-s2-gw")):
+        gateway = pod_info({"metadata": {"labels": {**tags, "partita.dev/stage": label}}})
+        assert gateway is not None and gateway.server == server
+
+
+def test_routers_avoid_only_the_plans_nodes_in_their_own_pool() -> None:
+    from partita.api.devicepool import DevicePool
+    from partita.control.inputs import node_info
+    from partita.control.loop import _entry_placement
+
+    def node(name: str, pool: str) -> Any:
+        labels = {"partita.dev/pool": pool}
+        ready = {"conditions": [{"type": "Ready", "status": "True"}]}
+        return node_info({"metadata": {"name": name, "labels": labels}, "status": ready})
+
+    edge = DevicePool.parse(
+        {
+            "metadata": {"name": "e"},
+            "spec": {"tier": "edge", "nodeSelector": {"partita.dev/pool": "e"}},
+        }
+    )
+    nodes = [node("e-1", "e"), node("e-2", "e"), node("c-1", "c"), node("c-2", "c")]
+    on_cloud, at_edge = serving(FAST).serving, serving(SLOW).serving
+    assert on_cloud is not None and at_edge is not None
+    moves = [replace_nodes(on_cloud, "c-1"), replace_nodes(on_cloud, "c-2")]
+    # A move between cloud nodes renders the routers' placement unchanged.
+    placements = {_entry_placement(_model([]), [edge], nodes, [plan]) for plan in moves}
+    assert len(placements) == 1 and next(iter(placements)).avoid == ()
+    beside = _entry_placement(_model([]), [edge], nodes, [replace_nodes(at_edge, "e-1")])
+    assert beside.avoid == ("e-1",) and beside.replicas == 1
+
+
+def replace_nodes(plan: Plan, node: str) -> Plan:
+    """`plan` with every shard on `node`."""
+    stages = tuple(
+        dataclasses.replace(s, shards=tuple(dataclasses.replace(p, node=node) for p in s.shards))
+        for s in plan.stages
+    )
+    return dataclasses.replace(plan, stages=stages)

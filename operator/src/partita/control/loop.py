@@ -671,12 +671,16 @@ def _entry_placement(
 ) -> EntryPlacement:
     """Where a model's entry routers go: its data source pool's nodes, one router per Ready
     node the live plans leave free (at least one, at most MAX_ROUTERS), away from those
-    plans' nodes where the pool has others."""
+    plans' nodes where the pool has others. Only the plans' nodes in that pool count: a
+    plan moving between other pools' nodes leaves the routers' spec, and so the routers and
+    the requests they hold, alone."""
     pool = next((p for p in pools if p.metadata.name == model.spec.data_source), None)
     if pool is None:
         return EntryPlacement()
     selector = tuple(sorted(pool.spec.node_selector.items()))
-    avoid = tuple(sorted({n for plan in plans for s in plan.stages for n in s.nodes}))
+    in_pool = {n.name for n in nodes if n.matches(dict(selector))}
+    used = {n for plan in plans for s in plan.stages for n in s.nodes}
+    avoid = tuple(sorted(used & in_pool))
     free = sum(
         1
         for n in nodes
