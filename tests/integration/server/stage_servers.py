@@ -31,10 +31,8 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@contextmanager
-def running(app: Any, port: int | None = None) -> Iterator[str]:
-    """Serve `app` until the block ends; yields its base URL."""
-    port = port or free_port()
+def _start(app: Any, port: int) -> tuple[uvicorn.Server, threading.Thread] | None:
+    """A started server on `port`, or None when it could not bind there."""
     config = uvicorn.Config(
         app, host="127.0.0.1", port=port, loop="uvloop", http=HttpProtocol, log_level="warning"
     )
@@ -43,11 +41,28 @@ def running(app: Any, port: int | None = None) -> Iterator[str]:
     thread.start()
     deadline = time.monotonic() + 30
     while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError(f"server on port {port} did not start")
+        if not thread.is_alive():
+            return None
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"server on port {port} did not start within 30 s")
         time.sleep(0.01)
+    return server, thread
+
+
+@contextmanager
+def running(app: Any, port: int | None = None) -> Iterator[str]:
+    """Serve `app` until the block ends; yields its base URL. A free port picked here may be
+    taken by another process before the server binds it: then another one is picked."""
+    for _ in range(1 if port else 5):
+        chosen = port or free_port()
+        started = _start(app, chosen)
+        if started is not None:
+            break
+    else:
+        raise RuntimeError(f"server on port {chosen} did not start")
+    server, thread = started
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{chosen}"
     finally:
         server.should_exit = True
         thread.join(timeout=30)
