@@ -177,12 +177,10 @@ class DataPlane:
         if layout is not None:
             # A shard speaks for its stage: what the fan-out sends it whole and gathers.
             inputs = [
-                {"name": x.tensor, "datatype": datatype_of(x.dtype), "shape": list(x.shape)}
-                for x in layout.scatter
+                _tensor_metadata(TensorSpec(x.tensor, x.dtype, x.shape)) for x in layout.scatter
             ]
             outputs = [
-                {"name": t.name, "datatype": datatype_of(t.dtype), "shape": list(t.shape)}
-                for t in layout.outputs
+                _tensor_metadata(TensorSpec(t.name, t.dtype, t.shape)) for t in layout.outputs
             ]
         if self._hops is not None and self.spec.cascade is None:
             if self._final_metadata is None:
