@@ -5,8 +5,8 @@ On the local cluster: one edge pool of four nodes, each computing at a quarter o
 of this machine (the test bed's agent enforces it with CPU quotas on the stage processes),
 with a LAN the pool declares and the test bed shapes alike (one pacer for all of the pool's
 traffic, 1 ms RTT), at each bandwidth of `PARTITA_BENCH_LAN_MBPS` (default 1000 and 10000:
-the gateway of a sharded stage relays every shard's answers and feeds between segments, so
-the LAN decides whether splitting pays). For each LAN and model three EdgeModels are applied
+the gateway of a sharded stage relays the rows shards swap between segments, so the LAN
+decides whether splitting pays). For each LAN and model three EdgeModels are applied
 at once, as a user writes them: `partitioning.mode: none` (one device) and `horizontal`
 with `maxShards` 2 and 4, all restricted to that pool. Once all are Ready and their plans
 settled, requests go from this process to each model's entry Service in interleaved rounds

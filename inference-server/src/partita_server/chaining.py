@@ -4,9 +4,11 @@ measured, every call bounded by the request's deadline.
 A chain hop hands tensors to the next stage and its answer becomes ours; it tries the next
 endpoint when one is down and reports 503 when all are, 504 (naming the stage) on a timeout.
 A fan-out hop drives the shards of the next stage through the layout they report
-(`partita.model.exchange.ShardedRun`): each shard is sent its piece of the tensors, the
-shards run each segment at once, the hop does the exchanges between segments (every tensor
-a shard reads again goes through it) and gathers the stage outputs from their parts.
+(`partita.model.exchange.ExchangeRouter`): each shard is sent its piece of the tensors with
+its first call, the shards run each segment at once and keep what they hold of the request
+(under the run id the hop gives it), the hop passes on the rows each shard sends its peers
+between segments, and gathers the stage outputs from their parts. A shard that lost a
+request midway (it restarted) says so, and the hop runs the request again once.
 
 The wire is a `Transport` per endpoint scheme (`http://`: REST with binary tensors,
 `grpc://`: the v2 gRPC service). A transport makes one call and reports what happened as a
@@ -20,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -31,11 +34,12 @@ import numpy as np
 import orjson
 
 from partita.model.errors import ModelError
-from partita.model.exchange import ShardedRun
+from partita.model.exchange import ExchangeRouter
 from partita.model.types import ShardLayout, layout_from_json
 from partita_server.errors import (
     BadGateway,
     InvalidInput,
+    RunLost,
     ServerError,
     StageTimeout,
     StageUnavailable,
@@ -54,6 +58,7 @@ from partita_server.protocol import (
     HEADER_LENGTH,
     LAYOUT_ID_PARAMETER,
     LAYOUT_PARAMETER,
+    RUN_PARAMETER,
     SEGMENT_PARAMETER,
     SERVER_SECONDS_HEADER,
     TIMEOUT_HEADER,
@@ -476,20 +481,33 @@ class HopClient:
     async def _fan_out(
         self, hop: Hop, tensors: Mapping[str, np.ndarray], deadline: float
     ) -> InferResponse:
-        """Drive the shards of `hop` through their layout: the first segment's tensors go
-        over the hop's compression, the exchanges between segments as they are."""
-        layout, layout_id = await self._layout(hop, deadline)
+        """Drive the shards of `hop` through their layout; a request a shard lost midway
+        is run again once, from the start."""
         try:
-            steps = ShardedRun(layout, tensors)
+            return await self._fan_out_once(hop, tensors, deadline)
+        except BadGateway as exc:
+            if exc.downstream_status != RunLost.status:
+                raise
+            return await self._fan_out_once(hop, tensors, deadline)
+
+    async def _fan_out_once(
+        self, hop: Hop, tensors: Mapping[str, np.ndarray], deadline: float
+    ) -> InferResponse:
+        """One run through the shards: the stage input pieces go over the hop's
+        compression, the exchanged rows as they are."""
+        layout, layout_id = await self._layout(hop, deadline)
+        run = secrets.token_hex(8)
+        try:
+            router = ExchangeRouter(layout, tensors)
+            pieces = {x.tensor for x in layout.scatter}
             for segment in range(len(layout.segments)):
-                feeds = steps.feeds(segment)
-                asked = {SEGMENT_PARAMETER: segment}
                 calls = []
-                for shard, shard_feeds in feeds.items():
-                    if segment == 0:
-                        wire, params = self._wire(hop, shard_feeds)
-                    else:
-                        wire, params = shard_feeds, {}
+                sent = router.calls(segment)
+                for shard, delivered in sent.items():
+                    first = {n: a for n, a in delivered.items() if n in pieces}
+                    wire, params = self._wire(hop, first)
+                    wire.update((n, a) for n, a in delivered.items() if n not in pieces)
+                    asked = {SEGMENT_PARAMETER: segment, RUN_PARAMETER: run}
                     endpoint = hop.endpoints[shard]
                     calls.append(self._call(hop, endpoint, wire, params, deadline, asked))
                 replies = await asyncio.gather(*calls, return_exceptions=True)
@@ -504,8 +522,8 @@ class HopClient:
                             f"the shards of stage {hop.stage!r} no longer cut the layout this "
                             "server drives them with; it asks them again on the next request"
                         )
-                steps.take(segment, {i: a.outputs for i, a in zip(feeds, answers, strict=True)})
-            return InferResponse(steps.result())
+                router.take(segment, {i: a.outputs for i, a in zip(sent, answers, strict=True)})
+            return InferResponse(router.result())
         except ModelError as exc:
             raise BadGateway(f"cannot run the shards of stage {hop.stage!r}: {exc}") from exc
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from partita.model.errors import ShardingError
+from partita.model.exchange import ShardState
 from partita.model.types import layout_id, layout_to_json
 from partita.runtime import RunError, Session, TensorSpec, run_checked
 from partita_server.batching import RunQueue
@@ -25,6 +27,7 @@ from partita_server.errors import (
     ModelNotFound,
     PayloadTooLarge,
     Relayed,
+    RunLost,
     StageTimeout,
     StageUnavailable,
     Unauthorized,
@@ -33,6 +36,7 @@ from partita_server.metrics import ServerMetrics
 from partita_server.protocol import (
     LAYOUT_ID_PARAMETER,
     LAYOUT_PARAMETER,
+    RUN_PARAMETER,
     SEGMENT_PARAMETER,
     InferRequest,
     InferResponse,
@@ -47,6 +51,8 @@ __all__ = ["SERVER_NAME", "DataPlane"]
 
 SERVER_NAME = "partita"
 SERVER_VERSION = "0.1.0"
+# Requests a shard holds at once between the segments it runs; past it a new one gets 503.
+MAX_HELD_RUNS = 256
 
 
 def _dims(spec: TensorSpec) -> list[int]:
@@ -106,6 +112,8 @@ class DataPlane:
         self._layout = layout_to_json(layout) if layout is not None else None
         self._layout_id = layout_id(layout) if layout is not None else None
         self._final_metadata: dict[str, Any] | None = None
+        # A shard's requests between the segments it runs: run id -> (deadline, state).
+        self._runs: dict[str, tuple[float, ShardState]] = {}
         self._ready = False
 
     async def start(self) -> None:
@@ -230,19 +238,25 @@ class DataPlane:
             )
         return raw
 
-    def _validate(self, request: InferRequest, segment: int) -> dict[str, np.ndarray]:
+    @staticmethod
+    def _decode(request: InferRequest) -> dict[str, np.ndarray]:
+        return {
+            n: decompress(a, request.input_parameters.get(n, {}), name=n)
+            for n, a in request.inputs.items()
+        }
+
+    def _validate(self, arrays: Mapping[str, np.ndarray], segment: int) -> dict[str, np.ndarray]:
         session = self._sessions[segment]
         assert session is not None
         inputs = {t.name: t for t in session.inputs}
         feeds: dict[str, np.ndarray] = {}
-        for name, raw in request.inputs.items():
+        for name, array in arrays.items():
             spec = inputs.get(name)
             if spec is None:
                 raise InvalidInput(
                     f"tensor {name!r} is not an input of {self.spec.model}{self._where(segment)}; "
                     f"inputs are {sorted(inputs)}"
                 )
-            array = decompress(raw, request.input_parameters.get(name, {}), name=name)
             if array.dtype.name != spec.dtype:
                 raise InvalidInput(
                     f"tensor {name!r}: datatype {datatype_of(array.dtype)}, the model takes "
@@ -334,7 +348,9 @@ class DataPlane:
                     model_version=self.spec.version, id=request.id,
                 )  # fmt: skip
         segment = self._segment(request)
-        feeds = self._validate(request, segment)
+        if self.stage.layout is not None:
+            return await self._shard_call(request, segment, deadline, parameters)
+        feeds = self._validate(self._decode(request), segment)
         outputs = await self._compute(segment, feeds)
         if self._hops is not None:
             if self._clock() >= deadline:
@@ -352,17 +368,70 @@ class DataPlane:
                 parameters["partita_cascade"] = "forwarded" if forwarded else "local"
         return self._answer(request, outputs, parameters)
 
+    async def _shard_call(
+        self, request: InferRequest, segment: int, deadline: float, parameters: dict[str, Any]
+    ) -> InferResponse:
+        """One segment of a request through this shard: what it holds of the request and
+        what the call delivers become the segment's inputs; it answers the rows its peers
+        need of them, or after the last segment its parts of the stage outputs."""
+        key, state = self._held_run(request, segment, deadline)
+        try:
+            try:
+                delivered = state.feeds(segment, self._decode(request))
+            except ShardingError as exc:
+                raise InvalidInput(f"{self.spec.stage}{self._where(segment)}: {exc}") from exc
+            outputs = await self._compute(segment, self._validate(delivered, segment))
+            answer = state.answer(segment, outputs)
+        except BaseException:
+            self._runs.pop(key, None)
+            raise
+        if state.done:
+            self._runs.pop(key, None)
+        return self._answer(request, answer, parameters)
+
+    def _held_run(
+        self, request: InferRequest, segment: int, deadline: float
+    ) -> tuple[str, ShardState]:
+        """The request's state on this shard: new on its first segment, held until its
+        last one or its deadline."""
+        assert self.stage is not None and self.stage.layout is not None
+        assert self.spec.shard is not None
+        layout, index = self.stage.layout, self.spec.shard.index
+        now = self._clock()
+        for gone in [k for k, (until, _) in self._runs.items() if until <= now]:
+            del self._runs[gone]
+        key = request.parameters.get(RUN_PARAMETER, "")
+        if not isinstance(key, str) or (not key and len(layout.segments) > 1):
+            raise InvalidInput(
+                f"parameter {RUN_PARAMETER!r} is {key!r}: stage {self.spec.stage!r} runs in "
+                f"{len(layout.segments)} segments, and its shards keep what they hold of a "
+                "request between them under the id the server driving them gives"
+            )
+        held = self._runs.get(key)
+        if held is not None:
+            return key, held[1]
+        state = ShardState(layout, index)
+        if segment != state.first:
+            raise RunLost(
+                f"shard {index} of stage {self.spec.stage!r} holds no request {key!r} for its "
+                f"segment {segment} (it restarted, or the request's deadline passed)"
+            )
+        if len(self._runs) >= MAX_HELD_RUNS:
+            raise StageUnavailable(
+                f"shard {index} of stage {self.spec.stage!r} holds {len(self._runs)} "
+                "unfinished requests already"
+            )
+        if key:
+            self._runs[key] = (deadline, state)
+        return key, state
+
     async def _relay(self, request: InferRequest, deadline: float) -> InferResponse:
         """A router's answer: the request as it came, relayed (and retried) by `next`, and
         the serving revision's answer as it came (its parameters too, e.g. where a cascade
         answered)."""
         assert self._hops is not None
-        feeds = {
-            n: decompress(a, request.input_parameters.get(n, {}), name=n)
-            for n, a in request.inputs.items()
-        }
         try:
-            answer = await self._hops.forward(feeds, deadline)
+            answer = await self._hops.forward(self._decode(request), deadline)
         except BadGateway as exc:
             status = exc.downstream_status
             if status is not None and 400 <= status < 500:

@@ -36,6 +36,13 @@ class ModelNotFound(ServerError):
     status = 404
 
 
+class RunLost(ServerError):
+    """A shard was asked for a later segment of a request it does not hold (it restarted,
+    or the request's deadline passed): the server driving the stage runs it again."""
+
+    status = 409
+
+
 class PayloadTooLarge(ServerError):
     """The request body exceeds the configured limit."""
 

@@ -23,7 +23,7 @@ from partita_server.protocol import (
     InferResponse,
     RequestedOutput,
     datatype_of,
-    describes,
+    needs_no_tensors,
 )
 from partita_server.spec import Limits
 
@@ -45,6 +45,7 @@ _CODES = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
     401: grpc.StatusCode.UNAUTHENTICATED,
     404: grpc.StatusCode.NOT_FOUND,
+    409: grpc.StatusCode.ABORTED,
     413: grpc.StatusCode.RESOURCE_EXHAUSTED,
     502: grpc.StatusCode.INTERNAL,
     503: grpc.StatusCode.UNAVAILABLE,
@@ -147,7 +148,7 @@ def _tensor(
 
 def decode_infer_request(request: pb.ModelInferRequest, limits: Limits) -> InferRequest:
     """A `ModelInferRequest` as the data plane's `InferRequest`; 4xx naming the tensor."""
-    if not request.inputs and not describes(parameter_map(request.parameters)):
+    if not request.inputs and not needs_no_tensors(parameter_map(request.parameters)):
         raise InvalidInput("request 'inputs' must be a non-empty list of tensors")
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):

@@ -26,6 +26,7 @@ __all__ = [
     "HEADER_LENGTH",
     "LAYOUT_ID_PARAMETER",
     "LAYOUT_PARAMETER",
+    "RUN_PARAMETER",
     "SEGMENT_PARAMETER",
     "SERVER_SECONDS_HEADER",
     "TIMEOUT_HEADER",
@@ -41,6 +42,7 @@ __all__ = [
     "encode_request",
     "encode_request_parts",
     "encode_response",
+    "needs_no_tensors",
 ]
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -59,6 +61,9 @@ DESCRIBE_PARAMETER = "partita_describe"
 LAYOUT_ID_PARAMETER = "partita_layout_id"
 # Which segment of the layout a request to a shard server runs (default 0).
 SEGMENT_PARAMETER = "partita_segment"
+# Which request of the server driving a sharded stage a shard's call belongs to: the shard
+# keeps what it holds of the request under this id between the segments it runs.
+RUN_PARAMETER = "partita_run"
 CODEC = "partita_codec"
 SCALE = "partita_scale"
 ZERO_POINT = "partita_zero_point"
@@ -273,6 +278,14 @@ def describes(parameters: object) -> bool:
     return isinstance(parameters, Mapping) and parameters.get(DESCRIBE_PARAMETER) is True
 
 
+def needs_no_tensors(parameters: object) -> bool:
+    """Whether a request with these `parameters` may come without tensors: a shard asked
+    for its layout, or for a later segment of a request its peers sent no rows for."""
+    return describes(parameters) or (
+        isinstance(parameters, Mapping) and RUN_PARAMETER in parameters
+    )
+
+
 def decode_request(
     body: bytes, header_length: int | None = None, limits: Limits | None = None
 ) -> InferRequest:
@@ -289,8 +302,9 @@ def decode_request(
     header, offset = _header(body, header_length, limits)
     if not isinstance(header, dict):
         raise InvalidInput("request must be a JSON object with 'inputs'")
-    entries = header.get("inputs", [] if describes(header.get("parameters")) else None)
-    if not isinstance(entries, list) or not (entries or describes(header.get("parameters"))):
+    empty = needs_no_tensors(header.get("parameters"))
+    entries = header.get("inputs", [] if empty else None)
+    if not isinstance(entries, list) or not (entries or empty):
         raise InvalidInput("request 'inputs' must be a non-empty list of tensors")
     if len(entries) > 256:
         raise InvalidInput(f"request has {len(entries)} inputs; at most 256 are accepted")

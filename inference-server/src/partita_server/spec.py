@@ -236,6 +236,11 @@ class StageSpec(_Frozen):
                     f"next[{i}] ({hop.stage}): a chain hop returns the final answer, so it "
                     "must be the last hop; make it fan_out or move it last"
                 )
+        if self.shard is not None and self.next:
+            raise ValueError(
+                "a shard answers the server that drives its stage, which goes on from there; "
+                "give the shard no next hops"
+            )
         if self.cascade is not None and not self.next:
             raise ValueError("cascade needs a next hop to forward unconfident inputs to")
         if (self.inputs is None) != (self.outputs is None):

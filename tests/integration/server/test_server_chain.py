@@ -15,6 +15,7 @@ import tritonclient.http as triton
 from stage_servers import CLS, CLS_OUT, GRPC, NSFW, TOKEN, Serve, free_port, host_of
 
 from cluster_helpers import eventually
+from partita.model.types import layout_from_json
 from partita.runtime import Session
 from partita_server.spec import StageTokens
 
@@ -68,11 +69,15 @@ def test_three_stage_chain_equals_the_whole_model(serve: Serve) -> None:
     assert httpx.post(f"{s1}/v2/models/nsfw/infer", json={"inputs": []}).status_code == 401
 
 
-def _hop_bytes(url: str) -> float:
+def _hop_bytes(url: str, stage: str | None = None) -> float:
+    """Bytes the server sent on its hops (to `stage` only, when named), every endpoint."""
+    total = 0.0
     for line in httpx.get(f"{url}/metrics").text.splitlines():
-        if line.startswith("partita_hop_bytes_total{"):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
+        if line.startswith("partita_hop_bytes_total{") and (
+            stage is None or f'next_stage="{stage}"' in line
+        ):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def _calls(url: str) -> float:
@@ -120,6 +125,23 @@ def test_sharded_stage_equals_the_whole_model(serve: Serve) -> None:
     assert layout["strategy"] == "tile" and len(layout["segments"]) == 2
     assert layout["segments"][0]["exchanges"] and not layout["whole_inputs"]
     assert _calls(shards[1]) >= 2 * len(xs)
+    # The shards keep their tensors between the segments: s0 sent them their input pieces
+    # and the halo rows they swap, not every tensor the second segment reads.
+    sent = _hop_bytes(s0, "s1") / len(xs)
+    planned = layout_from_json(layout)
+    pieces = sum(sum(x.shard_bytes) for x in planned.scatter)
+    rows = sum(sum(x.received_bytes) for x in planned.exchanges)
+    feeds = sum(x.row_bytes * x.shape[x.axis] for x in planned.exchanges)
+    assert pieces + rows <= sent < pieces + rows + 16_384 < pieces + feeds
+    # A shard asked for a later segment of a request it does not hold says so (the
+    # server driving it then runs the request again).
+    lost = httpx.post(
+        f"{shards[1]}/v2/models/nsfw/infer",
+        json={"inputs": [], "parameters": {"partita_segment": 1, "partita_run": "gone"}},
+        headers={"authorization": f"Bearer {TOKEN}"},
+    )
+    assert lost.status_code == 409, lost.text
+    assert "holds no request 'gone'" in lost.json()["error"]
     # A server in front of shards that end the chain (as the operator's gateway is when the
     # plan is one sharded stage) tells clients the stage's outputs, shaped as answered.
     [stage_in] = meta.json()["inputs"]

@@ -18,7 +18,15 @@ import pytest
 from model_builders import attention_block, conv_stack, embedding_block, upsampler
 from partita.model import synthetic
 from partita.model.errors import ShardingError
-from partita.model.exchange import ShardedRun, exchange_receive, exchange_sends, gather, scatter
+from partita.model.exchange import (
+    ShardedRun,
+    ShardState,
+    exchange_receive,
+    exchange_sends,
+    gather,
+    scatter,
+    wire_name,
+)
 from partita.model.load import load_model
 from partita.model.placement import ReferenceCosts
 from partita.model.profile import profile_loaded
@@ -315,6 +323,54 @@ def test_a_sharded_run_stepped_by_hand_names_the_shard_that_did_not_answer() -> 
     assert sorted(steps.feeds(0)) == [0, 1]
     with pytest.raises(ShardingError, match="shard 1 did not answer"):
         steps.take(0, {0: {}})
+
+
+def _part(x: Exchange, shard: int, fill: float) -> np.ndarray:
+    span = x.parts[shard]
+    assert span is not None
+    shape = list(x.shape)
+    shape[x.axis] = span[1] - span[0]
+    return np.full(shape, fill, dtype=x.dtype)
+
+
+def test_a_shard_keeps_its_tensors_and_answers_only_the_rows_its_peers_need() -> None:
+    """Between segments a shard answers the rows of each exchange its peers read, no
+    more; the next call brings it its peers' rows. A stray tensor, or a segment asked for
+    twice, is refused with the tensor or the segment named."""
+    model = load_model(conv_stack(16, 16))
+    layout = ShardAnalysis(model, FREE).layout(0, len(model.graph.node), [1, 1], "tile")
+    assert len(layout.segments) >= 2 and layout.segments[0].exchanges
+    states = [ShardState(layout, i) for i in range(2)]
+    inputs = {x.tensor: np.ones(x.shape, dtype=x.dtype) for x in layout.scatter}
+    answers = []
+    for i, state in enumerate(states):
+        feeds = state.feeds(0, scatter(layout, i, inputs))
+        assert set(feeds) == set(layout.segments[0].inputs[i])
+        outputs = {
+            GatherSpec.part_name(x.tensor, i): _part(x, i, 1.0 + i)
+            for x in layout.segments[0].exchanges
+        }
+        answers.append(states[i].answer(0, outputs))
+    for i, answer in enumerate(answers):
+        sent = sum(int(a.nbytes) for a in answer.values())
+        assert sent == sum(x.sent_bytes[i] for x in layout.segments[0].exchanges)
+        assert sent < sum(int(_part(x, i, 0).nbytes) for x in layout.segments[0].exchanges)
+    for j, state in enumerate(states):
+        names = {wire_name(x.tensor, 1 - j, j) for x in layout.segments[0].exchanges}
+        mine = {n: a for n, a in answers[1 - j].items() if n in names}
+        feeds = state.feeds(1, mine)
+        for x in layout.segments[0].exchanges:
+            need = x.needs[j]
+            if x.tensor in feeds and need is not None:
+                got = feeds[x.tensor]
+                assert got.shape[x.axis] == need[1] - need[0]
+                # Its own rows and its peer's, in order: 1.0 from shard 0, 2.0 from shard 1.
+                assert set(np.unique(got)) <= {1.0, 2.0} and len(np.unique(got)) == 2
+    with pytest.raises(ShardingError, match="segment 0 of this request already"):
+        states[0].feeds(0, {})
+    stray = wire_name("nope", 1, 0)
+    with pytest.raises(ShardingError, match="nope"):
+        ShardState(layout, 0).feeds(0, {**scatter(layout, 0, inputs), stray: np.zeros(1)})
 
 
 def test_tiles_of_a_batch_are_cut_row_for_row() -> None:

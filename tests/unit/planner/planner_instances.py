@@ -138,8 +138,6 @@ def with_ideal_shards(profile: ModelProfile, counts: tuple[int, ...] = (2, 3, 4)
                 points_upto=np.zeros(len(pos)),
                 bytes_before=0 * ones,
                 bytes_upto=0 * ones,
-                relay_before=np.zeros(len(pos)),
-                relay_upto=np.zeros(len(pos)),
                 scatter_bytes=wire[:, None] * ones,
                 gather_bytes=wire[:, None] * ones / k,
                 starts=np.ones(len(pos), dtype=np.bool_),

@@ -2,8 +2,10 @@
 stage inputs, what it sends its peers between two segments and how it assembles what it
 received, and how the stage outputs are gathered from the shards' parts.
 
-These are the functions the shard servers call; the tests and `partita verify` drive the
-same functions with onnxruntime running the segment models (`run_sharded`).
+A shard server holds a `ShardState` per request between the segments it runs and the
+server driving the stage an `ExchangeRouter`: only the rows that cross between shards go
+through the driver. The tests and `partita verify` drive the same classes in one process
+with onnxruntime running the segment models (`run_sharded`).
 """
 
 from __future__ import annotations
@@ -153,69 +155,189 @@ def gather(layout: ShardLayout, parts: Sequence[Tensors]) -> dict[str, np.ndarra
     return out
 
 
-class ShardedRun:
-    """One request through a sharded stage, segment by segment: what each shard is fed,
-    what its answer leads to (the exchanges), and the gathered stage outputs.
+_ROWS = "/partita-rows/"
 
-    Whoever drives it holds every tensor a shard will read again (kept tensors, received
-    rows), so the shards themselves keep nothing between segments: `run_sharded` drives it
-    in one process, the fan-out hop of a stage server over the network.
+
+def wire_name(tensor: str, sender: int, receiver: int) -> str:
+    """The name shard `sender`'s rows of `tensor` for shard `receiver` travel under."""
+    return f"{tensor}{_ROWS}{sender}-{receiver}"
+
+
+def _active_range(layout: ShardLayout, shard: int) -> tuple[int, int]:
+    """The first and last segment shard `shard` runs."""
+    runs = [s for s, seg in enumerate(layout.segments) if seg.active[shard]]
+    return (runs[0], runs[-1]) if runs else (-1, -1)
+
+
+class ShardState:
+    """One request as one shard holds it between the segments it runs: its pieces of the
+    stage inputs, what its segment models output, and the rows its peers sent.
+
+    A shard is called once per segment it runs. `feeds` takes what the call delivered (the
+    stage input pieces on the shard's first call, then its peers' rows of every exchange
+    since its last call, named by `wire_name`) and gives the segment model's inputs;
+    `answer` takes the model's outputs and gives what the call answers: the rows each
+    peer needs of this segment's exchanges, or after the last segment the output parts the
+    gathers read. Only the rows that cross between shards leave the shard.
+    """
+
+    def __init__(self, layout: ShardLayout, shard: int) -> None:
+        self.layout, self.shard = layout, shard
+        self.first, self.last = _active_range(layout, shard)
+        self._held: dict[str, np.ndarray] = {}
+        self._applied = 0  # the exchanges of segments before this one are assembled
+        self._ran = 0  # the segments before this one are run
+        self._scatter = {x.tensor for x in layout.scatter if x.spans[shard] is not None}
+
+    @property
+    def done(self) -> bool:
+        """The shard has run its last segment of the request."""
+        return self._ran > self.last
+
+    def feeds(self, segment: int, delivered: Tensors) -> dict[str, np.ndarray]:
+        """The inputs of `segment`'s model, once `delivered` is assembled into what it holds."""
+        i, segments = self.shard, self.layout.segments
+        if not 0 <= segment < len(segments) or not segments[segment].active[i]:
+            raise ShardingError(f"shard {i} has nothing to run in segment {segment}")
+        if segment < self._ran:
+            raise ShardingError(f"shard {i} has run segment {segment} of this request already")
+        pending = [x for s in range(self._applied, segment) for x in segments[s].exchanges]
+        rows = {wire_name(x.tensor, p, i) for x in pending for p in range(self.layout.shards)}
+        pieces = self._scatter if segment == self.first else set()
+        unknown = sorted(set(delivered) - rows - pieces)
+        if unknown:
+            raise ShardingError(
+                f"tensor {unknown[0]!r} is not what shard {i} receives for segment {segment}"
+            )
+        self._held.update({n: np.asarray(a) for n, a in delivered.items() if n in pieces})
+        for x in pending:
+            got = {
+                p: np.asarray(delivered[n])
+                for p in range(self.layout.shards)
+                if (n := wire_name(x.tensor, p, i)) in delivered
+            }
+            own = self._held.get(GatherSpec.part_name(x.tensor, i)) if x.parts[i] else None
+            if x.parts[i] and own is None:
+                raise ShardingError(f"shard {i} holds no part of {x.tensor!r} to exchange")
+            value = exchange_receive(x, i, own, got)
+            if value is not None:
+                self._held[x.tensor] = value
+        self._applied = segment
+        inputs = segments[segment].inputs[i]
+        missing = [n for n in inputs if n not in self._held]
+        if missing:
+            raise ShardingError(f"segment {segment}: shard {i} lacks {missing}")
+        return {n: self._held[n] for n in inputs}
+
+    def answer(self, segment: int, outputs: Tensors) -> dict[str, np.ndarray]:
+        """What the call for `segment` answers, given its model's `outputs`."""
+        i, segments = self.shard, self.layout.segments
+        self._held.update(outputs)
+        self._ran = segment + 1
+        if segment == len(segments) - 1:
+            return dict(outputs)
+        sends: dict[str, np.ndarray] = {}
+        for x in segments[segment].exchanges:
+            if not x.parts[i]:
+                continue
+            part = self._held.get(GatherSpec.part_name(x.tensor, i))
+            if part is None:
+                raise ShardingError(f"shard {i} did not output its part of {x.tensor!r}")
+            for peer, rows in exchange_sends(x, i, part).items():
+                sends[wire_name(x.tensor, i, peer)] = rows
+        return sends
+
+
+class ExchangeRouter:
+    """The side of whoever drives a sharded stage: it sends each shard its pieces of the
+    stage inputs with its first call, passes the rows each shard answers to the peers that
+    need them with their next call, and gathers the stage outputs. It holds nothing else:
+    what a shard keeps between segments stays in its `ShardState`.
+
+    `relayed_bytes` counts the exchanged rows through it (answered up, delivered down) and
+    `received_bytes` what each shard was delivered of them, measured from the arrays moved.
     """
 
     def __init__(self, layout: ShardLayout, inputs: Tensors) -> None:
         self.layout = layout
         k = layout.shards
-        self._held: list[dict[str, np.ndarray]] = [scatter(layout, i, inputs) for i in range(k)]
-        self._last: list[dict[str, np.ndarray]] = [{} for _ in range(k)]
+        self._pending: list[dict[str, np.ndarray]] = [scatter(layout, i, inputs) for i in range(k)]
+        self._parts: list[dict[str, np.ndarray]] = [{} for _ in range(k)]
         self.received_bytes = [0] * k
-        # What the driver relays at the exchange points: answers before them, feeds after.
         self.relayed_bytes = 0
 
-    def feeds(self, segment: int) -> dict[int, dict[str, np.ndarray]]:
-        """The inputs of segment `segment` for each shard active in it."""
+    def calls(self, segment: int) -> dict[int, dict[str, np.ndarray]]:
+        """What each shard running `segment` is sent (stage input pieces, peers' rows)."""
         seg = self.layout.segments[segment]
         out: dict[int, dict[str, np.ndarray]] = {}
         for i, active in enumerate(seg.active):
             if not active:
                 continue
-            missing = [n for n in seg.inputs[i] if n not in self._held[i]]
-            if missing:
-                raise ShardingError(f"segment {segment}: shard {i} lacks {missing}")
-            out[i] = {n: self._held[i][n] for n in seg.inputs[i]}
-        if segment > 0:
-            self.relayed_bytes += sum(int(a.nbytes) for f in out.values() for a in f.values())
+            out[i], self._pending[i] = self._pending[i], {}
+            rows = sum(int(a.nbytes) for n, a in out[i].items() if _ROWS in n)
+            self.received_bytes[i] += rows
+            self.relayed_bytes += rows
         return out
 
-    def take(self, segment: int, outputs: Mapping[int, Mapping[str, np.ndarray]]) -> None:
-        """Record what each active shard answered for `segment`, then do its exchanges."""
-        k = self.layout.shards
-        seg = self.layout.segments[segment]
-        for i in range(k):
-            got = dict(outputs.get(i, {})) if seg.active[i] else {}
-            if seg.active[i] and i not in outputs:
-                raise ShardingError(f"segment {segment}: shard {i} did not answer")
-            self._held[i].update(got)
-            self._last[i] = got
-            if segment < len(self.layout.segments) - 1:
-                self.relayed_bytes += sum(int(a.nbytes) for a in got.values())
+    def take(self, segment: int, answers: Mapping[int, Tensors]) -> None:
+        """Route what each shard running `segment` answered."""
+        k, segments = self.layout.shards, self.layout.segments
+        seg = segments[segment]
+        self.check_answered(segment, answers)
+        if segment == len(segments) - 1:
+            self._parts = [dict(answers.get(i, {})) for i in range(k)]
+            return
         for x in seg.exchanges:
-            sends: list[dict[int, np.ndarray]] = []
             for i in range(k):
-                part = self._held[i].get(GatherSpec.part_name(x.tensor, i)) if x.parts[i] else None
-                if x.parts[i] and part is None:
-                    raise ShardingError(f"shard {i} did not return its part of {x.tensor!r}")
-                sends.append(exchange_sends(x, i, part) if part is not None else {})
-            for j in range(k):
-                got_rows = {i: sends[i][j] for i in range(k) if j in sends[i]}
-                self.received_bytes[j] += sum(int(a.nbytes) for a in got_rows.values())
-                own = self._held[j].get(GatherSpec.part_name(x.tensor, j)) if x.parts[j] else None
-                value = exchange_receive(x, j, own, got_rows)
-                if value is not None:
-                    self._held[j][x.tensor] = value
+                for j in range(k):
+                    rows = answers.get(i, {}).get(wire_name(x.tensor, i, j))
+                    if rows is not None:
+                        self._pending[j][wire_name(x.tensor, i, j)] = rows
+                        self.relayed_bytes += int(rows.nbytes)
+
+    def check_answered(self, segment: int, answers: Mapping[int, object]) -> None:
+        for i, active in enumerate(self.layout.segments[segment].active):
+            if active and i not in answers:
+                raise ShardingError(f"segment {segment}: shard {i} did not answer")
 
     def result(self) -> dict[str, np.ndarray]:
         """The stage outputs, gathered from the shards' answers to the last segment."""
-        return gather(self.layout, self._last)
+        return gather(self.layout, self._parts)
+
+
+class ShardedRun:
+    """One request through a sharded stage in one process: the router and every shard's
+    state, exactly as the stage servers hold them, with `run_sharded` running the models."""
+
+    def __init__(self, layout: ShardLayout, inputs: Tensors) -> None:
+        self.layout = layout
+        self.router = ExchangeRouter(layout, inputs)
+        self.states = [ShardState(layout, i) for i in range(layout.shards)]
+
+    def feeds(self, segment: int) -> dict[int, dict[str, np.ndarray]]:
+        """The inputs of segment `segment`'s model for each shard active in it."""
+        calls = self.router.calls(segment)
+        return {i: self.states[i].feeds(segment, sent) for i, sent in calls.items()}
+
+    def take(self, segment: int, outputs: Mapping[int, Mapping[str, np.ndarray]]) -> None:
+        """Record what each active shard's model output for `segment`; route the answers."""
+        seg = self.layout.segments[segment]
+        self.router.check_answered(segment, outputs)
+        answers = {
+            i: self.states[i].answer(segment, out) for i, out in outputs.items() if seg.active[i]
+        }
+        self.router.take(segment, answers)
+
+    @property
+    def received_bytes(self) -> list[int]:
+        return self.router.received_bytes
+
+    @property
+    def relayed_bytes(self) -> int:
+        return self.router.relayed_bytes
+
+    def result(self) -> dict[str, np.ndarray]:
+        return self.router.result()
 
 
 SegmentRunner = Callable[[int, int, dict[str, np.ndarray]], Mapping[str, np.ndarray]]

@@ -32,7 +32,7 @@ CACHE_SIZE = 32
 SHARD_COUNTS = (2, 3, 4)
 TABLE_STRATEGIES = ("tile", "width")
 # Bumped when the analysis changes what a cached profile holds.
-ANALYSIS_VERSION = 7
+ANALYSIS_VERSION = 8
 # Two cuts whose compute-before differs by less than this share of the total are
 # interchangeable for placement: only the one with fewer bytes crossing is kept.
 FRONTIER_TOLERANCE = 0.002

@@ -19,7 +19,6 @@ work whole, never answered with a silently wrong shard.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -537,15 +536,6 @@ class ShardAnalysis:
         at = np.asarray(sorted(points), dtype=np.int64)
         recv = np.stack([points[p] for p in sorted(points)]) if points else np.zeros((0, k))
         cum_recv = np.concatenate([zero, np.cumsum(recv, 0)]).astype(np.int64)
-        # The segments' boundaries are the exchange points inside the placement.
-        relayed = {
-            p: self._relayed(before, after)
-            for p, (before, after) in zip(
-                placement.exchange_points(), itertools.pairwise(programs), strict=True
-            )
-        }
-        relay = np.array([relayed.get(int(p), 0) for p in at], dtype=np.int64)
-        cum_relay = np.concatenate([[0], np.cumsum(relay)]).astype(np.int64)
         before = np.searchsorted(at, pos, side="left")
         upto = np.searchsorted(at, pos, side="right")
         scatter = np.zeros((len(pos), k), dtype=np.int64)
@@ -601,8 +591,6 @@ class ShardAnalysis:
             points_upto=upto.astype(np.int64),
             bytes_before=cum_recv[before],
             bytes_upto=cum_recv[upto],
-            relay_before=cum_relay[before],
-            relay_upto=cum_relay[upto],
             scatter_bytes=scatter,
             gather_bytes=gather_b,
             starts=starts,
@@ -1121,25 +1109,13 @@ class ShardAnalysis:
             shard_peak_bytes=tuple(peaks),
             shard_class_flops=tuple(tuple(int(x) for x in row) for row in totals),
             gather_bytes=tuple(gather_bytes),
-            relayed_bytes=sum(self._relayed(b, a) for b, a in itertools.pairwise(programs)),
+            relayed_bytes=sum(2 * sum(x.received_bytes) for s in segments for x in s.exchanges),
             outputs=tuple(self._info(name) for name in placement.outputs),
         )
 
     def _info(self, name: str) -> TensorInfo:
         shape, dtype = self.shape(name), self.dtype(name)
         return TensorInfo(name, dtype.name, shape, math.prod(shape) * dtype.itemsize)
-
-    @staticmethod
-    def _relayed(before: Sequence[_SegmentModel], after: Sequence[_SegmentModel]) -> int:
-        """Bytes through the server driving the shards between two segments: each shard's
-        answer to the first and its feeds for the second."""
-
-        def size(seg: _SegmentModel, names: Sequence[str]) -> int:
-            return sum(math.prod(seg.shapes[n]) * seg.dtypes[n].itemsize for n in names)
-
-        return sum(
-            size(b, b.outputs) + size(a, a.inputs) for b, a in zip(before, after, strict=True)
-        )
 
     def _exchange(self, name: str, ts: TensorShards, k: int) -> Exchange:
         shape = self.shape(name)

@@ -243,8 +243,8 @@ class ShardLayout:
     gather_bytes: tuple[int, ...] = ()
     # The shard models read the stage inputs whole (one segment, served by a plain fan-out).
     whole_inputs: bool = False
-    # Bytes the server driving the shards relays between segments: every shard's answer to
-    # a segment and its feeds for the next (the shards keep nothing between calls).
+    # Bytes the server driving the shards relays between segments: the rows each shard
+    # sends its peers, up to it and down to them (each shard keeps the rest of its tensors).
     relayed_bytes: int = 0
     # The stage outputs the gathers rebuild, typed and shaped as the whole model has them
     # (what a server in front of the shards tells clients it answers).
@@ -468,11 +468,6 @@ class ShardTable:
     points_upto: np.ndarray  # (P,) exchange points at or before each position
     bytes_before: np.ndarray  # (P, shards) bytes received at those points, prefix sums
     bytes_upto: np.ndarray  # (P, shards)
-    # (P,) bytes the server driving the shards relays at those points, prefix sums: every
-    # shard's answer to the segment before a point and its feeds for the one after (the
-    # shards keep nothing between calls, so kept tensors travel too).
-    relay_before: np.ndarray
-    relay_upto: np.ndarray
     scatter_bytes: np.ndarray  # (P, shards): stage inputs each shard reads, range from here
     gather_bytes: np.ndarray  # (P, shards): output parts each shard sends, range to here
     starts: np.ndarray  # (P,) bool
@@ -490,8 +485,7 @@ class ShardTable:
     FIELDS = (
         "positions", "total_flops", "split_flops", "shared_flops", "split_params",
         "shared_params", "op_counts", "class_flops", "param_bytes", "peak_bytes",
-        "points_before", "points_upto", "bytes_before", "bytes_upto", "relay_before",
-        "relay_upto", "scatter_bytes",
+        "points_before", "points_upto", "bytes_before", "bytes_upto", "scatter_bytes",
         "gather_bytes", "starts", "ends", "crop_params", "whole_node", "whole_flops",
     )  # fmt: skip
 

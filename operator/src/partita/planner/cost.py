@@ -4,8 +4,8 @@ Per request: stage compute = Σ FLOPs / device speed of the op's class (+ a fixe
 per graph node); a shard runs what the shard model model analysis cuts for it runs
 (`ranges.ShardedRanges`), the strategy being the one whose busiest shard finishes first;
 transfers = bytes after cut compression / bandwidth + RTT; shards add the stage inputs
-sent to them, what the server driving them relays between their segments (each shard's
-answer and its next feeds) and the gather of their output parts over the pool's LAN, one
+sent to them, the rows the server driving them relays between their segments (what each
+shard sends its peers, up and down) and the gather of their output parts over the pool's LAN, one
 round trip each. With a cascade, everything after the first stage is weighted by the
 observed offload rate, and the cascade's small model (ahead of the stages) runs for every
 request. Throughput = 1 / the busiest stage or link. Energy =
@@ -118,7 +118,7 @@ def _shard_figures(
     exchange_s = float(nbytes) * 8.0 / lan.bandwidth_bps + float(trips) * lan.rtt_s
     count = int(sr.points_before[b] - sr.points_upto[a])
     received = int((sr.bytes_before[b] - sr.bytes_upto[a]).max())
-    relayed = int(sr.relay_before[b] - sr.relay_upto[a])
+    relayed = int(sr.relayed(a, b))
     busy = max(p.compute_s for p in preds) + exchange_s
     return busy, ShardFigures(sr.strategy, tuple(preds), exchange_s, count, received, relayed)
 

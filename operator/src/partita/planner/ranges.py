@@ -210,8 +210,6 @@ class ShardedRanges:
     points_upto: Array
     bytes_before: Array  # (P, shards)
     bytes_upto: Array
-    relay_before: Array  # (P,)
-    relay_upto: Array
     scatter: Array  # (P,) stage-input bytes sent to all shards, range from here
     gather: Array  # (P,) output-part bytes all shards send, range to here
     starts: npt.NDArray[np.bool_]  # (P,)
@@ -253,8 +251,6 @@ class ShardedRanges:
             points_upto=f(t.points_upto, dtype=np.float64)[idx],
             bytes_before=f(t.bytes_before, dtype=np.float64)[idx],
             bytes_upto=f(t.bytes_upto, dtype=np.float64)[idx],
-            relay_before=f(t.relay_before, dtype=np.float64)[idx],
-            relay_upto=f(t.relay_upto, dtype=np.float64)[idx],
             scatter=f(t.scatter_bytes, dtype=np.float64)[idx].sum(axis=-1),
             gather=f(t.gather_bytes, dtype=np.float64)[idx].sum(axis=-1),
             starts=f(t.starts, dtype=np.bool_)[idx],
@@ -332,13 +328,17 @@ class ShardedRanges:
             self._peaks[shard] = peak
         return self._peaks[shard]
 
+    def relayed(self, a: IndexLike, b: IndexLike) -> Array:
+        """Bytes the server driving [a, b) as shards relays at its exchange points: every
+        row a shard sends a peer goes up to it and down to the peer."""
+        return np.asarray(2.0 * (self.bytes_before[b] - self.bytes_upto[a]).sum(axis=-1))
+
     def exchange(self, a: IndexLike, b: IndexLike) -> tuple[Array, Array]:
         """(bytes on the LAN that the stage waits for, round trips) of [a, b) as shards, all
-        through the server that drives them (the shards keep nothing between calls): the
-        stage inputs sent to the shards, what it relays at each exchange point, the output
-        parts."""
+        through the server that drives them: the stage inputs sent to the shards, the rows
+        it relays at each exchange point, the output parts."""
         count = self.points_before[b] - self.points_upto[a]
-        relayed = self.relay_before[b] - self.relay_upto[a]
+        relayed = self.relayed(a, b)
         return np.asarray(self.scatter[a] + relayed + self.gather[b]), np.asarray(2.0 + count)
 
     def refusal(self, profile: ModelProfile, a: int, b: int) -> str:
