@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHES = ("model", "planner", "server", "testbed", "loop", "horizontal")
+BENCHES = ("model", "planner", "server", "testbed", "loop", "shard_calls", "horizontal")
 
 
 def main() -> int:

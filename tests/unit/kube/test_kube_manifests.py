@@ -116,6 +116,12 @@ def test_chain_with_sharded_middle_stage_goes_through_its_gateway() -> None:
     assert term["nodeSelectorTerms"][0]["matchExpressions"][0]["values"] == ["b1"]
     label = gw_deployment["spec"]["template"]["metadata"]["labels"][labels.STAGE]
     assert gateway_stage(label) == 1 and gateway_stage("gw") == 0 and gateway_stage("1") is None
+    # It drives every segment: it may use a stage server's CPU, and asks for at most half.
+    [server] = gw_deployment["spec"]["template"]["spec"]["containers"]
+    cpu = plan.request.cpu
+    assert server["resources"]["limits"]["cpu"] == f"{round(cpu * 1000)}m"
+    assert server["resources"]["requests"]["cpu"] == f"{round(min(cpu, 0.5) * 1000)}m"
+    assert {"name": "PARTITA_CPU_LIMIT", "value": str(cpu)} in server["env"]
     shard = StageSpec.model_validate(specs["cam-r3-s1-k1"])
     assert shard.shard is not None and shard.shard.index == 1 and not shard.next
     # The shards cut the split the planner priced for the stage.

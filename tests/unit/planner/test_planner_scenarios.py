@@ -97,6 +97,29 @@ def test_model_too_big_for_one_edge_device_is_sharded_over_several():
     assert "MiB" in none.reasons[0] and "int8" in none.reasons[0]
 
 
+def test_the_calls_a_sharded_stage_makes_are_priced_and_can_keep_it_whole():
+    """Every segment of a sharded stage is a call to each shard's server: the planner adds
+    its cost on the slowest member, and shards only where the compute saved pays for it."""
+    prof = chain_profile(flops=[1_000_000_000] * 4, params=[MiB] * 4, cut_bytes={2: 40_000})
+    snap = edge_cloud(edge_nodes=2, edge_speed=1e10)
+    req = request(pools=("edge",))
+    free = plan_model(prof, req, snap)
+    assert isinstance(free, Plan) and [len(s.shards) for s in free.stages] == [2]
+    # The whole model takes 0.4 s on one node; in two shards, 0.2 s and the exchanges.
+    [stage] = free.prediction.stages
+    slow = {n.name: n for n in snap.nodes}["edge-1"]
+    calls = replace(snap, nodes=tuple(replace(n, call_s=0.05) if n is slow else n
+                                      for n in snap.nodes))  # fmt: skip
+    priced = plan_model(prof, req, calls)
+    assert isinstance(priced, Plan) and [len(s.shards) for s in priced.stages] == [2]
+    [paid] = priced.prediction.stages
+    assert paid.scatter_gather_s == pytest.approx(stage.scatter_gather_s + 0.05)
+    dear = replace(snap, nodes=tuple(replace(n, call_s=0.25) if n is slow else n
+                                     for n in snap.nodes))  # fmt: skip
+    whole = plan_model(prof, req, dear)
+    assert isinstance(whole, Plan) and [len(s.shards) for s in whole.stages] == [1]
+
+
 def test_privacy_keeps_raw_input_in_the_edge_tier():
     # The cut at 1 carries the raw input along (a skip connection): it may not leave the edge.
     prof = chain_profile(

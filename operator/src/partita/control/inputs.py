@@ -135,6 +135,14 @@ def pool_state(pool: DevicePool) -> DevicePoolState:
     )
 
 
+# What one segment of a sharded stage costs beyond onnxruntime, in seconds of one core of
+# the CPU the reference speed is measured on: the shard server's call (HTTP, tensor codec,
+# queueing) and the gateway's part in driving it. A node at a fraction of that speed pays
+# it divided by the fraction. Measured by bench/shard_calls.py (bench/results/
+# shard_calls.md): 2.2-3.1 ms of a core per segment for open-nsfw in 2-4 tiles.
+SEGMENT_CALL_CORE_S = 2.5e-3
+
+
 def pool_speed(pool: DevicePool, reference_gflops: float) -> float:
     """FLOP/s of one stage container in `pool`: declared, else the reference x speedFactor."""
     device = pool.spec.device
@@ -182,6 +190,7 @@ def snapshot_from_pools(
                 cpu_allocatable=node.cpu_allocatable,
                 memory_allocatable=memory,
                 speed={c: speed for c in OpClass},
+                call_s=SEGMENT_CALL_CORE_S * reference_gflops * 1e9 / max(speed, 1.0),
                 ready=node.ready,
                 taints=taints,
                 labels=dict(node.labels),

@@ -325,9 +325,12 @@ def render_revision(
         if specs[name]["entry"]:
             object_labels[labels.ENTRY] = "true"
         node = plan.stages[index].shards[0].node  # where the first shard runs
+        # It drives every segment of the stage, so it may use what a stage server uses;
+        # it asks for less, as it idles while the shards compute.
         objects += _server_objects(
-            ref, name, object_labels, node, min(cpu, 0.5), 256 * 2**20, specs[name]
-        )
+            ref, name, object_labels, node, min(cpu, 0.5), 256 * 2**20, specs[name],
+            cpu_limit=cpu,
+        )  # fmt: skip
     for stage, predicted in zip(plan.stages, plan.prediction.stages, strict=True):
         names = _shard_names(ref, plan, stage)
         for k, (name, placement) in enumerate(zip(names, predicted.shards, strict=True)):
@@ -349,8 +352,11 @@ def _server_objects(
     cpu: float,
     memory: int,
     spec: dict[str, Any],
+    *,
+    cpu_limit: float | None = None,
 ) -> list[dict[str, Any]]:
-    """The ConfigMap (stage spec), Deployment and Service of one stage server."""
+    """The ConfigMap (stage spec), Deployment and Service of one stage server, asking for
+    `cpu` cores and limited to `cpu_limit` (default: `cpu`)."""
     meta = {
         "name": name,
         "namespace": ref.namespace,
@@ -365,7 +371,7 @@ def _server_objects(
             "metadata": meta,
             "data": {"stage.json": json.dumps(spec, indent=1, sort_keys=True)},
         },
-        _deployment(ref, name, object_labels, node, cpu, memory, meta, spec),
+        _deployment(ref, name, object_labels, node, cpu, memory, meta, spec, cpu_limit),
         {
             "apiVersion": "v1",
             "kind": "Service",
@@ -384,6 +390,7 @@ def _deployment(
     memory: int,
     meta: dict[str, Any],
     spec: dict[str, Any],
+    cpu_limit: float | None = None,
 ) -> dict[str, Any]:
     """A stage server: one replica pinned to its planned node, with its revision's token and
     the token of the file it fetches from the operator (when it does)."""
@@ -404,7 +411,7 @@ def _deployment(
             }
         }
     }
-    pod = _pod(ref, name, object_labels, cpu, memory, env, pinned)
+    pod = _pod(ref, name, object_labels, cpu, memory, env, pinned, cpu_limit=cpu_limit)
     return _workload(meta, object_labels, 1, pod, {"type": "Recreate"})
 
 
@@ -438,15 +445,19 @@ def _pod(
     affinity: dict[str, Any],
     *,
     grpc: bool = False,
+    cpu_limit: float | None = None,
 ) -> dict[str, Any]:
     """The pod template of a Partita server: its ConfigMap `name` holds its spec; with `grpc`
-    it serves v2 gRPC too, on its port `grpc`."""
+    it serves v2 gRPC too, on its port `grpc`. It asks for `cpu` cores, limited to
+    `cpu_limit` (default: `cpu`)."""
     args = ["--host", "0.0.0.0", "--port", str(SERVER_PORT)]
     ports: list[dict[str, Any]] = [{"name": "http", "containerPort": SERVER_PORT}]
     if grpc:
         args += ["--grpc-port", str(GRPC_PORT)]
         ports.append({"name": "grpc", "containerPort": GRPC_PORT})
+    limit = cpu if cpu_limit is None else cpu_limit
     cpu_text = f"{max(round(cpu * 1000), 10)}m"
+    limit_text = f"{max(round(limit * 1000), 10)}m"
     mem_text = str(memory)
     spec: dict[str, Any] = {
         "affinity": affinity,
@@ -464,7 +475,7 @@ def _pod(
                 "args": args,
                 "env": [
                     {"name": "PARTITA_STAGE_SPEC", "value": "/etc/partita/stage.json"},
-                    {"name": "PARTITA_CPU_LIMIT", "value": str(cpu)},
+                    {"name": "PARTITA_CPU_LIMIT", "value": str(limit)},
                     *env,
                 ],
                 "ports": ports,
@@ -474,7 +485,7 @@ def _pod(
                 },
                 "resources": {
                     "requests": {"cpu": cpu_text, "memory": mem_text},
-                    "limits": {"cpu": cpu_text, "memory": mem_text},
+                    "limits": {"cpu": limit_text, "memory": mem_text},
                 },
                 "securityContext": {
                     "allowPrivilegeEscalation": False,

@@ -2,7 +2,8 @@
 
 Per request: stage compute = Σ FLOPs / device speed of the op's class (+ a fixed cost
 per graph node); a shard runs what the shard model model analysis cuts for it runs
-(`ranges.ShardedRanges`), the strategy being the one whose busiest shard finishes first;
+(`ranges.ShardedRanges`), the strategy being the one whose busiest shard finishes first,
+and every segment of it costs a stage-server call on its slowest node (`NodeState.call_s`);
 transfers = bytes after cut compression / bandwidth + RTT; shards add the stage inputs
 sent to them, the rows the server driving them relays between their segments (what each
 shard sends its peers, up and down) and the gather of their output parts over the pool's LAN, one
@@ -114,8 +115,8 @@ def _shard_figures(
         flops = float(sr.flops[b, i] - sr.flops[a, i]) + extra * split_flops
         memory = float(sr.memory(a, b, i, shard.proportion, stage.int8, overhead, factor))
         preds.append(ShardPrediction(shard.node, compute, math.ceil(memory), flops))
-    nbytes, trips = sr.exchange(a, b)
-    exchange_s = float(nbytes) * 8.0 / lan.bandwidth_bps + float(trips) * lan.rtt_s
+    call_s = max((n.call_s for n in nodes if n is not None), default=0.0)
+    exchange_s = float(sr.exchange_s(a, b, lan, call_s))
     count = int(sr.points_before[b] - sr.points_upto[a])
     received = int((sr.bytes_before[b] - sr.bytes_upto[a]).max())
     relayed = int(sr.relayed(a, b))

@@ -28,7 +28,7 @@ from partita.model.types import PROPOSE_SHARE, CutPoint, ModelProfile, OpClass, 
 
 from .errors import PlannerError
 from .request import COMPRESSION_ORDER, Compression
-from .snapshot import NodeState
+from .snapshot import LinkEstimate, NodeState
 
 Array = npt.NDArray[np.float64]
 IndexLike = int | npt.NDArray[np.int64]
@@ -340,6 +340,14 @@ class ShardedRanges:
         count = self.points_before[b] - self.points_upto[a]
         relayed = self.relayed(a, b)
         return np.asarray(self.scatter[a] + relayed + self.gather[b]), np.asarray(2.0 + count)
+
+    def exchange_s(self, a: IndexLike, b: IndexLike, lan: LinkEstimate, call_s: float) -> Array:
+        """Seconds [a, b) as shards spends beyond its busiest shard's compute: its bytes
+        and round trips on the pool's LAN, and a call per segment on the slowest member
+        (`call_s`, `NodeState.call_s`)."""
+        nbytes, trips = self.exchange(a, b)
+        segments = self.points_before[b] - self.points_upto[a] + 1.0
+        return np.asarray(nbytes * 8.0 / lan.bandwidth_bps + trips * lan.rtt_s + segments * call_s)
 
     def refusal(self, profile: ModelProfile, a: int, b: int) -> str:
         """Why [a, b) is not proposed as these shards, naming the node that keeps it whole."""

@@ -294,8 +294,7 @@ def _stage_costs(
             ok = valid & sr.allowed(a, b)
             if not ok.any():
                 continue
-            nbytes, trips = sr.exchange(a, b)
-            exchange = nbytes * 8.0 / lan.bandwidth_bps + trips * lan.rtt_s
+            exchange = sr.exchange_s(a, b, lan, max(n.call_s for n in members))
             mine, split = [], []
             for i, kind in enumerate(member_kinds):
                 m_t, s_t = sr.times(kind)

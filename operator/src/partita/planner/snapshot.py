@@ -51,6 +51,9 @@ class NodeState:
     taints: tuple[Taint, ...] = ()
     labels: Mapping[str, str] = field(default_factory=dict)
     op_overhead_s: float = 0.0  # fixed cost per graph node (kernel launch, dispatch)
+    # What one call to a stage server here costs beyond onnxruntime (HTTP, tensor codec,
+    # queueing, the gateway's share of driving it): each segment of a sharded stage pays it.
+    call_s: float = 0.0
 
     @property
     def cpu_free(self) -> float:
