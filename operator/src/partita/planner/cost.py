@@ -55,7 +55,7 @@ class ShardFigures:
 
     strategy: str
     shards: tuple[ShardPrediction, ...]
-    exchange_s: float  # stage inputs to the shards, relays, output parts: on the LAN
+    exchange_s: float  # inputs to the shards, relays, output parts on the LAN; segment calls
     exchanges: int
     exchange_bytes: int
     relayed_bytes: int

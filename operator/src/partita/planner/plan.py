@@ -70,7 +70,7 @@ class StagePrediction:
 
     compute_s: float  # the slowest shard
     transfer_in_s: float  # from the previous stage (or the data source)
-    scatter_gather_s: float  # shard fan-out and gather over the pool's LAN
+    scatter_gather_s: float  # shards: fan-out, exchanges and gather on the LAN, segment calls
     busy_s: float  # what limits pipelined throughput at this stage
     shards: tuple[ShardPrediction, ...]
     wire_bytes: float = 0.0  # bytes of its inputs on the wire per request reaching it
