@@ -12,10 +12,12 @@ from partita_server.http1 import Http1Error, Http1Pool
 
 
 async def _serve(reply: bytes, *, close_after: bool, hang: bool = False):  # type: ignore[no-untyped-def]
-    connections: list[int] = []
+    # One event per connection accepted, set once the server has closed it.
+    connections: list[asyncio.Event] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        connections.append(1)
+        closed = asyncio.Event()
+        connections.append(closed)
         try:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
@@ -31,6 +33,8 @@ async def _serve(reply: bytes, *, close_after: bool, hang: bool = False):  # typ
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         writer.close()
+        await writer.wait_closed()
+        closed.set()
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
     return server, server.sockets[0].getsockname()[1], connections
@@ -47,7 +51,8 @@ def test_keep_alive_reuse_and_a_connection_closed_while_idle() -> None:
             r = await pool.request("127.0.0.1", port, "POST", "/x", {}, b"abc",
                                    timeout_s=5, connect_timeout_s=1)  # fmt: skip
             bodies.append(r.body)
-            await asyncio.sleep(0.01)  # let the closing server's FIN arrive
+            if port == closing_port:  # the server has closed the connection it answered on
+                await asyncio.wait_for(closing_conns[-1].wait(), timeout=5)
         await pool.close()
         kept.close()
         closing.close()
