@@ -290,9 +290,10 @@ class ExchangeRouter:
         for x in seg.exchanges:
             for i in range(k):
                 for j in range(k):
-                    rows = answers.get(i, {}).get(wire_name(x.tensor, i, j))
+                    name = wire_name(x.tensor, i, j)
+                    rows = answers.get(i, {}).get(name)
                     if rows is not None:
-                        self._pending[j][wire_name(x.tensor, i, j)] = rows
+                        self._pending[j][name] = rows
                         self.relayed_bytes += int(rows.nbytes)
 
     def check_answered(self, segment: int, answers: Mapping[int, object]) -> None:

@@ -346,7 +346,7 @@ class ShardedRanges:
         and round trips on the pool's LAN, and a call per segment on the slowest member
         (`call_s`, `NodeState.call_s`)."""
         nbytes, trips = self.exchange(a, b)
-        segments = self.points_before[b] - self.points_upto[a] + 1.0
+        segments = trips - 1.0  # the trips: the scatter, one per exchange point, the gather
         return np.asarray(nbytes * 8.0 / lan.bandwidth_bps + trips * lan.rtt_s + segments * call_s)
 
     def refusal(self, profile: ModelProfile, a: int, b: int) -> str:
